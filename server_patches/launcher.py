@@ -1,0 +1,96 @@
+"""``truepolicy server``: launch the real SGLang HTTP server with the truepolicy plugin enabled.
+
+Our own options are parsed here; every other argument goes to ``sglang.launch_server`` unchanged.
+The launcher replaces its own process with SGLang's (``os.execve``), so signals, exit status and the
+process group are SGLang's own.
+
+On the CPU (``--device cpu``): SGLang's CPU engine (``SGLANG_USE_CPU_ENGINE=1``) imports names from
+the CPU build of ``sgl_kernel``, which is not on PyPI. When the real ``sgl_kernel`` cannot be
+imported, the stand-in shipped in ``server_patches/cpu_runtime`` is put on the PYTHONPATH of the
+SGLang processes (and only theirs). ``--attention-backend torch_native`` is the default there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from server_patches.plugin import ENABLE_ENV
+
+CPU_RUNTIME_DIR = Path(__file__).resolve().parent / "cpu_runtime"
+PLUGIN_NAME = "truepolicy"
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    argv: list[str]
+    env: dict[str, str]
+
+
+def add_server_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model-path", required=True, help="HF model directory (safetensors)")
+    parser.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        default=None,
+        help="cuda if a GPU is visible, else cpu",
+    )
+    parser.add_argument(
+        "--on-policy",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="enable the truepolicy numerics plugin (--no-on-policy: plain SGLang, for comparisons)",
+    )
+
+
+def real_sgl_kernel_importable() -> bool:
+    """Whether ``import sgl_kernel`` works (checked in a child: a broken build may abort Python)."""
+    probe = subprocess.run([sys.executable, "-c", "import sgl_kernel"], capture_output=True, check=False)
+    return probe.returncode == 0
+
+
+def default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def has_flag(args: list[str], flag: str) -> bool:
+    return any(a == flag or a.startswith(flag + "=") for a in args)
+
+
+def runtime_env(device: str, on_policy: bool, base_env: dict[str, str]) -> dict[str, str]:
+    """The environment of SGLang's processes: plugin switch, CPU engine, sgl_kernel stand-in."""
+    env = dict(base_env)
+    if on_policy:
+        env[ENABLE_ENV] = "1"
+        allowed = env.get("SGLANG_PLUGINS")
+        if allowed and PLUGIN_NAME not in [x.strip() for x in allowed.split(",")]:
+            env["SGLANG_PLUGINS"] = f"{allowed},{PLUGIN_NAME}"
+    else:
+        env.pop(ENABLE_ENV, None)
+    if device == "cpu":
+        env["SGLANG_USE_CPU_ENGINE"] = "1"
+        if not real_sgl_kernel_importable():
+            path = env.get("PYTHONPATH")
+            env["PYTHONPATH"] = f"{CPU_RUNTIME_DIR}{os.pathsep}{path}" if path else str(CPU_RUNTIME_DIR)
+    return env
+
+
+def plan_launch(opts: argparse.Namespace, sglang_args: list[str], base_env: dict[str, str]) -> LaunchPlan:
+    device = opts.device or default_device()
+    args = ["--model-path", opts.model_path, "--device", device, *sglang_args]
+    if device == "cpu" and not has_flag(sglang_args, "--attention-backend"):
+        args += ["--attention-backend", "torch_native"]
+    env = runtime_env(device, opts.on_policy, base_env)
+    return LaunchPlan(argv=[sys.executable, "-m", "sglang.launch_server", *args], env=env)
+
+
+def exec_server(opts: argparse.Namespace, sglang_args: list[str]) -> None:
+    plan = plan_launch(opts, sglang_args, dict(os.environ))
+    sys.stdout.flush()
+    os.execve(plan.argv[0], plan.argv, plan.env)

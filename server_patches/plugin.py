@@ -1,0 +1,73 @@
+"""SGLang general-plugin entry point (group ``sglang.srt.plugins``, name ``truepolicy``).
+
+SGLang calls ``load_plugin`` early in every process it starts: the launcher (HTTP server and
+tokenizer manager) and each scheduler / TP worker, which is where the model runs. The plugin is off
+unless ``TRUEPOLICY_ON_POLICY=1``; ``truepolicy server`` sets it.
+
+When on, it checks every patch of ``server_patches.table.PATCHES`` against the installed SGLang,
+registers them with SGLang's ``HookRegistry`` (applied by ``load_plugins`` right after), and adds a
+``truepolicy`` entry to the scheduler's internal state, so ``GET /get_server_info`` shows, from the
+model-running process itself, that the plugin ran there and which patches it holds.
+
+Failure policy: SGLang's ``load_plugins`` catches ``Exception`` from a plugin and only logs it, which
+would leave a server running without its patches. We raise ``SystemExit`` instead (not an
+``Exception``): the launcher exits, and a scheduler that exits before reporting ready makes SGLang's
+launcher abort the start. No hidden fallback.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from server_patches.table import PATCHES
+from server_patches.targets import expect_signature, resolve
+
+ENABLE_ENV = "TRUEPOLICY_ON_POLICY"
+STATE_KEY = "truepolicy"
+INTROSPECTION_TARGET = "sglang.srt.managers.scheduler.Scheduler.get_internal_state"
+
+logger = logging.getLogger("truepolicy.plugin")
+
+
+def plugin_enabled() -> bool:
+    return os.environ.get(ENABLE_ENV) == "1"
+
+
+def _process_report() -> dict:
+    import setproctitle
+
+    return {
+        "pid": os.getpid(),
+        "process": setproctitle.getproctitle(),
+        "patches": [patch.name for patch in PATCHES],
+    }
+
+
+def _add_report(result, self, recv_req):
+    """AFTER hook on ``Scheduler.get_internal_state``: runs in the scheduler process."""
+    result.internal_state[STATE_KEY] = _process_report()
+    return result
+
+
+def _register_introspection() -> None:
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    _, _, current = resolve("introspection", INTROSPECTION_TARGET)
+    expect_signature("introspection", INTROSPECTION_TARGET, current, ["self", "recv_req"])
+    HookRegistry.register(INTROSPECTION_TARGET, _add_report, HookType.AFTER)
+
+
+def load_plugin() -> None:
+    if not plugin_enabled():
+        return
+    try:
+        for patch in PATCHES:
+            patch.check()
+        for patch in PATCHES:
+            patch.register()
+        _register_introspection()
+    except Exception as exc:
+        logger.error("truepolicy: refusing to start: %s", exc)
+        raise SystemExit(f"truepolicy: refusing to start: {exc}") from exc
+    logger.info("truepolicy plugin active in pid %d with patches %s", os.getpid(), [p.name for p in PATCHES])

@@ -1,0 +1,63 @@
+"""`truepolicy server` builds the right SGLang command line and environment."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+
+from server_patches.launcher import CPU_RUNTIME_DIR, add_server_arguments, plan_launch
+
+
+def parse(argv):
+    parser = argparse.ArgumentParser(allow_abbrev=False)
+    add_server_arguments(parser)
+    return parser.parse_known_args(argv)
+
+
+def test_cpu_plan_enables_plugin_engine_and_stand_in():
+    opts, rest = parse(["--model-path", "/m", "--device", "cpu", "--port", "1234", "--foo=bar"])
+    plan = plan_launch(opts, rest, {"PATH": "/bin"})
+    assert plan.argv[1:3] == ["-m", "sglang.launch_server"]
+    assert plan.argv[3:] == [
+        "--model-path", "/m", "--device", "cpu", "--port", "1234", "--foo=bar",
+        "--attention-backend", "torch_native",
+    ]  # fmt: skip
+    assert plan.env["TRUEPOLICY_ON_POLICY"] == "1"
+    assert plan.env["SGLANG_USE_CPU_ENGINE"] == "1"
+    assert plan.env["PYTHONPATH"].split(":")[0] == str(CPU_RUNTIME_DIR)
+
+
+def test_user_attention_backend_wins():
+    opts, rest = parse(["--model-path", "/m", "--device", "cpu", "--attention-backend=triton"])
+    plan = plan_launch(opts, rest, {})
+    assert plan.argv.count("--attention-backend") == 0
+    assert "--attention-backend=triton" in plan.argv
+
+
+def test_no_on_policy_leaves_sglang_unpatched():
+    opts, rest = parse(["--model-path", "/m", "--device", "cpu", "--no-on-policy"])
+    plan = plan_launch(opts, rest, {"TRUEPOLICY_ON_POLICY": "1"})
+    assert "TRUEPOLICY_ON_POLICY" not in plan.env
+
+
+def test_plugin_allow_list_gains_truepolicy():
+    opts, rest = parse(["--model-path", "/m", "--device", "cpu"])
+    plan = plan_launch(opts, rest, {"SGLANG_PLUGINS": "other"})
+    assert plan.env["SGLANG_PLUGINS"] == "other,truepolicy"
+
+
+def test_cuda_plan_never_carries_the_stand_in():
+    opts, rest = parse(["--model-path", "/m", "--device", "cuda", "--attention-backend", "triton"])
+    plan = plan_launch(opts, rest, {"PYTHONPATH": "/x"})
+    assert plan.env["PYTHONPATH"] == "/x"
+    assert "SGLANG_USE_CPU_ENGINE" not in plan.env
+
+
+def test_help_names_our_options_and_the_pass_through():
+    out = subprocess.run(
+        [sys.executable, "-m", "truepolicy.cli", "server", "--help"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    for needle in ("--model-path", "--device", "--on-policy", "passed unchanged to SGLang"):
+        assert needle in " ".join(out.split()), needle

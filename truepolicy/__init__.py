@@ -1,0 +1,1 @@
+"""truepolicy: truly on-policy RL rollouts (command line, demo and process helpers)."""

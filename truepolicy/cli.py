@@ -1,0 +1,56 @@
+"""The ``truepolicy`` command."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from server_patches import launcher
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="truepolicy", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    server = sub.add_parser(
+        "server",
+        help="run the real SGLang server with the on-policy plugin",
+        description=(
+            "Launch the real SGLang 0.5.15 HTTP server (sglang.launch_server) with the truepolicy "
+            "plugin enabled. The options below are truepolicy's; every other argument is passed "
+            "unchanged to SGLang (see `python -m sglang.launch_server --help`)."
+        ),
+        epilog="All other arguments go to SGLang, e.g. --port 30000 --skip-tokenizer-init.",
+        allow_abbrev=False,
+    )
+    launcher.add_server_arguments(server)
+
+    demo = sub.add_parser(
+        "demo",
+        help="the main job: rollouts from the real server vs the trainer's recomputation",
+        description="Build a tiny Qwen3, serve it, generate, recompute logprobs, print the gap.",
+    )
+    from truepolicy import demo as demo_module
+
+    demo_module.add_arguments(demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    if argv[:1] == ["server"]:
+        opts, rest = parser.parse_known_args(argv)
+        launcher.exec_server(opts, rest)
+        return 0  # not reached: exec_server replaces this process
+    opts = parser.parse_args(argv)
+    if opts.command == "demo":
+        from truepolicy import demo as demo_module
+
+        return demo_module.run(opts)
+    parser.error(f"unknown command {opts.command}")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
