@@ -20,6 +20,7 @@ import torch
 
 from parity import compute_logprobs
 from parity.tiny_models import ARCHITECTURES, build_tiny_model, load_hf_model
+from parity.trainer import prepare_model
 from truepolicy.sglang_process import running_server
 
 
@@ -115,6 +116,6 @@ def run(opts: argparse.Namespace) -> int:
         model_path, log_dir / "server.log", on_policy=opts.on_policy, extra_args=extra
     ) as server:
         rollouts = collect(server, requests_)
-    model = load_hf_model(model_path)
+    model = prepare_model(load_hf_model(model_path))
     report(rollouts, recompute(model, rollouts))
     return 0

@@ -31,10 +31,19 @@ class ServerStartError(RuntimeError):
     pass
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
+# SGLang 0.5.15 validates port + 10000 (its default gRPC port) against 65535 even when gRPC is off.
+MAX_SGLANG_PORT = 65535 - 10000
+
+
+def free_port(host: str = "127.0.0.1", below: int = MAX_SGLANG_PORT + 1) -> int:
+    """A free loopback port under ``below``, chosen by the kernel."""
+    for _ in range(200):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind((host, 0))
+            port = sock.getsockname()[1]
+        if port < below:
+            return port
+    raise RuntimeError(f"no free port under {below} on {host}")
 
 
 def log_tail(path: Path, lines: int = 60) -> str:

@@ -1,0 +1,141 @@
+"""The hook functions of the numerics patches: SGLang's layers calling ``parity.contract``.
+
+Each hook replaces (or wraps) one SGLang function, keeps its signature, and refuses inputs outside
+the contract with ``NotImplementedError`` naming the patch rather than computing something else.
+The table that applies them, with why and how, is ``server_patches.table``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from parity import contract
+from parity.logprobs import token_logprobs
+
+
+def _outside(patch: str, what: str) -> NotImplementedError:
+    return NotImplementedError(f"truepolicy patch {patch!r}: {what} is outside the numerics contract")
+
+
+def rms_norm_forward(self, x, residual=None, post_residual_addition=None):
+    """RMSNorm.forward_native: HF's cast order; the residual add in bf16 feeds both outputs."""
+    if (
+        self.variance_size_override is not None
+        or self.fp32_residual
+        or self.override_orig_dtype is not None
+        or self.cast_x_before_out_mul
+        or post_residual_addition is not None
+    ):
+        raise _outside("rmsnorm", "an RMSNorm variant (var size override, fp32 residual, ...)")
+    if residual is None:
+        return contract.rms_norm(x, self.weight, self.variance_epsilon)
+    return contract.add_rms_norm(x, residual, self.weight, self.variance_epsilon)
+
+
+def rope_cos_sin_cache(self):
+    """RotaryEmbedding._compute_cos_sin_cache: the contract's fp32 table, ``cat(cos, sin)``."""
+    from sglang.srt.layers.rotary_embedding.base import RotaryEmbedding
+
+    if type(self) is not RotaryEmbedding:
+        raise _outside("rope_table", f"RoPE variant {type(self).__name__}")
+    cos, sin = contract.rope_table(self.rotary_dim, float(self.base), self.max_position_embeddings)
+    return torch.cat((cos, sin), dim=-1)
+
+
+def rope_forward(self, positions, query, key, offsets=None, fused_set_kv_buffer_arg=None):
+    """RotaryEmbedding.forward_native: rotate q and k with ``contract.apply_rope``."""
+    if fused_set_kv_buffer_arg is not None or not self.is_neox_style or self.rotary_dim != self.head_size:
+        raise _outside("rope_apply", "GPT-J style, partial rotary or fused KV-write RoPE")
+    if offsets is not None:
+        positions = positions + offsets
+    positions = positions.flatten()
+    cos, sin = self.cos_sin_cache.index_select(0, positions).chunk(2, dim=-1)
+    cos = cos.unsqueeze(-2).to(query.dtype)
+    sin = sin.unsqueeze(-2).to(query.dtype)
+    n = positions.shape[0]
+    q = contract.apply_rope(query.view(n, -1, self.head_size), cos, sin).reshape(query.shape)
+    k = contract.apply_rope(key.view(n, -1, self.head_size), cos, sin).reshape(key.shape)
+    return q, k
+
+
+def _check_attention(patch, k_cache, query, encoder_lens, is_cross_attn, sliding_window_size):
+    if encoder_lens is not None or is_cross_attn or sliding_window_size is not None:
+        raise _outside(patch, "cross, encoder or sliding-window attention")
+    if k_cache.dtype != query.dtype:
+        raise _outside(patch, f"a {k_cache.dtype} KV cache with {query.dtype} queries")
+
+
+def _request_kv(k_cache, v_cache, req_to_token, pool_index, length):
+    tokens = req_to_token[pool_index, :length]
+    return k_cache[tokens].movedim(0, 1), v_cache[tokens].movedim(0, 1)
+
+
+def attention_extend(
+    self, query, output, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens,
+    extend_prefix_lens, extend_seq_lens, encoder_lens=None, scaling=None, enable_gqa=False,
+    causal=False, is_cross_attn=False, sliding_window_size=None,
+):  # fmt: skip
+    """TorchNativeAttnBackend._run_sdpa_forward_extend: the new rows of each request, after its
+    cached prefix, through ``contract.attention``."""
+    _check_attention("attention_extend", k_cache, query, encoder_lens, is_cross_attn, sliding_window_size)
+    if not causal:
+        raise _outside("attention_extend", "non-causal attention")
+    heads_first = query.movedim(0, 1)  # [H, tokens, D]
+    start = 0
+    for i in range(seq_lens.shape[0]):
+        length, new, prefix = int(seq_lens[i]), int(extend_seq_lens[i]), int(extend_prefix_lens[i])
+        k, v = _request_kv(k_cache, v_cache, req_to_token, req_pool_indices[i], length)
+        rows = contract.attention(heads_first[:, start : start + new], k, v, prefix, scaling)
+        output[start : start + new] = rows.movedim(0, 1)
+        start += new
+    return output
+
+
+def attention_decode(
+    self, query, output, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens,
+    encoder_lens=None, scaling=None, enable_gqa=False, causal=False, is_cross_attn=False,
+    sliding_window_size=None,
+):  # fmt: skip
+    """TorchNativeAttnBackend._run_sdpa_forward_decode: one row per request, the same function."""
+    _check_attention("attention_decode", k_cache, query, encoder_lens, is_cross_attn, sliding_window_size)
+    heads_first = query.movedim(0, 1)
+    for i in range(seq_lens.shape[0]):
+        length = int(seq_lens[i])
+        k, v = _request_kv(k_cache, v_cache, req_to_token, req_pool_indices[i], length)
+        row = contract.attention(heads_first[:, i : i + 1], k, v, length - 1, scaling)
+        output[i : i + 1] = row.movedim(0, 1)
+    return output
+
+
+def silu_and_mul_forward(self, x):
+    """SiluAndMul.forward_native on the merged gate_up output."""
+    d = x.shape[-1] // 2
+    return contract.silu_and_mul(x[..., :d], x[..., d:])
+
+
+def lm_head_logits(self, hidden_states, lm_head, embedding_bias=None):
+    """LogitsProcessor._compute_lm_head: bf16 ``F.linear`` like the trainer's ``nn.Linear``."""
+    if (
+        embedding_bias is not None
+        or getattr(lm_head, "quant_method", None) is not None
+        and not hasattr(lm_head, "weight")
+    ):
+        raise _outside("lm_head", "a biased or quantized lm_head")
+    if hasattr(lm_head, "set_lora"):
+        raise _outside("lm_head", "a LoRA lm_head")
+    return contract.linear(hidden_states.to(lm_head.weight.dtype), lm_head.weight)
+
+
+def sampler_forward(
+    original, self, logits_output, sampling_info, return_logprob, top_logprobs_nums, token_ids_logprobs,
+    positions,
+):  # fmt: skip
+    """AROUND Sampler.forward: sample as SGLang does, then report the contract's fp32 logprob of each
+    sampled token under the temperature-scaled full distribution (whatever top-p/top-k did)."""
+    logits = logits_output.next_token_logits.clone() if return_logprob else None
+    ids = original(
+        self, logits_output, sampling_info, return_logprob, top_logprobs_nums, token_ids_logprobs, positions
+    )
+    if return_logprob:
+        logits_output.next_token_logprobs = token_logprobs(logits, ids, sampling_info.temperatures)
+    return ids
