@@ -1,45 +1,27 @@
-"""The numerics contract: one implementation of every op whose result must match bit for bit.
+"""The numerics contract: one implementation of every op where SGLang and the trainer diverge.
 
 Both sides call these functions: the SGLang plugin (``server_patches.table``) from inside SGLang's
 layers, and the trainer (``parity.trainer.prepare_model``) from inside HF transformers' modules.
-One code path, not two that happen to agree.
+One code path, not two that happen to agree. docs/parity.md lists every source of divergence, the
+op here that removes it, and the ops that need nothing because both engines already compute the
+same bits (shown by tests/test_contract_ops.py on the machine that runs the suite).
 
-Each op is written so that a token's result cannot depend on what else is computed with it
-(batch composition, decode vs extend, chunked prefill, prefix-cache hits):
+Each op is written so that a token's result cannot depend on what else is computed with it (batch
+composition, decode vs extend, chunked prefill, prefix-cache hits):
 
-- Elementwise ops and per-row reductions over the last dimension (``mean``, ``softmax``,
-  ``log_softmax``) compute each output from the same inputs in the same order whatever the number
-  of rows. Transcendentals are the exception on CPU: PyTorch evaluates a contiguous tensor with a
-  vectorized (SLEEF) loop and its last ``numel % (2 * vector width)`` elements with the scalar libm
-  function, which may differ by an ulp; the same value can then round differently depending on its
-  position in the tensor. ``silu_and_mul`` therefore evaluates SiLU in fixed-size, padded slices so
-  that every element takes the vectorized path.
-- bf16 ``F.linear`` on the CPU computes each output row independently of how many rows there are
-  and each output column independently of how many columns (merged qkv / gate_up equal the split
-  projections). That is a property of the BLAS, not of this code: tests/test_contract_ops.py
-  checks it on every machine that runs the suite.
-- Attention is computed one query row at a time, each row with tensors of the same shapes whether it
-  comes from a decode step, an extend chunk or the trainer's full sequence (``attention``).
-
-The contract (dtypes follow HF transformers' bf16 modules):
-- RMSNorm: fp32 normalisation, cast to the input dtype, then multiply by the weight in that dtype;
-  with a residual, the residual add happens first in the input dtype (bf16) and feeds both outputs.
-- RoPE: inv_freq and cos/sin computed in fp32 exactly as HF does, stored once as a table indexed
-  by position, cast to the activation dtype; rotation ``x * cos + rotate_half(x) * sin`` in bf16.
-- MLP: ``silu(gate) * up`` in bf16; projections are plain bf16 ``F.linear``.
-- Attention: fp32 scores ``sum(q * k) * scale``, causal, fp32 softmax, fp32 ``sum(p * v)``,
-  rounded once to bf16.
+- RMSNorm (HF's order): normalise in fp32, cast to the input dtype, then multiply by the weight in
+  that dtype; with a residual, the residual add happens first in the input dtype (bf16) and the
+  rounded sum feeds both outputs. A per-row reduction over the last dimension: row-invariant.
+- Attention: fp32 scores ``sum(q * k) * scale``, causal, fp32 softmax, fp32 ``sum(p * v)``, rounded
+  once to bf16 -- computed one query row at a time, each row on tensors whose shapes depend only on
+  its position, so a decode step, an extend chunk after a cached prefix and the trainer's full
+  sequence produce the same bits.
 - Logprobs: ``log_softmax(logits.float() / temperature)`` in fp32 (``parity.logprobs``).
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
-
-# SiLU slice length: a multiple of 64 elements (no scalar tail for any vector width up to 512 bit
-# and 2x unrolling) and below PyTorch's parallel grain (32768), so no thread splits a slice.
-SILU_SLICE = 16384
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -57,49 +39,6 @@ def add_rms_norm(
     """The decoder's ``residual = residual + x; normed = norm(residual)``, the add in ``x.dtype``."""
     summed = residual + x
     return rms_norm(summed, weight, eps), summed
-
-
-def rope_inv_freq(rotary_dim: int, base: float) -> torch.Tensor:
-    """HF's default-RoPE inverse frequencies, fp32, on the CPU."""
-    exponent = torch.arange(0, rotary_dim, 2, dtype=torch.int64).to(dtype=torch.float32) / rotary_dim
-    return 1.0 / (base**exponent)
-
-
-def rope_table(rotary_dim: int, base: float, max_position: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp32 ``(cos, sin)`` of shape [max_position, rotary_dim // 2], row p for position p.
-
-    ``freqs = p * inv_freq`` is one fp32 multiply per element, as in HF's outer product; cos/sin are
-    evaluated once, here, for every position, so both sides index the very same values.
-    """
-    inv_freq = rope_inv_freq(rotary_dim, base)
-    positions = torch.arange(max_position, dtype=torch.int64).to(torch.float32)
-    freqs = positions[:, None] * inv_freq[None, :]
-    return freqs.cos(), freqs.sin()
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Neox-style rotation of ``x`` [..., rotary_dim] by per-token ``cos``/``sin`` [..., rotary_dim/2].
-
-    ``cos``/``sin`` must already be broadcastable to ``x``'s halves and in ``x.dtype``. Equivalent to
-    HF's ``x * cat(cos, cos) + rotate_half(x) * cat(sin, sin)`` element for element (negation is exact).
-    """
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-
-
-def silu(x: torch.Tensor) -> torch.Tensor:
-    """``F.silu`` evaluated so that every element takes the same (vectorized) code path."""
-    flat = x.reshape(-1)
-    n = flat.numel()
-    padded = -(-n // 64) * 64
-    if padded != n:
-        flat = F.pad(flat, (0, padded - n))
-    out = torch.cat([F.silu(chunk) for chunk in flat.split(SILU_SLICE)]) if padded else flat
-    return out[:n].view(x.shape)
-
-
-def silu_and_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    return silu(gate) * up
 
 
 def attention(
@@ -131,8 +70,3 @@ def attention(
         probs = torch.softmax(scores, dim=-1)
         out[:, i, :] = (probs[:, :, None] * vf[:, :n, :]).sum(1).to(q.dtype)
     return out
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Projections and the lm_head: plain ``F.linear`` in the weight's dtype."""
-    return F.linear(x, weight, bias)

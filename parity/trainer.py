@@ -6,18 +6,15 @@ every token the same way:
 
 - attention: registered as ``"truepolicy"`` through transformers' ``AttentionInterface`` (and its
   mask through ``AttentionMaskInterface``) and selected with ``set_attn_implementation``;
-- ``*RMSNorm`` modules: ``contract.rms_norm``;
-- ``*RotaryEmbedding`` (default RoPE only): cos/sin rows of ``contract.rope_table``; the modeling
-  module's ``apply_rotary_pos_emb`` becomes ``contract.apply_rope``;
-- ``*MLP`` (SiLU-gated): ``down_proj(contract.silu_and_mul(gate_proj(x), up_proj(x)))``.
+- ``*RMSNorm`` modules: ``contract.rms_norm``.
 
-Anything the contract does not cover (another RoPE type, another activation, padded batches)
-raises instead of silently computing something else.
+RoPE, the SiLU-gated MLP, embeddings and the bf16 projections (merged or split) need no change:
+HF and SGLang compute them bit for bit alike (tests/test_contract_ops.py). Padded batches and
+dropout are outside the contract and raise instead of silently computing something else.
 """
 
 from __future__ import annotations
 
-import sys
 import types
 
 import torch
@@ -71,54 +68,12 @@ def _rms_norm_forward(self, hidden_states):
     return contract.rms_norm(hidden_states, self.weight, self.variance_epsilon)
 
 
-def _mlp_forward(self, x):
-    return self.down_proj(contract.silu_and_mul(self.gate_proj(x), self.up_proj(x)))
-
-
-def _rope_theta(config) -> float:
-    params = getattr(config, "rope_parameters", None) or {}
-    if "rope_theta" in params:
-        return float(params["rope_theta"])
-    return float(config.rope_theta)
-
-
-def _make_rope_forward(cos_table: torch.Tensor, sin_table: torch.Tensor):
-    def forward(self, x, position_ids):
-        pos = position_ids.to("cpu")
-        cos = cos_table[pos].to(device=x.device, dtype=x.dtype)
-        sin = sin_table[pos].to(device=x.device, dtype=x.dtype)
-        return torch.cat((cos, cos), dim=-1), torch.cat((sin, sin), dim=-1)
-
-    return forward
-
-
-def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
-    """Drop-in for HF's ``apply_rotary_pos_emb`` that calls ``contract.apply_rope``."""
-    half = cos.shape[-1] // 2
-    c = cos[..., :half].unsqueeze(unsqueeze_dim)
-    s = sin[..., :half].unsqueeze(unsqueeze_dim)
-    return contract.apply_rope(q, c, s), contract.apply_rope(k, c, s)
-
-
 def prepare_model(model: torch.nn.Module) -> torch.nn.Module:
     """Route ``model``'s numerics through ``parity.contract`` (in place); return the model."""
-    config = model.config
-    if getattr(config, "hidden_act", "silu") != "silu":
-        raise UnsupportedModelError(f"activation {config.hidden_act!r} is not in the contract")
     register_attention()
     model.set_attn_implementation(ATTENTION_NAME)
     for module in model.modules():
         name = type(module).__name__
         if name.endswith("RMSNorm"):
             module.forward = types.MethodType(_rms_norm_forward, module)
-        elif name.endswith("MLP") and all(hasattr(module, p) for p in ("gate_proj", "up_proj", "down_proj")):
-            module.forward = types.MethodType(_mlp_forward, module)
-        elif name.endswith("RotaryEmbedding"):
-            if getattr(module, "rope_type", "default") != "default":
-                raise UnsupportedModelError(f"RoPE type {module.rope_type!r} is not in the contract")
-            rotary_dim = module.inv_freq.shape[0] * 2
-            cos, sin = contract.rope_table(rotary_dim, _rope_theta(config), config.max_position_embeddings)
-            module.forward = types.MethodType(_make_rope_forward(cos, sin), module)
-            modeling = sys.modules[type(module).__module__]
-            modeling.apply_rotary_pos_emb = apply_rotary_pos_emb
     return model

@@ -7,8 +7,6 @@ The table that applies them, with why and how, is ``server_patches.table``.
 
 from __future__ import annotations
 
-import torch
-
 from parity import contract
 from parity.logprobs import token_logprobs
 
@@ -30,32 +28,6 @@ def rms_norm_forward(self, x, residual=None, post_residual_addition=None):
     if residual is None:
         return contract.rms_norm(x, self.weight, self.variance_epsilon)
     return contract.add_rms_norm(x, residual, self.weight, self.variance_epsilon)
-
-
-def rope_cos_sin_cache(self):
-    """RotaryEmbedding._compute_cos_sin_cache: the contract's fp32 table, ``cat(cos, sin)``."""
-    from sglang.srt.layers.rotary_embedding.base import RotaryEmbedding
-
-    if type(self) is not RotaryEmbedding:
-        raise _outside("rope_table", f"RoPE variant {type(self).__name__}")
-    cos, sin = contract.rope_table(self.rotary_dim, float(self.base), self.max_position_embeddings)
-    return torch.cat((cos, sin), dim=-1)
-
-
-def rope_forward(self, positions, query, key, offsets=None, fused_set_kv_buffer_arg=None):
-    """RotaryEmbedding.forward_native: rotate q and k with ``contract.apply_rope``."""
-    if fused_set_kv_buffer_arg is not None or not self.is_neox_style or self.rotary_dim != self.head_size:
-        raise _outside("rope_apply", "GPT-J style, partial rotary or fused KV-write RoPE")
-    if offsets is not None:
-        positions = positions + offsets
-    positions = positions.flatten()
-    cos, sin = self.cos_sin_cache.index_select(0, positions).chunk(2, dim=-1)
-    cos = cos.unsqueeze(-2).to(query.dtype)
-    sin = sin.unsqueeze(-2).to(query.dtype)
-    n = positions.shape[0]
-    q = contract.apply_rope(query.view(n, -1, self.head_size), cos, sin).reshape(query.shape)
-    k = contract.apply_rope(key.view(n, -1, self.head_size), cos, sin).reshape(key.shape)
-    return q, k
 
 
 def _check_attention(patch, k_cache, query, encoder_lens, is_cross_attn, sliding_window_size):
@@ -105,25 +77,6 @@ def attention_decode(
         row = contract.attention(heads_first[:, i : i + 1], k, v, length - 1, scaling)
         output[i : i + 1] = row.movedim(0, 1)
     return output
-
-
-def silu_and_mul_forward(self, x):
-    """SiluAndMul.forward_native on the merged gate_up output."""
-    d = x.shape[-1] // 2
-    return contract.silu_and_mul(x[..., :d], x[..., d:])
-
-
-def lm_head_logits(self, hidden_states, lm_head, embedding_bias=None):
-    """LogitsProcessor._compute_lm_head: bf16 ``F.linear`` like the trainer's ``nn.Linear``."""
-    if (
-        embedding_bias is not None
-        or getattr(lm_head, "quant_method", None) is not None
-        and not hasattr(lm_head, "weight")
-    ):
-        raise _outside("lm_head", "a biased or quantized lm_head")
-    if hasattr(lm_head, "set_lora"):
-        raise _outside("lm_head", "a LoRA lm_head")
-    return contract.linear(hidden_states.to(lm_head.weight.dtype), lm_head.weight)
 
 
 def sampler_forward(

@@ -1,0 +1,1 @@
+"""Fused Triton ops of the trainer side (Liger-Kernel ``ops/`` layout: kernels, launchers, autograd)."""

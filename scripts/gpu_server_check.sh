@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# One device call: install the carried SGLang wheels and truepolicy, then run gpu_server_check.py.
+#   run(command="bash scripts/gpu_server_check.sh", carry=[".gpusgl"])
+# install.sh's own pipelines may exit non-zero on empty output: source it before `set -e`.
+source .gpusgl/install.sh
+set -euo pipefail
+python3 -m pip install -q --no-deps --no-build-isolation --no-index --target /tmp/truepolicy . 2>&1 | tail -2
+export PYTHONPATH=/tmp/truepolicy:$PYTHONPATH
+python3 -c "from importlib.metadata import entry_points; print(entry_points(group='sglang.srt.plugins'))"
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+python3 scripts/gpu_server_check.py "$OUT" 2>&1 | grep -v "Ignore import error" | tail -60
