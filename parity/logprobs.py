@@ -12,18 +12,22 @@ from collections.abc import Sequence
 import torch
 
 
+def logprobs_matrix(logits: torch.Tensor, temperature: float | torch.Tensor) -> torch.Tensor:
+    """fp32 ``log_softmax(logits.float() / temperature)`` over the last (vocabulary) dimension.
+
+    ``temperature``: a float or an fp32 tensor broadcastable to ``[..., 1]``. A float is rounded to
+    fp32 first, like SGLang's per-request fp32 temperatures, so the division happens in fp32.
+    """
+    if not isinstance(temperature, torch.Tensor):
+        temperature = torch.tensor(temperature, dtype=torch.float32)
+    return torch.log_softmax(logits.float() / temperature.to(logits.device), dim=-1)
+
+
 def token_logprobs(
     logits: torch.Tensor, token_ids: torch.Tensor, temperature: float | torch.Tensor
 ) -> torch.Tensor:
-    """fp32 logprob of ``token_ids[i]`` under row ``i`` of ``logits`` scaled by ``1/temperature``.
-
-    ``logits``: [T, V] in any float dtype; ``token_ids``: [T] int; ``temperature``: a float or an
-    fp32 tensor broadcastable to [T, 1]. The division happens in fp32 (a Python float is rounded to
-    fp32 first, like SGLang's per-request fp32 temperatures).
-    """
-    scaled = logits.float() / temperature
-    logprobs = torch.log_softmax(scaled, dim=-1)
-    return logprobs.gather(-1, token_ids.long().unsqueeze(-1)).squeeze(-1)
+    """fp32 logprob of ``token_ids[i]`` under row ``i`` of ``logits`` scaled by ``1/temperature``."""
+    return logprobs_matrix(logits, temperature).gather(-1, token_ids.long().unsqueeze(-1)).squeeze(-1)
 
 
 @torch.no_grad()

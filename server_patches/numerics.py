@@ -8,7 +8,7 @@ The table that applies them, with why and how, is ``server_patches.table``.
 from __future__ import annotations
 
 from parity import contract
-from parity.logprobs import token_logprobs
+from parity.logprobs import logprobs_matrix
 
 
 def _outside(patch: str, what: str) -> NotImplementedError:
@@ -83,12 +83,26 @@ def sampler_forward(
     original, self, logits_output, sampling_info, return_logprob, top_logprobs_nums, token_ids_logprobs,
     positions,
 ):  # fmt: skip
-    """AROUND Sampler.forward: sample as SGLang does, then report the contract's fp32 logprob of each
-    sampled token under the temperature-scaled full distribution (whatever top-p/top-k did)."""
+    """AROUND Sampler.forward: sample as SGLang does, then report the contract's fp32 logprobs under
+    the temperature-scaled full distribution (whatever top-p/top-k did to the sampling): the sampled
+    token's, and the requested top-k / token-id logprobs from the same matrix."""
+    from sglang.srt.layers.utils.logprob import get_token_ids_logprobs, get_top_logprobs
+
     logits = logits_output.next_token_logits.clone() if return_logprob else None
     ids = original(
         self, logits_output, sampling_info, return_logprob, top_logprobs_nums, token_ids_logprobs, positions
     )
     if return_logprob:
-        logits_output.next_token_logprobs = token_logprobs(logits, ids, sampling_info.temperatures)
+        full = logprobs_matrix(logits, sampling_info.temperatures)
+        logits_output.next_token_logprobs = full.gather(-1, ids.long().unsqueeze(-1)).squeeze(-1)
+        if any(x > 0 for x in top_logprobs_nums):
+            (
+                logits_output.next_token_top_logprobs_val,
+                logits_output.next_token_top_logprobs_idx,
+            ) = get_top_logprobs(full, top_logprobs_nums, no_copy_to_cpu=True)
+        if any(x is not None for x in token_ids_logprobs):
+            (
+                logits_output.next_token_token_ids_logprobs_val,
+                logits_output.next_token_token_ids_logprobs_idx,
+            ) = get_token_ids_logprobs(full, token_ids_logprobs, no_copy_to_cpu=True)
     return ids

@@ -10,7 +10,8 @@ import torch
 from parity.tiny_models import build_tiny_model, load_hf_model
 from truepolicy.sglang_process import running_server
 
-SERVER_ARGS = ["--skip-tokenizer-init", "--max-total-tokens", "4096"]
+# Small prefill chunks so that prompts longer than 16 tokens go through chunked prefill.
+SERVER_ARGS = ["--skip-tokenizer-init", "--max-total-tokens", "4096", "--chunked-prefill-size", "16"]
 
 
 def pytest_collection_modifyitems(config, items):
@@ -43,3 +44,27 @@ def qwen3_server(tiny_qwen3, tmp_path_factory):
     log = tmp_path_factory.mktemp("logs") / "qwen3-on-policy.log"
     with running_server(tiny_qwen3, log, extra_args=SERVER_ARGS) as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def sglang_in_process(tiny_qwen3):
+    """Import SGLang's layers into the test process (no engine) the way its CPU runtime would.
+
+    Sets SGLang's CPU-engine switch, puts the sgl_kernel stand-in on ``sys.path`` if the real one
+    is missing (this process only), and installs global server args for the tiny Qwen3.
+    """
+    import os
+    import sys
+
+    from server_patches.launcher import CPU_RUNTIME_DIR, real_sgl_kernel_importable
+
+    if torch.cuda.is_available():
+        pytest.skip("in-process SGLang layer tests use the CPU runtime")
+    os.environ["SGLANG_USE_CPU_ENGINE"] = "1"
+    if not real_sgl_kernel_importable():
+        sys.path.insert(0, str(CPU_RUNTIME_DIR))
+    from sglang.srt.server_args import ServerArgs, set_global_server_args_for_scheduler
+
+    set_global_server_args_for_scheduler(
+        ServerArgs(model_path=str(tiny_qwen3), device="cpu", skip_tokenizer_init=True)
+    )

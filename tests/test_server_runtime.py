@@ -51,35 +51,40 @@ def test_plugin_is_inert_without_truepolicy_server(tiny_qwen3, tmp_path):
 
 BREAK_TARGET = textwrap.dedent(
     """
-    import os
+    import importlib, os
     if os.environ.get("TRUEPOLICY_ON_POLICY") == "1" and os.environ.get("SGLANG_USE_CPU_ENGINE") == "1":
-        from sglang.srt.managers.scheduler import Scheduler
+        owner = getattr(importlib.import_module("{module}"), "{cls}")
 
-        def get_internal_state(self, recv_req, extra=None):  # an "SGLang" with another signature
+        def {method}(self, changed_signature):  # an "SGLang" whose target differs from 0.5.15's
             raise AssertionError("never called")
 
-        Scheduler.get_internal_state = get_internal_state
+        setattr(owner, "{method}", {method})
     """
 )
 
 
-def test_server_refuses_to_start_when_a_target_is_unexpected(tiny_qwen3, tmp_path):
+@pytest.mark.parametrize(
+    "patch,module,cls,method",
+    [
+        ("introspection", "sglang.srt.managers.scheduler", "Scheduler", "get_internal_state"),
+        ("rmsnorm", "sglang.srt.layers.layernorm", "RMSNorm", "forward_native"),
+    ],
+)
+def test_server_refuses_to_start_when_a_target_is_unexpected(
+    tiny_qwen3, tmp_path, patch, module, cls, method
+):
     site = tmp_path / "site"
     site.mkdir()
-    (site / "sitecustomize.py").write_text(BREAK_TARGET)
+    (site / "sitecustomize.py").write_text(BREAK_TARGET.format(module=module, cls=cls, method=method))
     pythonpath = os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))
     log = tmp_path / "refused.log"
     with pytest.raises(ServerStartError, match="exited with status"):
         start_server(
-            tiny_qwen3,
-            log,
-            extra_args=SERVER_ARGS,
-            env={"PYTHONPATH": pythonpath},
-            ready_timeout=180,
+            tiny_qwen3, log, extra_args=SERVER_ARGS, env={"PYTHONPATH": pythonpath}, ready_timeout=180
         )
     text = log.read_text()
     assert "truepolicy: refusing to start" in text
-    assert "patch 'introspection' cannot apply" in text
+    assert f"patch '{patch}' cannot apply" in text
     assert "signature changed" in text
 
 

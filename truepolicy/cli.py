@@ -33,6 +33,17 @@ def build_parser() -> argparse.ArgumentParser:
     from truepolicy import demo as demo_module
 
     demo_module.add_arguments(demo)
+
+    check = sub.add_parser(
+        "parity-check",
+        help="rollouts from a running server vs the trainer side; exit 1 unless bitwise equal",
+        description="Send mixed rollouts to a running server, recompute them with the trainer side "
+        "(HF transformers + parity.prepare_model), print per-request stats and "
+        "train_rollout_logprob_abs_diff; exit status 1 if it is not exactly 0.0.",
+    )
+    from parity import cli as parity_cli
+
+    parity_cli.add_arguments(check)
     return parser
 
 
@@ -48,6 +59,10 @@ def main(argv: list[str] | None = None) -> int:
         from truepolicy import demo as demo_module
 
         return demo_module.run(opts)
+    if opts.command == "parity-check":
+        from parity import cli as parity_cli
+
+        return parity_cli.run(opts)
     parser.error(f"unknown command {opts.command}")
     return 2
 
