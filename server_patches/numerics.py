@@ -7,6 +7,8 @@ The table that applies them, with why and how, is ``server_patches.table``.
 
 from __future__ import annotations
 
+import torch
+
 from parity import contract
 from parity.logprobs import logprobs_matrix
 
@@ -106,3 +108,85 @@ def sampler_forward(
                 logits_output.next_token_token_ids_logprobs_idx,
             ) = get_token_ids_logprobs(full, token_ids_logprobs, no_copy_to_cpu=True)
     return ids
+
+
+# --- sampling: reproducible from a per-request seed, n samples distinct -----------------------------
+
+# Golden-ratio increment: sample k of a request seeded S uses S + k * GOLDEN (mod 2**63), so the
+# first sample of any request uses S itself and the n samples of one request get distinct seeds.
+_GOLDEN = 0x9E3779B97F4A7C15
+_SEED_MASK = (1 << 63) - 1
+
+
+def sample_seed(seed: int, index: int) -> int:
+    """The seed of sample ``index`` (0-based) of a request whose ``sampling_seed`` is ``seed``."""
+    return (seed + index * _GOLDEN) & _SEED_MASK
+
+
+class _ParallelSampleCounter:
+    """Numbers the copies SGLang's tokenizer manager sends for one request with ``n > 1``.
+
+    The copies of one request share one ``SamplingParams`` object and are sent back to back (no await
+    between them), so a run of sends with the same object is one request's samples 0, 1, 2, ...
+    The object is held while counting, so its identity cannot be reused meanwhile.
+    """
+
+    def __init__(self) -> None:
+        self._params = None
+        self._next = 0
+
+    def index(self, params) -> int:
+        if params is not self._params:
+            self._params, self._next = params, 0
+        index, self._next = self._next, self._next + 1
+        return index
+
+
+_parallel_samples = _ParallelSampleCounter()
+
+
+def seed_parallel_samples(self, tokenized_obj):
+    """BEFORE TokenizerManager._send_one_request: give sample k of a seeded request its own seed."""
+    import msgspec
+
+    params = getattr(tokenized_obj, "sampling_params", None)
+    if params is None or getattr(params, "sampling_seed", None) is None:
+        return None
+    index = _parallel_samples.index(params)
+    if index:
+        tokenized_obj.sampling_params = msgspec.structs.replace(
+            params, sampling_seed=sample_seed(params.sampling_seed, index)
+        )
+    return (self, tokenized_obj), {}
+
+
+def per_request_seeds(result, cls, batch, vocab_size):
+    """AFTER SamplingBatchInfo.from_schedule_batch: every request samples from its own seed.
+
+    A request without ``sampling_seed`` draws a random one once (kept on its own SamplingParams, so
+    all its tokens follow one stream). SGLang's pytorch sampler then draws Gumbel noise from
+    murmur_hash(seed, position, token id): independent of the batch, reproducible from the seed.
+    """
+    import secrets
+
+    from sglang.srt.server_args import get_global_server_args
+
+    backend = get_global_server_args().sampling_backend
+    if backend != "pytorch":
+        raise _outside("per_request_seeds", f"sampling backend {backend!r} (use --sampling-backend pytorch)")
+    for req in batch.reqs:
+        if req.sampling_params.sampling_seed is None:
+            req.sampling_params.sampling_seed = secrets.randbits(63)
+    result.sampling_seed = torch.tensor(
+        [req.sampling_params.sampling_seed for req in batch.reqs], dtype=torch.int64
+    ).to(batch.device)
+    return result
+
+
+def murmur_hash32_on_cpu(original, seed, positions, col_indices):
+    """AROUND murmur_hash32: the plain-PyTorch hash for CPU tensors (Triton has no CPU driver)."""
+    from server_patches.murmur import murmur_hash32_torch
+
+    if seed.device.type == "cpu":
+        return murmur_hash32_torch(seed, positions, col_indices)
+    return original(seed, positions, col_indices)

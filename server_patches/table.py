@@ -69,4 +69,44 @@ PATCHES: tuple[Patch, ...] = (
             "token_ids_logprobs", "positions",
         ),
     ),
+    Patch(
+        name="seed_parallel_samples",
+        target="sglang.srt.managers.tokenizer_manager.TokenizerManager._send_one_request",
+        diverges=(
+            "sampling, not numerics: the n copies of a request share its sampling_seed, so seeded "
+            "parallel samples would all be identical; sample k gets seed S + k * golden (mod 2**63)."
+        ),
+        proof="tests/test_parity_server.py::test_seeded_samples_are_reproducible_and_distinct",
+        drop_when="SGLang derives distinct per-sample seeds for n > 1",
+        hook=numerics.seed_parallel_samples,
+        hook_type="BEFORE",
+        expected_params=("self", "tokenized_obj"),
+    ),
+    Patch(
+        name="per_request_seeds",
+        target="sglang.srt.sampling.sampling_batch_info.SamplingBatchInfo.from_schedule_batch",
+        diverges=(
+            "sampling, not numerics: outside its deterministic mode SGLang samples with "
+            "torch.multinomial, which no per-request seed can reproduce; every request now samples "
+            "with SGLang's seeded Gumbel path (a random seed when the request gives none)."
+        ),
+        proof="tests/test_parity_server.py::test_seeded_samples_are_reproducible_and_distinct",
+        drop_when="SGLang honours sampling_seed outside deterministic mode",
+        hook=numerics.per_request_seeds,
+        hook_type="AFTER",
+        expected_params=("cls", "batch", "vocab_size"),
+    ),
+    Patch(
+        name="murmur_hash32_cpu",
+        target="sglang.srt.layers.utils.hash.murmur_hash32",
+        diverges=(
+            "runtime, not numerics: SGLang's seeded-sampling hash is a Triton kernel with no CPU driver; "
+            "on CPU tensors the same hash runs in plain PyTorch (GPU tensors keep the kernel)."
+        ),
+        proof="tests/test_murmur.py",
+        drop_when="SGLang's hash runs on CPU tensors",
+        hook=numerics.murmur_hash32_on_cpu,
+        hook_type="AROUND",
+        expected_params=("seed", "positions", "col_indices"),
+    ),
 )  # fmt: skip

@@ -93,3 +93,25 @@ def test_negative_control_without_the_plugin_logprobs_differ(tiny_qwen3, tmp_pat
     report = compare(rollouts, recompute(model, rollouts))
     assert report.differing > 0 and report.train_rollout_logprob_abs_diff > 0.0
     assert torch.isfinite(torch.tensor(report.max_abs_diff))
+
+
+def _seeded(seed: int | None, n: int = 4) -> dict:
+    sampling = {"n": n, "temperature": 1.0, "top_p": 0.9, "max_new_tokens": 12, "ignore_eos": True}
+    if seed is not None:
+        sampling["sampling_seed"] = seed
+    return {"input_ids": [8, 1, 77, 300, 12, 5, 6], "sampling_params": sampling, "return_logprob": True}
+
+
+def test_seeded_samples_are_reproducible_and_distinct(served):
+    server, model = served
+    alone = collect(server.url, [_seeded(1234)])
+    # The same seeded request again, now batched with other traffic: the same samples, in order.
+    crowd = collect(server.url, [_seeded(1234), *mixed_requests(6, model.config.vocab_size, 10, seed=3)])
+    again = crowd[:4]
+    assert [r.completion for r in again] == [r.completion for r in alone]
+    assert len({tuple(r.completion) for r in alone}) > 1  # the n samples of one request differ
+    other_seed = collect(server.url, [_seeded(99)])
+    assert [r.completion for r in other_seed] != [r.completion for r in alone]
+    unseeded = collect(server.url, [_seeded(None, n=1), _seeded(None, n=1)])
+    assert unseeded[0].completion != unseeded[1].completion
+    assert_on_policy(model, alone + crowd + other_seed + unseeded)
