@@ -190,3 +190,18 @@ def murmur_hash32_on_cpu(original, seed, positions, col_indices):
     if seed.device.type == "cpu":
         return murmur_hash32_torch(seed, positions, col_indices)
     return original(seed, positions, col_indices)
+
+
+def input_logprobs_fp32(original, self, input_logits, logits_metadata):
+    """AROUND LogitsProcessor.process_input_logprobs: prompt logprobs from fp32 logits.
+
+    SGLang takes log_softmax of the bf16 logits in bf16; the trainer's formula at temperature 1 is
+    fp32 ``log_softmax(logits.float())`` (``logprobs_matrix(logits, 1.0)``: dividing by 1.0 is
+    exact), so SGLang's own function gets the upcast logits and computes exactly that.
+    """
+    return original(self, input_logits.float(), logits_metadata)
+
+
+def refuse_chunked_input_logprobs(original, self, *args, **kwargs):
+    """AROUND LogitsProcessor.process_input_logprobs_by_chunk: outside the contract, refuse."""
+    raise _outside("input_logprobs_chunked", "SGLANG_ENABLE_LOGITS_PROCESSER_CHUNK (chunked prompt logprobs)")

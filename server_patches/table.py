@@ -109,4 +109,30 @@ PATCHES: tuple[Patch, ...] = (
         hook_type="AROUND",
         expected_params=("seed", "positions", "col_indices"),
     ),
+    Patch(
+        name="input_logprobs",
+        target="sglang.srt.layers.logits_processor.LogitsProcessor.process_input_logprobs",
+        diverges=(
+            "SGLang computes prompt logprobs as log_softmax of the bf16 logits in bf16; the trainer "
+            "computes fp32 log_softmax(logits.float()) (temperature 1 for prompts)."
+        ),
+        proof="tests/test_parity_server.py::test_prompt_logprobs_are_bitwise_on_policy",
+        drop_when="SGLang computes prompt logprobs in fp32",
+        hook=numerics.input_logprobs_fp32,
+        hook_type="AROUND",
+        expected_params=("self", "input_logits", "logits_metadata"),
+    ),
+    Patch(
+        name="input_logprobs_chunked",
+        target="sglang.srt.layers.logits_processor.LogitsProcessor.process_input_logprobs_by_chunk",
+        diverges="the chunked prompt-logprob path (opt-in by env) would bypass input_logprobs: refused.",
+        proof="tests/test_contract_ops.py::test_chunked_prompt_logprobs_are_refused",
+        drop_when="the input_logprobs patch covers the chunked path",
+        hook=numerics.refuse_chunked_input_logprobs,
+        hook_type="AROUND",
+        expected_params=(
+            "self", "pruned_states", "sample_indices", "input_logprob_indices", "token_to_seq_idx", "lm_head",
+            "logits_metadata",
+        ),
+    ),
 )  # fmt: skip

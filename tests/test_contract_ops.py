@@ -297,3 +297,8 @@ def test_rms_norm_contract_is_row_invariant(gen):
     full = contract.rms_norm(x, w, 1e-6)
     for m in (1, 3, 8, 100):
         assert_bitwise(contract.rms_norm(x[:m], w, 1e-6), full[:m])
+
+
+def test_chunked_prompt_logprobs_are_refused():
+    with pytest.raises(NotImplementedError, match="input_logprobs_chunked"):
+        numerics.refuse_chunked_input_logprobs(None, None)

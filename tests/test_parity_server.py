@@ -88,11 +88,21 @@ def test_parallel_samples_differ_and_are_bitwise_on_policy(served):
 def test_negative_control_without_the_plugin_logprobs_differ(tiny_qwen3, tmp_path):
     model = prepare_model(load_hf_model(tiny_qwen3))
     requests_ = mixed_requests(8, model.config.vocab_size, max_new_tokens=10, seed=8)
+    prompt = [3, 50, 700, 21, 9, 9, 400, *range(100, 140)]
     with running_server(tiny_qwen3, tmp_path / "off.log", on_policy=False, extra_args=SERVER_ARGS) as server:
         rollouts = collect(server.url, requests_)
+        scored = server.generate(
+            {"input_ids": prompt, "sampling_params": {"max_new_tokens": 1, "temperature": 0.0},
+             "return_logprob": True, "logprob_start_len": 0}
+        )  # fmt: skip
     report = compare(rollouts, recompute(model, rollouts))
     assert report.differing > 0 and report.train_rollout_logprob_abs_diff > 0.0
     assert torch.isfinite(torch.tensor(report.max_abs_diff))
+    got = torch.tensor(
+        [lp for lp, _, _ in scored["meta_info"]["input_token_logprobs"][1:]], dtype=torch.float32
+    )
+    (want,) = recompute(model, [_as_rollout(prompt)])
+    assert int((got != want).sum()) > 0
 
 
 def _seeded(seed: int | None, n: int = 4) -> dict:
@@ -115,3 +125,27 @@ def test_seeded_samples_are_reproducible_and_distinct(served):
     unseeded = collect(server.url, [_seeded(None, n=1), _seeded(None, n=1)])
     assert unseeded[0].completion != unseeded[1].completion
     assert_on_policy(model, alone + crowd + other_seed + unseeded)
+
+
+def test_prompt_logprobs_are_bitwise_on_policy(served):
+    server, model = served
+    prompt = [3, 50, 700, 21, 9, 9, 400, *range(100, 140)]  # 47 tokens: several prefill chunks
+    result = server.generate(
+        {"input_ids": prompt, "sampling_params": {"max_new_tokens": 1, "temperature": 0.0},
+         "return_logprob": True, "logprob_start_len": 0}
+    )  # fmt: skip
+    entries = result["meta_info"]["input_token_logprobs"]
+    assert entries[0][0] is None and [tok for _, tok, _ in entries] == prompt
+    got = torch.tensor([lp for lp, _, _ in entries[1:]], dtype=torch.float32)
+    (want,) = recompute(model, [_as_rollout(prompt)])
+    assert torch.equal(got, want), (
+        f"max |Δ| {(got - want).abs().max().item():.3e}, {(got != want).sum()} differ"
+    )
+
+
+def _as_rollout(sequence):
+    from parity.check import Rollout
+
+    return Rollout(
+        prompt=sequence[:1], completion=sequence[1:], logprobs=[], temperature=1.0, cached_tokens=0
+    )
