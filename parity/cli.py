@@ -18,6 +18,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", help="where the trainer side runs")
     parser.add_argument(
+        "--tp-size", type=int, default=1,
+        help="the server's --tp-size: the trainer emulates its rank-order row-parallel reductions",
+    )  # fmt: skip
+    parser.add_argument(
         "--prepare", action=argparse.BooleanOptionalAction, default=True,
         help="compute with parity.prepare_model (--no-prepare: plain HF transformers)",
     )  # fmt: skip
@@ -26,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(opts: argparse.Namespace) -> int:
     model = load_hf_model(opts.model_path, device=opts.device)
     if opts.prepare:
-        prepare_model(model)
+        prepare_model(model, tp_size=opts.tp_size)
     requests_ = mixed_requests(opts.requests, model.config.vocab_size, opts.max_new_tokens, opts.seed)
     rollouts = collect(opts.url, requests_)
     report = compare(rollouts, recompute(model, rollouts))

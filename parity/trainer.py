@@ -68,12 +68,22 @@ def _rms_norm_forward(self, hidden_states):
     return contract.rms_norm(hidden_states, self.weight, self.variance_epsilon)
 
 
-def prepare_model(model: torch.nn.Module) -> torch.nn.Module:
-    """Route ``model``'s numerics through ``parity.contract`` (in place); return the model."""
+def prepare_model(model: torch.nn.Module, tp_size: int = 1) -> torch.nn.Module:
+    """Route ``model``'s numerics through ``parity.contract`` (in place); return the model.
+
+    ``tp_size`` > 1: the server runs tensor-parallel; the trainer then computes the row-parallel
+    projections as that many partial sums reduced in rank order (``parity.tp``), as the server does.
+    """
+    if tp_size < 1:
+        raise ValueError(f"tp_size must be >= 1, got {tp_size}")
     register_attention()
     model.set_attn_implementation(ATTENTION_NAME)
     for module in model.modules():
         name = type(module).__name__
         if name.endswith("RMSNorm"):
             module.forward = types.MethodType(_rms_norm_forward, module)
+    if tp_size > 1:
+        from parity.tp import emulate_tensor_parallel
+
+        emulate_tensor_parallel(model, tp_size)
     return model

@@ -8,6 +8,13 @@ On the CPU (``--device cpu``): SGLang's CPU engine (``SGLANG_USE_CPU_ENGINE=1``)
 the CPU build of ``sgl_kernel``, which is not on PyPI. When the real ``sgl_kernel`` cannot be
 imported, the stand-in shipped in ``server_patches/cpu_runtime`` is put on the PYTHONPATH of the
 SGLang processes (and only theirs). ``--attention-backend torch_native`` is the default there.
+
+Two more variables make SGLang's CPU engine start (both only set when the user has not):
+``SGLANG_NCCL_SO_PATH`` points at a missing library: torch's CUDA wheel ships libnccl, so SGLang
+would build a PyNcclCommunicator for a CPU group and fail (``torch.cuda.device("cpu")`` in
+pynccl.py); when the library cannot load, SGLang disables pynccl as on a CPU-only torch. With
+``--tp-size`` > 1, ``SGLANG_CPU_OMP_THREADS_BIND`` gives each rank its own CPUs: without it
+``ModelRunner.init_threads_binding`` asserts tp_size <= the number of NUMA nodes.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from server_patches.plugin import ENABLE_ENV
 
 CPU_RUNTIME_DIR = Path(__file__).resolve().parent / "cpu_runtime"
 PLUGIN_NAME = "truepolicy"
+MISSING_NCCL = "/nonexistent/libnccl.so.2"  # see the module docstring
 
 
 @dataclass(frozen=True)
@@ -63,7 +71,26 @@ def has_flag(args: list[str], flag: str) -> bool:
     return any(a == flag or a.startswith(flag + "=") for a in args)
 
 
-def runtime_env(device: str, on_policy: bool, base_env: dict[str, str]) -> dict[str, str]:
+def flag_value(args: list[str], *flags: str) -> str | None:
+    """The value of the last of ``flags`` in ``args`` (``--flag v`` or ``--flag=v``), else None."""
+    value = None
+    for i, arg in enumerate(args):
+        for flag in flags:
+            if arg == flag and i + 1 < len(args):
+                value = args[i + 1]
+            elif arg.startswith(flag + "="):
+                value = arg.split("=", 1)[1]
+    return value
+
+
+def cpu_thread_groups(tp_size: int, cpus: list[int]) -> str:
+    """SGLANG_CPU_OMP_THREADS_BIND for ``tp_size`` ranks: the CPUs split into contiguous groups."""
+    bounds = [(i * len(cpus) // tp_size, (i + 1) * len(cpus) // tp_size) for i in range(tp_size)]
+    groups = [cpus[lo:hi] or cpus[:1] for lo, hi in bounds]
+    return "|".join(",".join(map(str, g)) for g in groups)
+
+
+def runtime_env(device: str, on_policy: bool, base_env: dict[str, str], tp_size: int = 1) -> dict[str, str]:
     """The environment of SGLang's processes: plugin switch, CPU engine, sgl_kernel stand-in."""
     env = dict(base_env)
     if on_policy:
@@ -78,6 +105,10 @@ def runtime_env(device: str, on_policy: bool, base_env: dict[str, str]) -> dict[
         if not real_sgl_kernel_importable():
             path = env.get("PYTHONPATH")
             env["PYTHONPATH"] = f"{CPU_RUNTIME_DIR}{os.pathsep}{path}" if path else str(CPU_RUNTIME_DIR)
+        env.setdefault("SGLANG_NCCL_SO_PATH", MISSING_NCCL)
+        if tp_size > 1:
+            cpus = sorted(os.sched_getaffinity(0))
+            env.setdefault("SGLANG_CPU_OMP_THREADS_BIND", cpu_thread_groups(tp_size, cpus))
     return env
 
 
@@ -86,7 +117,8 @@ def plan_launch(opts: argparse.Namespace, sglang_args: list[str], base_env: dict
     args = ["--model-path", opts.model_path, "--device", device, *sglang_args]
     if device == "cpu" and not has_flag(sglang_args, "--attention-backend"):
         args += ["--attention-backend", "torch_native"]
-    env = runtime_env(device, opts.on_policy, base_env)
+    tp_size = int(flag_value(sglang_args, "--tp-size", "--tp") or 1)
+    env = runtime_env(device, opts.on_policy, base_env, tp_size)
     return LaunchPlan(argv=[sys.executable, "-m", "sglang.launch_server", *args], env=env)
 
 

@@ -7,6 +7,8 @@ The table that applies them, with why and how, is ``server_patches.table``.
 
 from __future__ import annotations
 
+import hashlib
+
 import torch
 
 from parity import contract
@@ -160,15 +162,21 @@ def seed_parallel_samples(self, tokenized_obj):
     return (self, tokenized_obj), {}
 
 
+def seed_from_request_id(rid: str) -> int:
+    """A 63-bit seed from a request id: the first 8 bytes of its BLAKE2b digest."""
+    digest = hashlib.blake2b(rid.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & _SEED_MASK
+
+
 def per_request_seeds(result, cls, batch, vocab_size):
     """AFTER SamplingBatchInfo.from_schedule_batch: every request samples from its own seed.
 
-    A request without ``sampling_seed`` draws a random one once (kept on its own SamplingParams, so
-    all its tokens follow one stream). SGLang's pytorch sampler then draws Gumbel noise from
-    murmur_hash(seed, position, token id): independent of the batch, reproducible from the seed.
+    A request without ``sampling_seed`` gets one derived from its request id (kept on its own
+    SamplingParams, so all its tokens follow one stream). The rid is the same in every TP rank's
+    scheduler, so all ranks sample the same token (a random draw per rank would make their KV caches
+    diverge). SGLang's pytorch sampler then draws Gumbel noise from murmur_hash(seed, position,
+    token id): independent of the batch, reproducible from the seed.
     """
-    import secrets
-
     from sglang.srt.server_args import get_global_server_args
 
     backend = get_global_server_args().sampling_backend
@@ -176,7 +184,7 @@ def per_request_seeds(result, cls, batch, vocab_size):
         raise _outside("per_request_seeds", f"sampling backend {backend!r} (use --sampling-backend pytorch)")
     for req in batch.reqs:
         if req.sampling_params.sampling_seed is None:
-            req.sampling_params.sampling_seed = secrets.randbits(63)
+            req.sampling_params.sampling_seed = seed_from_request_id(req.rid)
     result.sampling_seed = torch.tensor(
         [req.sampling_params.sampling_seed for req in batch.reqs], dtype=torch.int64
     ).to(batch.device)

@@ -8,8 +8,9 @@ signature unchanged) before any is registered.
 
 from __future__ import annotations
 
-from server_patches import numerics
+from server_patches import numerics, serving
 from server_patches.patch import Patch
+from server_patches.tp_patches import TP_PATCHES
 
 _TORCH_NATIVE = "sglang.srt.layers.attention.torch_native_backend.TorchNativeAttnBackend"
 _SDPA_COMMON = ("query", "output", "k_cache", "v_cache", "req_to_token", "req_pool_indices", "seq_lens")
@@ -135,4 +136,19 @@ PATCHES: tuple[Patch, ...] = (
             "logits_metadata",
         ),
     ),
+    Patch(
+        name="flush_cache_while_paused",
+        target="sglang.srt.managers.scheduler.Scheduler.flush_cache",
+        diverges=(
+            "serving, not numerics: a weight update pauses generation in retract mode; SGLang then "
+            "refuses to flush the prefix cache (retracted requests wait), so later requests reuse KV "
+            "computed with the old weights. The flush now runs with the (KV-free) waiting queue set aside."
+        ),
+        proof="tests/test_sidecar_server.py::test_pushes_under_32_concurrent_streams_lose_nothing_and_stay_on_policy",
+        drop_when="SGLang flushes the prefix cache while paused with only waiting requests",
+        hook=serving.flush_cache_while_paused,
+        hook_type="AROUND",
+        expected_params=("self", "empty_cache"),
+    ),
+    *TP_PATCHES,
 )  # fmt: skip

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from parity.tiny_models import build_tiny_model, load_hf_model
+from parity.trainer import prepare_model
 from truepolicy.sglang_process import running_server
 
 # Small prefill chunks so that prompts longer than 16 tokens go through chunked prefill.
@@ -36,6 +37,12 @@ def tiny_qwen3(model_cache) -> Path:
 @pytest.fixture(scope="session")
 def hf_qwen3(tiny_qwen3):
     return load_hf_model(tiny_qwen3)
+
+
+@pytest.fixture(scope="session")
+def trainer_qwen3(tiny_qwen3):
+    """The trainer's view: HF transformers prepared with the numerics contract."""
+    return prepare_model(load_hf_model(tiny_qwen3))
 
 
 @pytest.fixture(scope="session")

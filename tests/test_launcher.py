@@ -6,7 +6,13 @@ import argparse
 import subprocess
 import sys
 
-from server_patches.launcher import CPU_RUNTIME_DIR, add_server_arguments, plan_launch
+from server_patches.launcher import (
+    CPU_RUNTIME_DIR,
+    MISSING_NCCL,
+    add_server_arguments,
+    cpu_thread_groups,
+    plan_launch,
+)
 
 
 def parse(argv):
@@ -26,6 +32,20 @@ def test_cpu_plan_enables_plugin_engine_and_stand_in():
     assert plan.env["TRUEPOLICY_ON_POLICY"] == "1"
     assert plan.env["SGLANG_USE_CPU_ENGINE"] == "1"
     assert plan.env["PYTHONPATH"].split(":")[0] == str(CPU_RUNTIME_DIR)
+    assert plan.env["SGLANG_NCCL_SO_PATH"] == MISSING_NCCL
+    assert "SGLANG_CPU_OMP_THREADS_BIND" not in plan.env
+
+
+def test_cpu_tensor_parallel_binds_one_cpu_group_per_rank():
+    opts, rest = parse(["--model-path", "/m", "--device", "cpu", "--tp-size=2"])
+    plan = plan_launch(opts, rest, {})
+    groups = plan.env["SGLANG_CPU_OMP_THREADS_BIND"].split("|")
+    assert len(groups) == 2 and all(groups)
+    assert cpu_thread_groups(3, [0, 1, 2, 3, 4, 5]) == "0,1|2,3|4,5"
+    assert cpu_thread_groups(2, [0]) == "0|0"
+    opts, rest = parse(["--model-path", "/m", "--device", "cpu", "--tp", "2"])
+    user = {"SGLANG_CPU_OMP_THREADS_BIND": "0|1"}
+    assert plan_launch(opts, rest, user).env["SGLANG_CPU_OMP_THREADS_BIND"] == "0|1"
 
 
 def test_user_attention_backend_wins():

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.server
 PROMPTS = [[5, 17, 301, 42], [900, 3, 3, 77, 512, 64, 8, 11, 600, 123, 45, 99]]
 
 
-def test_greedy_tokens_equal_hf_greedy(qwen3_server, hf_qwen3):
+def test_greedy_tokens_equal_trainer_greedy(qwen3_server, trainer_qwen3):
     for prompt in PROMPTS:
         out = qwen3_server.generate(
             {
@@ -26,7 +26,7 @@ def test_greedy_tokens_equal_hf_greedy(qwen3_server, hf_qwen3):
                 "sampling_params": {"temperature": 0, "max_new_tokens": 16, "ignore_eos": True},
             }
         )
-        assert out["output_ids"] == hf_greedy(hf_qwen3, prompt, 16)
+        assert out["output_ids"] == hf_greedy(trainer_qwen3, prompt, 16)
 
 
 def test_plugin_runs_in_the_scheduler_process(qwen3_server):
@@ -88,7 +88,7 @@ def test_server_refuses_to_start_when_a_target_is_unexpected(
     assert "signature changed" in text
 
 
-def test_offline_engine_in_a_subprocess(tiny_qwen3, hf_qwen3):
+def test_offline_engine_in_a_subprocess(tiny_qwen3, trainer_qwen3):
     prompt = PROMPTS[1]
     (out,) = run_offline_engine(
         tiny_qwen3,
@@ -100,4 +100,4 @@ def test_offline_engine_in_a_subprocess(tiny_qwen3, hf_qwen3):
         ],
         engine_kwargs={"max_total_tokens": 4096},
     )
-    assert out["output_ids"] == hf_greedy(hf_qwen3, prompt, 8)
+    assert out["output_ids"] == hf_greedy(trainer_qwen3, prompt, 8)

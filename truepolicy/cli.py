@@ -44,6 +44,16 @@ def build_parser() -> argparse.ArgumentParser:
     from parity import cli as parity_cli
 
     parity_cli.add_arguments(check)
+
+    sidecar = sub.add_parser(
+        "sidecar",
+        help="the weight-sync sidecar beside one SGLang server (HTTP control API, NCCL/gloo receive)",
+        description="Receive trainer weights over a torch.distributed group, optionally FP8-quantize "
+        "them, and load them into the SGLang server atomically, with a version per update.",
+    )
+    from weight_sync.sidecar import cli as sidecar_cli
+
+    sidecar_cli.add_arguments(sidecar)
     return parser
 
 
@@ -63,6 +73,10 @@ def main(argv: list[str] | None = None) -> int:
         from parity import cli as parity_cli
 
         return parity_cli.run(opts)
+    if opts.command == "sidecar":
+        from weight_sync.sidecar import cli as sidecar_cli
+
+        return sidecar_cli.run(opts)
     parser.error(f"unknown command {opts.command}")
     return 2
 

@@ -1,0 +1,274 @@
+"""Fused tensor-parallel all-reduce + residual add + RMSNorm (Triton), and its exact unfused reference.
+
+The problem
+-----------
+After a row-parallel layer (``o_proj``, ``down_proj``) each of the k TP ranks holds a bf16 partial of
+the layer's output. The decoder then needs ``residual = residual + all_reduce(partials)`` and
+``normed = rms_norm(residual)``. Fused kernels (flashinfer's, AITER's) do all three in one pass, and
+AITER's added the residual to the fp32 sum *before* rounding to bf16 (AITER PR 2586): ~25% of the
+elements move by 1-4 bf16 ULPs against the unfused path, which rounds the all-reduced sum to bf16
+first (the all-reduce's output is a bf16 tensor), then adds the residual in bf16.
+
+The contract (what this kernel computes, bit for bit)
+-----------------------------------------------------
+1. ``reduced = bf16(((fp32(p_0) + fp32(p_1)) + fp32(p_2)) + ...)``: the ranks' partials summed in
+   fp32 in rank order 0..k-1, rounded once (:func:`parity.tp.rank_order_sum`; for k = 2 this is
+   gloo's bf16 all-reduce exactly, see parity/tp.py).
+2. ``summed = bf16(fp32(residual) + fp32(reduced))``: the residual added in bf16, as torch does.
+3. ``normed``: RMSNorm in HF's order on ``summed`` -- normalise in fp32, cast to bf16, multiply by the
+   weight in bf16. Two variants, chosen by ``fused_norm``:
+
+   - ``fused_norm=False`` (exact against ``parity.contract``): the kernel writes ``summed`` and the
+     norm is ``parity.contract.rms_norm`` itself, so ``normed`` is the unfused path's on any device by
+     construction.
+   - ``fused_norm=True`` (one kernel): the variance is reduced inside the kernel by a fixed pairwise
+     tree (:func:`rms_norm_pairwise`: squares zero-padded to a power of two, adjacent pairs added level
+     by level), divided by H with IEEE division, ``1 / sqrt`` with IEEE sqrt and division, fp
+     contraction off. Every step is an IEEE operation in a stated order, so the plain-PyTorch
+     :func:`rms_norm_pairwise` reproduces it bit for bit on CPU and GPU. It equals
+     ``contract.rms_norm`` only where torch's ``mean`` happens to reduce in the same order: for this
+     variant to be the contract, ``contract.rms_norm`` has to adopt the pairwise mean (its CPU/GPU
+     ``mean`` orders are unspecified).
+
+The kernel (GPU)
+----------------
+One-shot over peer buffers through torch symmetric memory: every rank copies its partial into its
+symmetric buffer, a symmetric-memory barrier publishes it, and each rank's kernel reads all k
+partials straight from the peers' buffers (NVLink loads; no multicast, no NCCL), then computes the
+whole row: every rank ends with the same ``summed`` and ``normed``. A second barrier keeps a rank from
+overwriting its buffer while peers may still read it. One program per token row; the hidden size fits
+one block.
+
+Under ``TRITON_INTERPRET=1`` (CPU) the same kernel runs with a table of host pointers to k CPU
+tensors (``allreduce_add_rms_norm_local``); there, Triton's fp32 -> bf16 conversion truncates, so
+the kernel rounds to nearest-even with integer operations instead (``EXACT_RNE``; NaN is not
+preserved there, the interpreter is for tests only).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import torch
+
+from parity import contract
+from parity.tp import rank_order_sum
+
+# --------------------------------------------------------------------------------------------------
+# Plain-PyTorch references (CPU and GPU)
+# --------------------------------------------------------------------------------------------------
+
+
+def reference_allreduce_add_rms_norm(
+    partials: Sequence[torch.Tensor],
+    residual: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    *,
+    fused_norm: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The unfused path: all-reduce (rank order, fp32, rounded to bf16) -> residual add in bf16 ->
+    RMSNorm. Returns ``(normed, summed)`` like ``contract.add_rms_norm``. ``fused_norm`` selects the
+    pairwise-tree RMSNorm the fully fused kernel computes."""
+    reduced = rank_order_sum(partials)
+    if not fused_norm:
+        return contract.add_rms_norm(reduced, residual, weight, eps)
+    summed = residual + reduced
+    return rms_norm_pairwise(summed, weight, eps), summed
+
+
+def residual_before_rounding(
+    partials: Sequence[torch.Tensor], residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fused-kernel bug (AITER PR 2586): the residual is added to the fp32 sum before rounding.
+    A negative control only: this is NOT what the server's unfused path computes."""
+    acc = partials[0].to(torch.float32)
+    for p in partials[1:]:
+        acc = acc + p.to(torch.float32)
+    summed = (acc + residual.to(torch.float32)).to(residual.dtype)
+    return contract.rms_norm(summed, weight, eps), summed
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << (n - 1).bit_length()
+
+
+def pairwise_sum_of_squares(h: torch.Tensor) -> torch.Tensor:
+    """fp32 ``sum(h * h)`` over the last dim by the fixed tree of the fused kernel: squares padded with
+    zeros to a power of two, then ``s[i] = s[2i] + s[2i+1]`` level by level. Elementwise IEEE adds
+    only, so the bits are the same on every device. Returns shape ``[..., 1]``."""
+    sq = h * h
+    width = _next_pow2(sq.shape[-1])
+    if width != sq.shape[-1]:
+        sq = torch.nn.functional.pad(sq, (0, width - sq.shape[-1]))
+    while sq.shape[-1] > 1:
+        sq = sq[..., 0::2] + sq[..., 1::2]
+    return sq
+
+
+def rms_norm_pairwise(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm in HF's order with the fused kernel's fully specified variance (see module doc)."""
+    h = x.to(torch.float32)
+    total = pairwise_sum_of_squares(h)
+    variance = total / torch.full_like(total, float(x.shape[-1]))  # IEEE division, not * (1/H)
+    inv = torch.ones_like(variance) / torch.sqrt(variance + eps)
+    return weight * (h * inv).to(x.dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# Triton kernel
+# --------------------------------------------------------------------------------------------------
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - triton ships with torch's CUDA wheels
+    triton = None
+
+
+if triton is not None:
+
+    @triton.jit
+    def _to_bf16(x, EXACT_RNE: tl.constexpr):
+        if EXACT_RNE:
+            # Round fp32 to nearest-even bf16 with integer ops, then the (now exact) conversion.
+            bits = x.to(tl.uint32, bitcast=True)
+            bits = (bits + (((bits >> 16) & 1) + 0x7FFF)) & 0xFFFF0000
+            return bits.to(tl.float32, bitcast=True).to(tl.bfloat16)
+        else:
+            return x.to(tl.bfloat16)
+
+    @triton.jit
+    def _allreduce_add_rmsnorm_kernel(
+        ptr_table,  # int64 [WORLD]: address of each rank's bf16 partial [n_rows, H] (row-major)
+        residual_ptr,
+        weight_ptr,
+        summed_ptr,
+        normed_ptr,
+        H,
+        eps,
+        WORLD: tl.constexpr,
+        BLOCK_H: tl.constexpr,
+        LOG2_BLOCK_H: tl.constexpr,
+        NORM: tl.constexpr,
+        EXACT_RNE: tl.constexpr,
+    ):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK_H)
+        mask = cols < H
+        offs = row * H + cols
+        # 1. the ranks' partials in rank order, fp32, rounded once
+        base = tl.load(ptr_table).to(tl.pointer_type(tl.bfloat16))
+        acc = tl.load(base + offs, mask=mask, other=0.0).to(tl.float32)
+        for r in tl.static_range(1, WORLD):
+            base = tl.load(ptr_table + r).to(tl.pointer_type(tl.bfloat16))
+            acc = acc + tl.load(base + offs, mask=mask, other=0.0).to(tl.float32)
+        reduced = _to_bf16(acc, EXACT_RNE)
+        # 2. residual add in bf16
+        res = tl.load(residual_ptr + offs, mask=mask, other=0.0)
+        summed = _to_bf16(res.to(tl.float32) + reduced.to(tl.float32), EXACT_RNE)
+        tl.store(summed_ptr + offs, summed, mask=mask)
+        if NORM:
+            # 3. RMSNorm, HF's order, pairwise-tree variance (masked lanes are exact zeros)
+            h = summed.to(tl.float32)
+            sq = h * h
+            for i in tl.static_range(LOG2_BLOCK_H):
+                a, b = tl.split(tl.reshape(sq, [BLOCK_H >> (i + 1), 2]))
+                sq = a + b
+            total = tl.sum(sq, axis=0)  # one element: exact
+            variance = tl.div_rn(total, H.to(tl.float32))
+            inv = tl.div_rn(1.0, tl.sqrt_rn(variance + eps))
+            w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+            normed = _to_bf16(w * _to_bf16(h * inv, EXACT_RNE).to(tl.float32), EXACT_RNE)
+            tl.store(normed_ptr + offs, normed, mask=mask)
+
+
+def _launch(
+    ptr_table: torch.Tensor,
+    world: int,
+    residual: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    fused_norm: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if triton is None:
+        raise RuntimeError("triton is not available")
+    hidden = residual.shape[-1]
+    block = _next_pow2(hidden)
+    rows = residual.numel() // hidden
+    summed = torch.empty_like(residual)
+    normed = torch.empty_like(residual) if fused_norm else summed
+    if rows:
+        _allreduce_add_rmsnorm_kernel[(rows,)](
+            ptr_table, residual, weight, summed, normed, hidden, eps,
+            WORLD=world, BLOCK_H=block, LOG2_BLOCK_H=block.bit_length() - 1, NORM=fused_norm,
+            EXACT_RNE=_interpreting(), num_warps=max(1, min(16, block // 256)), enable_fp_fusion=False,
+        )  # fmt: skip
+    if not fused_norm:
+        normed = contract.rms_norm(summed, weight, eps)
+    return normed, summed
+
+
+def _check(partial: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor) -> None:
+    if partial.dtype != torch.bfloat16 or residual.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16:
+        raise TypeError("bf16 partials, residual and weight only")
+    if partial.shape != residual.shape or weight.shape != residual.shape[-1:]:
+        raise ValueError(f"shapes {tuple(partial.shape)}, {tuple(residual.shape)}, {tuple(weight.shape)}")
+    if not (residual.is_contiguous() and weight.is_contiguous()):
+        raise ValueError("contiguous residual and weight only")
+
+
+def allreduce_add_rms_norm_local(
+    partials: Sequence[torch.Tensor],
+    residual: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    *,
+    fused_norm: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernel over k partials held by this process (a pointer table of local tensors): what each
+    rank computes once the peers' buffers are mapped. For tests (GPU, or CPU under the interpreter)."""
+    for p in partials:
+        _check(p, residual, weight)
+    partials = [p.contiguous() for p in partials]
+    table = torch.tensor([p.data_ptr() for p in partials], dtype=torch.int64, device=residual.device)
+    return _launch(table, len(partials), residual, weight, eps, fused_norm)
+
+
+class SymmetricAllReduceAddRMSNorm:
+    """The one-shot fused op of one TP group on GPU, over torch symmetric memory.
+
+    ``op(partial, residual, weight, eps)`` on every rank of ``group`` returns ``(normed, summed)``,
+    identical on all ranks and bitwise equal to :func:`reference_allreduce_add_rms_norm` over the
+    ranks' partials (``fused_norm`` as there; the default, False, is exact against
+    ``parity.contract``). The symmetric buffer is allocated once for ``max_tokens`` rows.
+    """
+
+    def __init__(self, group, max_tokens: int, hidden: int, device: torch.device | str, *, fused_norm=False):
+        import torch.distributed as dist
+        import torch.distributed._symmetric_memory as symm_mem
+
+        self.world = dist.get_world_size(group)
+        self.hidden = hidden
+        self.max_tokens = max_tokens
+        self.fused_norm = fused_norm
+        self.buffer = symm_mem.empty(max_tokens * hidden, dtype=torch.bfloat16, device=device)
+        self.handle = symm_mem.rendezvous(self.buffer, group)
+        self.table = torch.tensor(self.handle.buffer_ptrs, dtype=torch.int64, device=device)
+
+    def __call__(self, partial: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
+        _check(partial, residual, weight)
+        rows = partial.numel() // self.hidden
+        if partial.shape[-1] != self.hidden or rows > self.max_tokens:
+            raise ValueError(f"{tuple(partial.shape)} does not fit [{self.max_tokens}, {self.hidden}]")
+        self.buffer[: partial.numel()].copy_(partial.reshape(-1))
+        self.handle.barrier(channel=0)  # every rank's partial is in its buffer
+        out = _launch(self.table, self.world, residual, weight, eps, self.fused_norm)
+        self.handle.barrier(channel=0)  # no rank overwrites its buffer while a peer still reads it
+        return out

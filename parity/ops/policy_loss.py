@@ -1,0 +1,1041 @@
+"""Fused policy-ratio + KL (+ entropy) from logits: Triton forward/backward and the plain-PyTorch contract.
+
+The problem
+-----------
+Every PPO/GRPO step turns policy logits ``[N, V]`` into the per-token logprob of the sampled action,
+the importance ratio against the rollout's logprob, a KL penalty against a reference policy and,
+optionally, the entropy. Plain PyTorch materialises ``logits.float()``, ``log_softmax`` and their
+gradients: several ``[N, V]`` fp32 tensors (GBs at V = 152k) and ~6 passes over HBM. This op reads the
+logits once in the forward (twice with reference logits) and once more in the backward, which writes
+``dlogits`` directly in the logits' dtype; its scratch is ``O(N)``.
+
+The numerics contract (why this file defines its own log-softmax)
+-----------------------------------------------------------------
+truepolicy needs the trainer's logprob to be *bitwise* the rollout's. Bitwise equality with
+``torch.log_softmax`` cannot be had from Triton: PyTorch's CUDA kernels (the persistent
+"spatial"/``cunn_SoftMaxForward`` kernels) sum ``exp`` with a block reduction whose order depends on
+the row length and launch shape, its CPU kernel sums vectorised chunks with ``vec::reduce_all``, the
+two disagree with each other in the last bits, and both use their own ``expf``/``logf`` (CUDA libdevice
+vs SLEEF), which Triton's ``tl.exp`` (``ex2.approx``) matches neither. Even the temperature division
+differs: CUDA's ``x / python_float`` multiplies by the fp32 reciprocal, the CPU divides.
+
+So the logprob is *defined* here by a reduction whose every rounding is spelled out, reproducible with
+IEEE-754 ``+ - * /`` (correctly rounded on every CPU and GPU), fused multiply-add, exact bit
+operations and comparisons -- and nothing else:
+
+1. ``xs = float32(x) / T`` (``T`` rounded to fp32; skipped when ``T == 1``), computed as
+   ``q = x * RN(1/T); xs = fma(x - q T, RN(1/T), q)`` with ``x - q T`` an exact fma (Markstein's
+   theorem: this is the correctly rounded IEEE quotient; tested on every finite bf16 value).
+2. The row is cut into tiles of ``TILE = 2048`` columns (the last one padded with ``-inf``). ``TILE``
+   accumulators ("lanes") are kept, lane ``j`` owning columns ``j, j + TILE, j + 2 TILE, ...``.
+3. Tiles are visited left to right. ``M <- max(M, max(tile))`` (exact; NaN propagates; ``+0.0`` added
+   so that ``-0.0`` becomes ``+0.0``). When ``M`` grows, every lane is rescaled: ``s <- s * e(M_old -
+   M)``. Then ``s_j <- s_j + e(xs_j - M)``, where ``e(t) = exp_c(max(t, -86))`` (the clamp keeps
+   ``2^k`` normal without a select; such terms are < 2^-124 against a sum >= 1). Each step is an
+   elementwise fp32 operation, so the order of the sum is fixed by the definition, not by a
+   reduction tree of the hardware. (Entropy: ``w_j += e * max(t, -86)``, rescaled the same way.)
+4. The ``TILE`` lanes are combined by a fixed pairwise tree: ``s'[i] = s[2i] + s[2i+1]``, 11 levels.
+5. ``log S`` is computed in fp64 by exponent/mantissa split and the ``atanh`` series (division and
+   polynomial in IEEE fp64), and ``logp = float32((float64(xs_t) - float64(M)) - log S)``.
+
+``exp_c(t)`` splits the exact product ``t * log2(e)`` into ``k + f``: ``z = fma(t, log2e, 1.5 * 2^23)``
+rounds it to the integer ``k`` (held in z's low mantissa bits), ``f = fma(t, log2e, -k)`` (one
+rounding, ``|f| <= 1/2``); ``2^f`` by a degree-5 polynomial evaluated by Horner's rule with *fused*
+multiply-add (``fma``), and ``2^k`` applied by adding ``k << 23`` to the bit pattern. Relative error
+<= 2e-7 (plus ``|t|`` times the rounding of the constant log2(e)); ``exp_c(0) == 1`` exactly, so the
+ratio is exactly 1.0 on policy; ``exp_c(t) = 0`` for ``k < -125``, ``+inf`` for ``k > 127``. The fma
+is native in Triton (``tl.fma``) and emulated exactly in PyTorch (fp64 product + TwoSum +
+round-to-odd, then rounding to fp32: Boldo-Melquiond). The Triton interpreter (numpy) computes
+``tl.fma`` as two roundings, so under ``TRITON_INTERPRET=1`` the kernel uses the same exact emulation.
+
+Bitwise guarantees: the Triton kernel (GPU), the plain-PyTorch :func:`logprobs_reference` (CPU and
+GPU) and the kernel under the Triton interpreter return identical bits for logp, ratio, KL and
+entropy, for bf16/fp16/fp32 logits, any ``N``, ``V``, temperature. Relation to
+``torch.log_softmax``: not bitwise (it cannot be, see above); the difference is a few fp32 ulps (both
+are within ~3e-7 of the float64 value for logits of moderate size). Gradients are not part of the
+contract: the backward uses the hardware ``exp2`` and fma contraction; they match float64 to ~1e-6.
+Rows whose max is NaN or +-inf give NaN outputs (never a silent value).
+
+Trade-offs
+----------
+* The software ``exp`` (7 fma + 3 other instructions instead of one ``MUFU.EX2``; ~16 instructions
+  per element in all, from the SASS) makes the forward close to issue-bound on an H100 at bf16
+  (1.2 G elements/ms of HBM bandwidth); it is the price of a formula that a CPU reproduces bit for
+  bit. Measured (H100, N = 8192, bf16, V = 151936): forward 0.92 ms = 0.90 of the copy bandwidth
+  (Liger's ``ex2.approx`` kernel: 0.91 ms), backward 1.73 ms = 0.95. Every ``a * b + c`` of the
+  contract is an explicit fma or an explicit pair of roundings: the forward kernel is compiled with
+  ``enable_fp_fusion=False``. The backward is not in the contract and uses the hardware ``exp2``.
+* Kernel configuration (warps, backward block) never changes the bits: only ``TILE`` does, and it is
+  part of the contract (2048 was the fastest of 1024 / 2048 / 4096 / 8192).
+* ``T != 1`` costs 3 more instructions per element (the Markstein division), entropy 3 more.
+* A row costs one program: for small V (32k) the per-row tail (lane tree, fp64 log) is visible
+  (0.85 of copy bandwidth).
+
+KL conventions (``d = ref_logp - logp``, per sampled token, estimating KL(pi || pi_ref)):
+``k1 = logp - ref_logp``, ``k2 = d^2 / 2``, ``k3 = exp(d) - d - 1`` (>= 0; for ``|d| < 1/2`` the
+Taylor series ``d^2/2 + d^3/6 + ... + d^8/8!`` avoids the cancellation). Entropy is
+``H = -sum_v p_v log p_v`` of the temperature-scaled distribution, in nats.
+Masked rows (``mask == False``): ``logp = 0``, ``ratio = 1``, ``kl = 0``, ``entropy = 0`` and zero
+gradient; their action ids are never read. Unmasked ids outside ``[0, V)`` raise ``ValueError``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+# ----------------------------------------------------------------------------------------------------
+# Contract constants. Every fp32 constant below is exactly representable in fp32 (so rounding a
+# Python float to fp32 -- in Triton, numpy or PyTorch -- is exact and cannot differ between them).
+# ----------------------------------------------------------------------------------------------------
+CONTRACT_TILE = 2048  # lanes of the online reduction (part of the contract: changes the bits)
+CONTRACT_FMA = True  # Horner's rule of exp_c with fused multiply-add (part of the contract)
+
+_LOG2E_F = 1.44269502162933349609375  # fp32(log2(e))
+_MAGIC_F = 12582912.0  # 1.5 * 2^23: fma(t, log2e, MAGIC) rounds t log2e to an integer (low mantissa bits)
+# 2^f on [-1/2, 1/2], degree 5, near-minimax in relative error (Lawson), coefficients rounded to fp32.
+_P0 = 1.0
+_P1 = 0.6931470036506653
+_P2 = 0.24022242426872253
+_P3 = 0.05550733953714371
+_P4 = 0.009671509265899658
+_P5 = 0.0013264698209241033
+_K_LO = -125.0  # k below this: exp_c = 0 (2^f 2^k would leave the normal range)
+_K_HI = 127.0  # k above this: exp_c = +inf
+_T_MIN = -86.0  # softmax terms: exp_c(max(t, -86)); k >= -124 keeps 2^k normal
+_SQRT2_F = 1.41421353816986083984375  # fp32(sqrt(2)): mantissas above it are halved before the log
+_LN2_D = 0.6931471805599453  # fp64 ln(2)
+# log(m) = 2u (1 + u^2/3 + u^4/5 + ...), u = (m-1)/(m+1), |u| <= 0.1716: 12 terms reach fp64 precision.
+_L = [1.0 / (2 * k + 1) for k in range(12)]
+# k3 series: k3(d) = d^2 (1/2 + d (1/6 + d (1/24 + ...))) for |d| < 1/2 (fp32-rounded 1/n!).
+_K = [float(torch.tensor(1.0 / math.factorial(n), dtype=torch.float32)) for n in range(2, 9)]
+
+for _name, _value in (("_P1", _P1), ("_P2", _P2), ("_P3", _P3), ("_P4", _P4), ("_P5", _P5)):
+    assert float(torch.tensor(_value, dtype=torch.float32)) == _value, _name
+
+# Triton sees module globals only as constexprs.
+LOG2E: tl.constexpr = tl.constexpr(_LOG2E_F)
+MAGIC: tl.constexpr = tl.constexpr(_MAGIC_F)
+P0: tl.constexpr = tl.constexpr(_P0)
+P1: tl.constexpr = tl.constexpr(_P1)
+P2: tl.constexpr = tl.constexpr(_P2)
+P3: tl.constexpr = tl.constexpr(_P3)
+P4: tl.constexpr = tl.constexpr(_P4)
+P5: tl.constexpr = tl.constexpr(_P5)
+K_LO: tl.constexpr = tl.constexpr(_K_LO)
+K_HI: tl.constexpr = tl.constexpr(_K_HI)
+T_MIN: tl.constexpr = tl.constexpr(_T_MIN)
+SQRT2_F: tl.constexpr = tl.constexpr(_SQRT2_F)
+LN2_D: tl.constexpr = tl.constexpr(_LN2_D)
+L0: tl.constexpr = tl.constexpr(_L[0])
+L1: tl.constexpr = tl.constexpr(_L[1])
+L2: tl.constexpr = tl.constexpr(_L[2])
+L3: tl.constexpr = tl.constexpr(_L[3])
+L4: tl.constexpr = tl.constexpr(_L[4])
+L5: tl.constexpr = tl.constexpr(_L[5])
+L6: tl.constexpr = tl.constexpr(_L[6])
+L7: tl.constexpr = tl.constexpr(_L[7])
+L8: tl.constexpr = tl.constexpr(_L[8])
+L9: tl.constexpr = tl.constexpr(_L[9])
+L10: tl.constexpr = tl.constexpr(_L[10])
+L11: tl.constexpr = tl.constexpr(_L[11])
+K2: tl.constexpr = tl.constexpr(_K[0])
+K3: tl.constexpr = tl.constexpr(_K[1])
+K4: tl.constexpr = tl.constexpr(_K[2])
+K5: tl.constexpr = tl.constexpr(_K[3])
+K6: tl.constexpr = tl.constexpr(_K[4])
+K7: tl.constexpr = tl.constexpr(_K[5])
+K8: tl.constexpr = tl.constexpr(_K[6])
+
+KL_ESTIMATORS = {"k1": 1, "k2": 2, "k3": 3}
+# FMA modes of the kernels: 0 = separate multiply and add (the fma=False contract variant), 1 = native
+# fma (GPU), 2 = exact emulation in fp64 (Triton interpreter, whose tl.fma rounds twice).
+_FMA_OFF, _FMA_NATIVE, _FMA_EMULATED = 0, 1, 2
+
+# Launch configuration (the fastest of benchmarks/bench_policy_loss.py --sweep on an H100, N = 8192,
+# V = 151936, bf16). It never changes the forward's bits (only TILE does).
+FWD_NUM_WARPS = 4
+FWD_UNROLL = 1
+BWD_BLOCK = 16384  # capped at V rounded up to a power of two
+BWD_NUM_WARPS = 16
+
+# Output allocator (tests swap it for one that poisons, to check that every element is written).
+_empty = torch.empty
+
+
+class PolicyLossOutput(NamedTuple):
+    """Per-token outputs, all fp32 with the logits' leading shape. ``kl``/``entropy`` are ``None``
+    unless a reference / ``entropy=True`` was given."""
+
+    logp: torch.Tensor
+    ratio: torch.Tensor
+    kl: torch.Tensor | None
+    entropy: torch.Tensor | None
+
+
+# ====================================================================================================
+# Triton: contract arithmetic (exp_c, log, fma)
+# ====================================================================================================
+@triton.jit
+def _full(ref, value):
+    """``value`` (a constant or a scalar) as an fp32 tensor of ``ref``'s shape (no arithmetic: adding
+    it to zeros would cost an FADD per element, since x + 0.0 cannot be folded for x = -0.0)."""
+    return tl.full(ref.shape, value, tl.float32)
+
+
+@triton.jit
+def _fma32(a, b, c, FMA: tl.constexpr):
+    """fp32 a * b + c (b, c of a's shape): one rounding (FMA = 1 native, 2 emulated) or two (FMA = 0)."""
+    if FMA == 1:
+        return tl.fma(a, b, c)
+    elif FMA == 2:
+        # a * b is exact in fp64 (24 + 24 bits). TwoSum gives s + e == a*b + c exactly. Rounding s to
+        # odd (if e != 0 and s's last bit is even, step s one fp64 ulp towards e) and then to fp32 is
+        # the correctly rounded fp32 fma, since fp64 has >= 24 + 2 bits (Boldo & Melquiond 2008).
+        p = a.to(tl.float64) * b.to(tl.float64)
+        cd = c.to(tl.float64)
+        s = p + cd
+        bp = s - p
+        e = (p - (s - bp)) + (cd - bp)
+        sb = s.to(tl.int64, bitcast=True)
+        fix = (e != 0.0) & ((sb & 1) == 0) & (tl.abs(s) < float("inf"))  # inf / NaN: kept
+        up = (e > 0.0) == (s > 0.0)  # moving away from zero: +1 on the magnitude bits
+        sb = tl.where(fix, tl.where(up, sb + 1, sb - 1), sb)
+        return sb.to(tl.float64, bitcast=True).to(tl.float32)  # cvt.rn: round to nearest even
+    else:
+        return a * b + c  # two roundings: the kernels run with fp contraction disabled
+
+
+@triton.jit
+def _max_nan(a, b):
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _exp2_parts(t, FMA: tl.constexpr):
+    """(-k, r): t log2(e) = k + f with k an integer (held as the float -k), r = 2^f (polynomial) * 2^k.
+    (Triton's unary minus is 0 - x, an FADD per element: MAGIC - z gives -k directly.)"""
+    log2e = _full(t, LOG2E)
+    z = _fma32(t, log2e, _full(t, MAGIC), FMA)  # exact t log2e rounded to an integer k: bits 0x4B400000 + k
+    nk = MAGIC - z  # exact: -k as a float
+    f = _fma32(t, log2e, nk, FMA)  # t log2e - k, rounded once: |f| <= 1/2
+    p = _fma32(_full(f, P5), f, _full(f, P4), FMA)
+    p = _fma32(p, f, _full(f, P3), FMA)
+    p = _fma32(p, f, _full(f, P2), FMA)
+    p = _fma32(p, f, _full(f, P1), FMA)
+    p = _fma32(p, f, _full(f, P0), FMA)  # 2^f in [0.707, 1.415]; exactly 1.0 at f = 0
+    # (0x4B400000 + k) << 23 == k << 23 (mod 2^32): adding it to p's bits multiplies p by 2^k exactly
+    # while the result stays a normal number (guaranteed for -125 <= k <= 127 by the callers).
+    r = ((z.to(tl.int32, bitcast=True) << 23) + p.to(tl.int32, bitcast=True)).to(tl.float32, bitcast=True)
+    return nk, r
+
+
+@triton.jit
+def _exp_neg(t, FMA: tl.constexpr):
+    """exp_c of a softmax term (t <= 0): the argument is clamped at T_MIN = -86, so the result stays a
+    normal number (>= 2^-124.1) and no select is needed. Such terms are < 2^-124 against a sum >= 1."""
+    _k, r = _exp2_parts(_max_nan(t, T_MIN), FMA)
+    return r
+
+
+@triton.jit
+def _exp_any(t, FMA: tl.constexpr):
+    """exp_c(t) for any t (per-token ratio, k3): 0 / +inf outside the normal range, NaN kept."""
+    nk, r = _exp2_parts(t, FMA)
+    r = tl.where(nk > -K_LO, 0.0, r)  # k < -125
+    r = tl.where(nk < -K_HI, float("inf"), r)  # k > 127
+    return tl.where(t != t, t, r)
+
+
+@triton.jit
+def _log_f64(s):
+    """fp64 log of a positive normal fp32 ``s``: exponent/mantissa split, then the atanh series."""
+    bits = s.to(tl.int32, bitcast=True)
+    e = (bits >> 23) - 127
+    m = ((bits & 0x7FFFFF) | 0x3F800000).to(tl.float32, bitcast=True)  # mantissa in [1, 2)
+    big = m > SQRT2_F
+    m = tl.where(big, m * 0.5, m)  # exact; m in [0.707, 1.415]
+    e = tl.where(big, e + 1, e)
+    md = m.to(tl.float64)  # exact
+    u = (md - 1.0) / (md + 1.0)  # IEEE fp64 division
+    u2 = u * u
+    q = tl.full(u2.shape, L11, tl.float64)
+    q = q * u2 + L10
+    q = q * u2 + L9
+    q = q * u2 + L8
+    q = q * u2 + L7
+    q = q * u2 + L6
+    q = q * u2 + L5
+    q = q * u2 + L4
+    q = q * u2 + L3
+    q = q * u2 + L2
+    q = q * u2 + L1
+    q = q * u2 + L0
+    return e.to(tl.float64) * LN2_D + (u + u) * q
+
+
+@triton.jit
+def _k3(d, FMA: tl.constexpr):
+    """exp(d) - d - 1, with the Taylor series where it would cancel (|d| < 1/2)."""
+    s = _full(d, K8)
+    s = s * d + K7
+    s = s * d + K6
+    s = s * d + K5
+    s = s * d + K4
+    s = s * d + K3
+    s = s * d + K2
+    series = (d * d) * s
+    direct = (_exp_any(d, FMA) - d) - 1.0
+    return tl.where((d < 0.5) & (d > -0.5), series, direct)
+
+
+@triton.jit
+def _tree_sum(v, TILE: tl.constexpr, LOG2_TILE: tl.constexpr):
+    """Fixed pairwise tree over the lanes: v'[i] = v[2i] + v[2i+1], LOG2_TILE levels."""
+    for i in tl.static_range(LOG2_TILE):
+        v = tl.sum(tl.reshape(v, [TILE >> (i + 1), 2]), 1)
+    return tl.sum(v, 0)  # one element left: the sum of one value is that value
+
+
+@triton.jit
+def _tile_max(x, INTERP: tl.constexpr):
+    """Exact max of a tile, NaN-propagating (tl.max ignores NaN)."""
+    if INTERP:
+        # the interpreter runs a custom combine function once per element (minutes); its argmax
+        # reduction is numpy's np.max, which propagates NaN like max.NaN.f32 does on the GPU
+        mx, _i = tl.max(x, 0, return_indices=True)
+        return mx
+    else:
+        return tl.reduce(x, 0, _max_nan)
+
+
+@triton.jit
+def _tile_update(x, m, s, w, FMA: tl.constexpr, ENTROPY: tl.constexpr, INTERP: tl.constexpr):
+    """One tile of the contract's online reduction (step 3 of the module docstring)."""
+    m_new = _max_nan(m, _tile_max(x, INTERP)) + 0.0  # exact; + 0.0 turns -0.0 into +0.0
+    if m_new > m:  # the running max grew: rescale every lane (never taken once m is NaN)
+        alpha = _exp_neg(m - m_new, FMA)  # exp_c(-86) when m was -inf, while s and w are still 0
+        if ENTROPY:
+            # w holds sum e_i (x_i - m); moving to m_new: w' = alpha (w + (m - m_new) s).
+            delta = tl.where(m == float("-inf"), 0.0, m - m_new)
+            w = (w + s * delta) * alpha
+        s = s * alpha
+    m = m_new
+    m_safe = tl.where(m == float("-inf"), 0.0, m)  # an all -inf prefix: t = -inf, not NaN
+    t = x - m_safe
+    e = _exp_neg(t, FMA)
+    s = s + e
+    if ENTROPY:
+        w = w + e * _max_nan(t, T_MIN)  # the same clamped t as in e: finite where x = -inf
+    return m, s, w
+
+
+@triton.jit
+def _scale(x, temperature, inv_t, HAS_T: tl.constexpr, FMA: tl.constexpr):
+    """x / T. With fma: Markstein's correction of q = x * RN(1/T) (3 instructions instead of ~10 for
+    div.rn), the correctly rounded quotient; -inf stays -inf (its correction would be NaN)."""
+    if HAS_T:
+        if FMA == 0:
+            x = tl.math.div_rn(x, temperature)  # IEEE division
+        else:
+            q = x * inv_t
+            rem = _fma32(q, _full(q, -temperature), x, FMA)  # x - q T, exact (scalar negation: free)
+            x = tl.where(x == float("-inf"), x, _fma32(rem, _full(q, inv_t), q, FMA))
+    return x
+
+
+@triton.jit
+def _load_scaled(ptr, temperature, inv_t, HAS_T: tl.constexpr, FMA: tl.constexpr):
+    x = tl.load(ptr).to(tl.float32)  # exact upcast
+    return _scale(x, temperature, inv_t, HAS_T, FMA)
+
+
+@triton.jit
+def _row_stats(
+    row_ptr,
+    V: tl.constexpr,
+    temperature,
+    inv_t,
+    HAS_T: tl.constexpr,
+    TILE: tl.constexpr,
+    LOG2_TILE: tl.constexpr,
+    FMA: tl.constexpr,
+    ENTROPY: tl.constexpr,
+    UNROLL: tl.constexpr,
+    INTERP: tl.constexpr,
+):
+    """(M, log S in fp64, S, W) of one row under the contract. UNROLL = 2 issues the loads of two tiles
+    before reducing them (more bytes in flight); the tiles are still reduced one after the other."""
+    lanes = tl.arange(0, TILE)
+    # -inf, but not a compile-time constant: with a constant, LLVM's optimizer of rows of a single tile
+    # (V <= TILE) ran for minutes (Triton 3.6). temperature * 0.0 is 0.0 at run time (T > 0 finite).
+    m = tl.full([], float("-inf"), tl.float32) + temperature * 0.0
+    s = tl.zeros([TILE], tl.float32)
+    w = tl.zeros([TILE], tl.float32)
+    n_full: tl.constexpr = V // TILE
+    if UNROLL == 2:
+        n_pairs: tl.constexpr = n_full // 2
+        for it in range(0, n_pairs):  # full tiles: no bounds mask
+            x0 = _load_scaled(row_ptr + (2 * it) * TILE + lanes, temperature, inv_t, HAS_T, FMA)
+            x1 = _load_scaled(row_ptr + (2 * it + 1) * TILE + lanes, temperature, inv_t, HAS_T, FMA)
+            m, s, w = _tile_update(x0, m, s, w, FMA, ENTROPY, INTERP)
+            m, s, w = _tile_update(x1, m, s, w, FMA, ENTROPY, INTERP)
+        if n_full % 2 == 1:
+            x = _load_scaled(row_ptr + (n_full - 1) * TILE + lanes, temperature, inv_t, HAS_T, FMA)
+            m, s, w = _tile_update(x, m, s, w, FMA, ENTROPY, INTERP)
+    else:
+        for it in range(0, n_full):
+            x = _load_scaled(row_ptr + it * TILE + lanes, temperature, inv_t, HAS_T, FMA)
+            m, s, w = _tile_update(x, m, s, w, FMA, ENTROPY, INTERP)
+    if n_full * TILE < V:  # the last, partial tile: padding is -inf (contributes exp_c(-86) ~ 0)
+        cols = n_full * TILE + lanes
+        x = tl.load(row_ptr + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+        x = _scale(x, temperature, inv_t, HAS_T, FMA)
+        m, s, w = _tile_update(x, m, s, w, FMA, ENTROPY, INTERP)
+    s_tot = _tree_sum(s, TILE, LOG2_TILE)
+    if ENTROPY:
+        w_tot = _tree_sum(w, TILE, LOG2_TILE)
+    else:
+        w_tot = 0.0
+    return m, _log_f64(s_tot), s_tot, w_tot
+
+
+@triton.jit
+def _row_logp(row_ptr, tok, m, log_s, temperature, inv_t, HAS_T: tl.constexpr, FMA: tl.constexpr):
+    xt = _load_scaled(row_ptr + tok, temperature, inv_t, HAS_T, FMA)
+    # fp32 -> fp64 casts are exact; the difference of two fp32 is exact in fp64 (for |xt|, |m| within
+    # 2^29 of each other), so the only rounding is the final one to fp32
+    logp = ((xt.to(tl.float64) - m.to(tl.float64)) - log_s).to(tl.float32)
+    ok = (m > float("-inf")) & (m < float("inf"))  # False for NaN too
+    return tl.where(ok, logp, float("nan")), ok
+
+
+# ====================================================================================================
+# Triton: kernels
+# ====================================================================================================
+@triton.jit
+def _policy_fwd_kernel(
+    X, x_sb, x_sl,  # policy logits and the strides (elements) of their [B, L, V] view
+    R, r_sb, r_sl,  # reference logits (REF_MODE == 1)
+    IDS, OLD, REF_LP, MASK,  # per-token inputs [N]
+    LOGP, RATIO, KL, ENT, LSE,  # per-token outputs [N] (fp32)
+    L, V: tl.constexpr, temperature, inv_t,
+    HAS_T: tl.constexpr, HAS_OLD: tl.constexpr, HAS_MASK: tl.constexpr, REF_MODE: tl.constexpr,
+    KL_MODE: tl.constexpr, ENTROPY: tl.constexpr, TILE: tl.constexpr, LOG2_TILE: tl.constexpr,
+    FMA: tl.constexpr, UNROLL: tl.constexpr, INTERP: tl.constexpr,
+):  # fmt: skip
+    row = tl.program_id(0).to(tl.int64)
+    if HAS_MASK:
+        if tl.load(MASK + row) == 0:  # neutral outputs; the action id is not read
+            tl.store(LOGP + row, 0.0)
+            tl.store(RATIO + row, 1.0)
+            tl.store(KL + row, 0.0)
+            tl.store(ENT + row, 0.0)
+            tl.store(LSE + row, 0.0)
+            return
+    b = row // L
+    li = row - b * L
+    tok = tl.load(IDS + row)  # int64, validated on the host
+    x_row = X + (b * x_sb + li * x_sl)  # int64 offsets: N * V may exceed 2^31
+    m, log_s, s_tot, w_tot = _row_stats(
+        x_row, V, temperature, inv_t, HAS_T, TILE, LOG2_TILE, FMA, ENTROPY, UNROLL, INTERP
+    )
+    logp, ok = _row_logp(x_row, tok, m, log_s, temperature, inv_t, HAS_T, FMA)
+    tl.store(LOGP + row, logp)
+    tl.store(LSE + row, tl.where(ok, (m.to(tl.float64) + log_s).to(tl.float32), float("nan")))
+    if HAS_OLD:
+        old = tl.load(OLD + row)
+    else:
+        old = logp
+    tl.store(RATIO + row, _exp_any(logp - old, FMA))
+    if REF_MODE != 0:
+        if REF_MODE == 1:
+            r_row = R + (b * r_sb + li * r_sl)
+            rm, rlog_s, _rs, _rw = _row_stats(
+                r_row, V, temperature, inv_t, HAS_T, TILE, LOG2_TILE, FMA, False, UNROLL, INTERP
+            )
+            ref, _rok = _row_logp(r_row, tok, rm, rlog_s, temperature, inv_t, HAS_T, FMA)
+            tl.store(REF_LP + row, ref)  # saved for the backward
+        else:
+            ref = tl.load(REF_LP + row)
+        if KL_MODE == 1:
+            kl = logp - ref
+        elif KL_MODE == 2:
+            d = ref - logp
+            kl = (d * d) * 0.5
+        else:
+            kl = _k3(ref - logp, FMA)
+        tl.store(KL + row, kl)
+    else:
+        tl.store(KL + row, 0.0)
+    if ENTROPY:
+        # H = log S - sum e_i (xs_i - M) / S, in fp64 from the fp32 lane sums.
+        ent = (log_s - w_tot.to(tl.float64) / s_tot.to(tl.float64)).to(tl.float32)
+        tl.store(ENT + row, tl.where(ok, ent, float("nan")))
+    else:
+        tl.store(ENT + row, 0.0)
+
+
+@triton.jit
+def _bwd_block(x, lse, inv_t, gs, ghs, ent, HAS_T: tl.constexpr, HAS_G_ENT: tl.constexpr):
+    """d loss / d x_i without the action's one-hot term: -p_i (g + gH (log p_i + H)) / T."""
+    if HAS_T:
+        x = x * inv_t  # not the forward's IEEE division: gradients are not part of the contract
+    lp = x - lse
+    p = tl.exp2(lp * LOG2E)  # hardware ex2.approx; 0 for x = -inf
+    if HAS_G_ENT:
+        return p * -(gs + ghs * (lp + ent))
+    else:
+        return p * -gs
+
+
+@triton.jit
+def _policy_bwd_kernel(
+    X, x_sb, x_sl,  # policy logits
+    DX, dx_sb, dx_sl,  # dlogits (may alias X: in-place backward)
+    IDS, MASK, LSE, LOGP, RATIO, REF_LP, ENT,  # saved by the forward [N]
+    G_LOGP, G_RATIO, G_KL, G_ENT,  # upstream gradients [N]
+    L, V: tl.constexpr, inv_t,
+    HAS_T: tl.constexpr, HAS_MASK: tl.constexpr, HAS_G_LOGP: tl.constexpr, HAS_G_RATIO: tl.constexpr,
+    HAS_G_KL: tl.constexpr, KL_MODE: tl.constexpr, HAS_G_ENT: tl.constexpr,
+    BLOCK: tl.constexpr, FMA: tl.constexpr,
+):  # fmt: skip
+    row = tl.program_id(0).to(tl.int64)
+    b = row // L
+    li = row - b * L
+    dx_row = DX + (b * dx_sb + li * dx_sl)
+    lanes = tl.arange(0, BLOCK)
+    if HAS_MASK:
+        if tl.load(MASK + row) == 0:  # masked rows: exactly zero gradient, logits not read
+            for start in range(0, V, BLOCK):
+                cols = start + lanes
+                tl.store(dx_row + cols, tl.zeros([BLOCK], tl.float32).to(DX.dtype.element_ty), mask=cols < V)
+            return
+    x_row = X + (b * x_sb + li * x_sl)
+    tok = tl.load(IDS + row)
+    lse = tl.load(LSE + row)
+    logp = tl.load(LOGP + row)
+    # dLoss/dlogp from every per-token output that depends on it.
+    g = 0.0
+    if HAS_G_LOGP:
+        g += tl.load(G_LOGP + row)
+    if HAS_G_RATIO:
+        g += tl.load(G_RATIO + row) * tl.load(RATIO + row)  # d ratio / d logp = ratio
+    if HAS_G_KL:
+        ref = tl.load(REF_LP + row)
+        if KL_MODE == 1:
+            dkl = 1.0
+        elif KL_MODE == 2:
+            dkl = logp - ref
+        else:
+            dkl = 1.0 - _exp_any(ref - logp, FMA)
+        g += tl.load(G_KL + row) * dkl
+    # d/dxs_i: logp -> g (onehot_i - p_i); entropy -> -gH p_i (log p_i + H); then dxs/dx = 1/T.
+    gs = g * inv_t
+    if HAS_G_ENT:
+        ghs = tl.load(G_ENT + row) * inv_t
+        ent = tl.load(ENT + row)
+    else:
+        ghs = 0.0
+        ent = 0.0
+    xt = tl.load(x_row + tok).to(tl.float32)  # read before the loop: DX may alias X
+    n_full: tl.constexpr = V // BLOCK
+    for it in range(0, n_full):  # full blocks: no bounds mask
+        cols = it * BLOCK + lanes
+        x = tl.load(x_row + cols).to(tl.float32)
+        dx = _bwd_block(x, lse, inv_t, gs, ghs, ent, HAS_T, HAS_G_ENT)
+        tl.store(dx_row + cols, dx.to(DX.dtype.element_ty))  # one rounding to the logits' dtype (rn)
+    if n_full * BLOCK < V:
+        cols = n_full * BLOCK + lanes
+        x = tl.load(x_row + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+        dx = _bwd_block(x, lse, inv_t, gs, ghs, ent, HAS_T, HAS_G_ENT)
+        tl.store(dx_row + cols, dx.to(DX.dtype.element_ty), mask=cols < V)
+    # The action's column also gets +g/T. Same formula as the loop, then one store after a barrier,
+    # which orders it after the loop's store of that column by another thread of this program.
+    dxt = _bwd_block(xt, lse, inv_t, gs, ghs, ent, HAS_T, HAS_G_ENT) + gs
+    tl.debug_barrier()
+    tl.store(dx_row + tok, dxt.to(DX.dtype.element_ty))
+
+
+# ====================================================================================================
+# Launchers
+# ====================================================================================================
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _use_triton(t: torch.Tensor) -> bool:
+    return t.is_cuda or _interpreting()
+
+
+def _fma_mode(fma: bool) -> int:
+    if not fma:
+        return _FMA_OFF
+    return _FMA_EMULATED if _interpreting() else _FMA_NATIVE
+
+
+def _fp32_scalar(value: float) -> float:
+    """A Python float rounded to fp32 (how SGLang and token_logprobs hold temperatures)."""
+    return float(torch.tensor(float(value), dtype=torch.float32))
+
+
+def _fp32_inverse(t32: float) -> float:
+    """RN32(1 / t32): IEEE fp32 division (a double 1/t rounded to fp32 could round twice)."""
+    one = torch.ones((), dtype=torch.float32)
+    return float(one / torch.tensor(t32, dtype=torch.float32))
+
+
+def _rows(x: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
+    """(x with unit last stride, L, stride_b, stride_l) so that row r lives at (r // L, r % L)."""
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    if x.dim() == 2:
+        return x, max(x.shape[0], 1), 0, x.stride(0)
+    if x.dim() == 3:
+        return x, max(x.shape[1], 1), x.stride(0), x.stride(1)
+    x = x.reshape(-1, x.shape[-1])
+    return x, max(x.shape[0], 1), 0, x.stride(0)
+
+
+def _flat(t: torch.Tensor | None, n: int, name: str, dtype: torch.dtype) -> torch.Tensor | None:
+    if t is None:
+        return None
+    if t.numel() != n:
+        raise ValueError(f"{name} has {t.numel()} elements, expected one per token ({n})")
+    return t.reshape(n).to(dtype).contiguous()
+
+
+def _check_ids(ids: torch.Tensor, mask: torch.Tensor | None, vocab: int) -> None:
+    """One min/max reduction over the unmasked ids (one host sync): never a silent clamp."""
+    if ids.numel() == 0:
+        return
+    live = ids if mask is None else torch.where(mask, ids, torch.zeros_like(ids))
+    lo, hi = torch.aminmax(live)
+    lo, hi = int(lo), int(hi)
+    if lo < 0 or hi >= vocab:
+        bad = lo if lo < 0 else hi
+        raise ValueError(f"action id {bad} outside [0, {vocab}) on an unmasked token")
+
+
+def _check_tile(tile: int) -> int:
+    log2 = int(tile).bit_length() - 1
+    if tile < 2 or (1 << log2) != tile:
+        raise ValueError(f"tile must be a power of two >= 2, got {tile}")
+    return log2
+
+
+def _forward(logits, ids, old, mask, ref_logits, ref_lp, temperature, kl_mode, entropy, tile, fma):
+    """Launch the forward kernel. Returns (logp, ratio, kl, ent, lse, ref_lp), each [N] fp32."""
+    x, L, x_sb, x_sl = _rows(logits)
+    V = x.shape[-1]
+    n = ids.numel()
+    dev = x.device
+    logp, ratio, kl, ent, lse = (_empty(n, dtype=torch.float32, device=dev) for _ in range(5))
+    if ref_logits is not None:
+        r, _rl, r_sb, r_sl = _rows(ref_logits)
+        ref_mode = 1
+        ref_lp = _empty(n, dtype=torch.float32, device=dev)
+    else:
+        r, r_sb, r_sl = x, 0, 0
+        ref_mode = 2 if ref_lp is not None else 0
+    if n == 0:
+        return logp, ratio, kl, ent, lse, ref_lp
+    t32 = _fp32_scalar(temperature)
+    dummy = logp
+    _policy_fwd_kernel[(n,)](
+        x, x_sb, x_sl, r, r_sb, r_sl,
+        ids, old if old is not None else dummy, ref_lp if ref_lp is not None else dummy,
+        mask.view(torch.uint8) if mask is not None else dummy,
+        logp, ratio, kl, ent, lse,
+        L, V, t32, _fp32_inverse(t32),
+        HAS_T=t32 != 1.0, HAS_OLD=old is not None, HAS_MASK=mask is not None, REF_MODE=ref_mode,
+        KL_MODE=kl_mode, ENTROPY=bool(entropy),
+        TILE=tile, LOG2_TILE=_check_tile(tile), FMA=_fma_mode(fma),
+        UNROLL=FWD_UNROLL, INTERP=_interpreting(), num_warps=FWD_NUM_WARPS, enable_fp_fusion=False,
+    )  # fmt: skip
+    return logp, ratio, kl, ent, lse, ref_lp
+
+
+def _backward(logits, ids, mask, lse, logp, ratio, ref_lp, ent, g_logp, g_ratio, g_kl, g_ent, temperature,
+              kl_mode, inplace, fma):  # fmt: skip
+    x, L, x_sb, x_sl = _rows(logits)
+    V = x.shape[-1]
+    n = ids.numel()
+    if inplace and x.data_ptr() == logits.data_ptr() and x.stride() == logits.stride():
+        dx, dx_sb, dx_sl = x, x_sb, x_sl
+        out = logits
+    else:
+        out = _empty(logits.shape, dtype=logits.dtype, device=logits.device)
+        dx, _dl, dx_sb, dx_sl = _rows(out)
+    if n == 0:
+        return out
+    t32 = _fp32_scalar(temperature)
+
+    def grad(g):
+        return g.reshape(n).float().contiguous() if g is not None else lse
+
+    _policy_bwd_kernel[(n,)](
+        x, x_sb, x_sl, dx, dx_sb, dx_sl,
+        ids, mask.view(torch.uint8) if mask is not None else lse, lse, logp, ratio,
+        ref_lp if ref_lp is not None else lse, ent,
+        grad(g_logp), grad(g_ratio), grad(g_kl), grad(g_ent),
+        L, V, _fp32_inverse(t32),
+        HAS_T=t32 != 1.0, HAS_MASK=mask is not None, HAS_G_LOGP=g_logp is not None,
+        HAS_G_RATIO=g_ratio is not None, HAS_G_KL=g_kl is not None and kl_mode != 0, KL_MODE=max(kl_mode, 1),
+        HAS_G_ENT=g_ent is not None, BLOCK=min(BWD_BLOCK, triton.next_power_of_2(V)), FMA=_fma_mode(fma),
+        num_warps=BWD_NUM_WARPS,
+    )  # fmt: skip
+    return out
+
+
+class _FusedPolicyLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx, logits, ids, old, mask, ref_logits, ref_lp, temperature, kl_mode, entropy, inplace, tile, fma
+    ):
+        logp, ratio, kl, ent, lse, ref_lp = _forward(
+            logits, ids, old, mask, ref_logits, ref_lp, temperature, kl_mode, entropy, tile, fma
+        )
+        ctx.save_for_backward(logits, ids, mask, lse, logp, ratio, ref_lp, ent)
+        ctx.cfg = (temperature, kl_mode, inplace, fma)
+        if kl_mode == 0:
+            ctx.mark_non_differentiable(kl)
+        if not entropy:
+            ctx.mark_non_differentiable(ent)
+        return logp, ratio, kl, ent
+
+    @staticmethod
+    def backward(ctx, g_logp, g_ratio, g_kl, g_ent):
+        logits, ids, mask, lse, logp, ratio, ref_lp, ent = ctx.saved_tensors
+        temperature, kl_mode, inplace, fma = ctx.cfg
+        dlogits = None
+        if ctx.needs_input_grad[0]:
+            dlogits = _backward(
+                logits, ids, mask, lse, logp, ratio, ref_lp, ent, g_logp, g_ratio,
+                g_kl if kl_mode else None, g_ent, temperature, kl_mode, inplace, fma,
+            )  # fmt: skip
+        return (dlogits,) + (None,) * 11
+
+
+# ====================================================================================================
+# Public API
+# ====================================================================================================
+def fused_policy_loss(
+    logits: torch.Tensor,
+    ids: torch.Tensor,
+    old_logprobs: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    *,
+    ref_logits: torch.Tensor | None = None,
+    ref_logprobs: torch.Tensor | None = None,
+    kl_estimator: str = "k3",
+    entropy: bool = False,
+    inplace_backward: bool = False,
+    validate_ids: bool = True,
+) -> PolicyLossOutput:
+    """Per-token logp, ratio, KL and entropy from logits, differentiable w.r.t. ``logits`` only.
+
+    ``logits``: ``[N, V]`` or ``[B, L, V]`` (bf16/fp16/fp32, last dim contiguous; other strides free,
+    e.g. ``logits[:, :-1]``); ``ids``: int action ids, one per row; ``old_logprobs``: the rollout's
+    fp32 logprobs (``None``: ratio against the detached logp itself, i.e. 1); ``mask``: bool, False
+    rows are neutral; ``ref_logits`` (same shape as ``logits``) or ``ref_logprobs`` select the KL
+    reference (no gradient flows to either); ``kl_estimator``: ``"k1"``/``"k2"``/``"k3"``.
+    ``inplace_backward`` writes dlogits over ``logits`` (saves ``N*V`` elements; the logits are
+    destroyed). On CUDA (or under ``TRITON_INTERPRET=1``) this runs the Triton kernels, elsewhere the
+    plain-PyTorch :func:`policy_loss_reference`; both give the contract's bits.
+    """
+    if ref_logits is not None and ref_logprobs is not None:
+        raise ValueError("give ref_logits or ref_logprobs, not both")
+    if kl_estimator not in KL_ESTIMATORS:
+        raise ValueError(f"kl_estimator must be one of {sorted(KL_ESTIMATORS)}, got {kl_estimator!r}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    if ref_logits is not None and ref_logits.shape != logits.shape:
+        raise ValueError(f"ref_logits shape {tuple(ref_logits.shape)} != logits {tuple(logits.shape)}")
+    lead = logits.shape[:-1]
+    V = logits.shape[-1]
+    n = math.prod(lead)
+    ids_f = _flat(ids, n, "ids", torch.int64)
+    mask_f = _flat(mask, n, "mask", torch.bool)
+    if validate_ids:
+        _check_ids(ids_f, mask_f, V)
+    if not _use_triton(logits):
+        out = policy_loss_reference(
+            logits, ids, old_logprobs, mask, temperature, ref_logits=ref_logits, ref_logprobs=ref_logprobs,
+            kl_estimator=kl_estimator, entropy=entropy,
+        )  # fmt: skip
+        return out
+    kl_mode = KL_ESTIMATORS[kl_estimator] if (ref_logits is not None or ref_logprobs is not None) else 0
+    logp, ratio, kl, ent = _FusedPolicyLoss.apply(
+        logits, ids_f, _flat(old_logprobs, n, "old_logprobs", torch.float32), mask_f,
+        ref_logits.detach() if ref_logits is not None else None,
+        _flat(ref_logprobs, n, "ref_logprobs", torch.float32), float(temperature), kl_mode, bool(entropy),
+        bool(inplace_backward), CONTRACT_TILE, CONTRACT_FMA,
+    )  # fmt: skip
+    return PolicyLossOutput(
+        logp.view(lead),
+        ratio.view(lead),
+        kl.view(lead) if kl_mode else None,
+        ent.view(lead) if entropy else None,
+    )
+
+
+@torch.no_grad()
+def fused_logprobs(logits: torch.Tensor, ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """The contract's fp32 logprob of ``ids`` under ``logits / temperature`` (no gradient).
+
+    Triton on CUDA / under the interpreter, :func:`logprobs_reference` elsewhere: the same bits.
+    """
+    lead = logits.shape[:-1]
+    n = math.prod(lead)
+    ids_f = _flat(ids, n, "ids", torch.int64)
+    _check_ids(ids_f, None, logits.shape[-1])
+    if not _use_triton(logits):
+        return logprobs_reference(logits, ids, temperature)
+    logp = _forward(
+        logits, ids_f, None, None, None, None, temperature, 0, False, CONTRACT_TILE, CONTRACT_FMA
+    )[0]
+    return logp.view(lead)
+
+
+# ====================================================================================================
+# Plain PyTorch: the contract (bit-exact twin of the kernels) and a differentiable reference
+# ====================================================================================================
+# Only single IEEE operations of PyTorch are used (each op is its own kernel: no contraction), never
+# a division by a Python scalar (CUDA turns that into a multiplication by the reciprocal).
+
+
+def _fma32_t(a: torch.Tensor, b, c, fma: bool) -> torch.Tensor:
+    """fp32 a * b + c (b, c: fp32 tensors or Python floats holding fp32 values), rounded once."""
+    if not fma:
+        return a * b + c
+    if isinstance(c, torch.Tensor):
+        c = c.double()
+    p = a.double() * (b.double() if isinstance(b, torch.Tensor) else b)  # exact
+    s = p + c
+    bp = s - p
+    e = (p - (s - bp)) + (c - bp)  # TwoSum: s + e == a*b + c exactly
+    sb = s.view(torch.int64)
+    fix = (e != 0) & ((sb & 1) == 0) & torch.isfinite(s)  # inf / NaN: kept
+    up = (e > 0) == (s > 0)
+    sb = torch.where(fix, torch.where(up, sb + 1, sb - 1), sb)  # round to odd
+    return sb.view(torch.float64).float()  # then to nearest even fp32
+
+
+def _exp2_parts_t(t: torch.Tensor, fma: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    z = _fma32_t(t, _LOG2E_F, _MAGIC_F, fma)
+    nk = _MAGIC_F - z
+    f = _fma32_t(t, _LOG2E_F, nk, fma)
+    p = torch.full_like(f, _P5)
+    for c in (_P4, _P3, _P2, _P1, _P0):
+        p = _fma32_t(p, f, c, fma)
+    r = ((z.view(torch.int32) << 23) + p.view(torch.int32)).view(torch.float32)
+    return nk, r
+
+
+def exp_contract(t: torch.Tensor, fma: bool = CONTRACT_FMA) -> torch.Tensor:
+    """The contract's fp32 ``exp`` (see the module docstring), any argument."""
+    t = t.float()
+    nk, r = _exp2_parts_t(t, fma)
+    r = torch.where(nk > -_K_LO, 0.0, r)
+    r = torch.where(nk < -_K_HI, math.inf, r)
+    return torch.where(t != t, t, r)
+
+
+def _exp_neg_t(t: torch.Tensor, fma: bool) -> torch.Tensor:
+    return _exp2_parts_t(torch.clamp(t, min=_T_MIN), fma)[1]
+
+
+def log_contract(s: torch.Tensor) -> torch.Tensor:
+    """The contract's fp64 ``log`` of positive normal fp32 values."""
+    bits = s.float().view(torch.int32)
+    e = (bits >> 23) - 127
+    m = ((bits & 0x7FFFFF) | 0x3F800000).view(torch.float32)
+    big = m > _SQRT2_F
+    m = torch.where(big, m * 0.5, m)
+    e = torch.where(big, e + 1, e)
+    md = m.double()
+    u = (md - 1.0) / (md + 1.0)
+    u2 = u * u
+    q = torch.full_like(u2, _L[11])
+    for c in reversed(_L[:11]):
+        q = q * u2 + c
+    return e.double() * _LN2_D + (u + u) * q
+
+
+def _k3_t(d: torch.Tensor, fma: bool) -> torch.Tensor:
+    s = torch.full_like(d, _K[6])
+    for c in reversed(_K[:6]):
+        s = s * d + c
+    series = (d * d) * s
+    direct = (exp_contract(d, fma) - d) - 1.0
+    return torch.where((d < 0.5) & (d > -0.5), series, direct)
+
+
+def _tree_sum_t(v: torch.Tensor) -> torch.Tensor:
+    while v.shape[-1] > 1:
+        v = v[..., 0::2] + v[..., 1::2]
+    return v[..., 0]
+
+
+def _scaled(logits: torch.Tensor, temperature: float, fma: bool = CONTRACT_FMA) -> torch.Tensor:
+    """float32(logits) / T (T rounded to fp32): Markstein's sequence with fma, else IEEE division (by a
+    tensor on the same device: CUDA turns a division by a Python scalar into a multiplication)."""
+    xs = logits.float()
+    t32 = _fp32_scalar(temperature)
+    if t32 == 1.0:
+        return xs
+    if not fma:
+        return xs / torch.tensor(t32, dtype=torch.float32, device=xs.device)
+    inv = _fp32_inverse(t32)
+    q = xs * inv
+    rem = _fma32_t(q, -t32, xs, True)
+    return torch.where(xs == -math.inf, xs, _fma32_t(rem, inv, q, True))
+
+
+def _row_stats_t(xs: torch.Tensor, tile: int, fma: bool, entropy: bool):
+    """(M fp32, log S fp64, S fp32, W fp32) per row of fp32 ``xs`` [n, V]: steps 2-5 of the contract."""
+    n, V = xs.shape
+    nt = max(1, -(-V // tile))
+    xp = torch.nn.functional.pad(xs, (0, nt * tile - V), value=-math.inf).view(n, nt, tile)
+    m = torch.full((n,), -math.inf, dtype=torch.float32, device=xs.device)
+    s = torch.zeros(n, tile, dtype=torch.float32, device=xs.device)
+    w = torch.zeros_like(s)
+    for it in range(nt):
+        x = xp[:, it]
+        m_new = torch.maximum(m, x.amax(-1)) + 0.0
+        grow = (m_new > m)[:, None]
+        alpha = _exp_neg_t(m - m_new, fma)[:, None]
+        if entropy:
+            delta = torch.where(m == -math.inf, 0.0, m - m_new)[:, None]
+            w = torch.where(grow, (w + s * delta) * alpha, w)
+        s = torch.where(grow, s * alpha, s)
+        m = m_new
+        m_safe = torch.where(m == -math.inf, 0.0, m)[:, None]
+        t = x - m_safe
+        e = _exp_neg_t(t, fma)
+        s = s + e
+        if entropy:
+            w = w + e * torch.clamp(t, min=_T_MIN)
+    s_tot = _tree_sum_t(s)
+    w_tot = _tree_sum_t(w)
+    return m, log_contract(s_tot), s_tot, w_tot
+
+
+def _contract_rows(xs: torch.Tensor, ids: torch.Tensor, tile: int, fma: bool, entropy: bool, chunk: int = 0):
+    """(logp, entropy, lse) fp32 per row of ``xs`` [n, V] under the contract, in row chunks."""
+    n, V = xs.shape
+    chunk = chunk or max(1, (1 << 26) // max(V, 1))
+    outs = []
+    for a in range(0, n, chunk):
+        x = xs[a : a + chunk]
+        m, log_s, s_tot, w_tot = _row_stats_t(x, tile, fma, entropy)
+        xt = x.gather(-1, ids[a : a + chunk, None])[:, 0]
+        ok = (m > -math.inf) & (m < math.inf)
+        logp = torch.where(ok, ((xt.double() - m.double()) - log_s).float(), math.nan)
+        ent = torch.where(ok, (log_s - w_tot.double() / s_tot.double()).float(), math.nan)
+        lse = torch.where(ok, (m.double() + log_s).float(), math.nan)
+        outs.append((logp, ent, lse))
+    if not outs:
+        empty = xs.new_zeros(0)
+        return empty, empty, empty
+    return tuple(torch.cat(o) for o in zip(*outs, strict=True))
+
+
+@torch.no_grad()
+def logprobs_reference(
+    logits: torch.Tensor,
+    ids: torch.Tensor,
+    temperature: float = 1.0,
+    *,
+    tile: int = CONTRACT_TILE,
+    fma: bool = CONTRACT_FMA,
+) -> torch.Tensor:
+    """The contract's logprob in plain PyTorch (any device): bitwise the Triton kernel's.
+
+    Same signature and meaning as ``parity.logprobs.token_logprobs``; proposed as the single logprob
+    formula of server and trainer (see the module docstring for the definition).
+    """
+    _check_tile(tile)
+    V = logits.shape[-1]
+    lead = logits.shape[:-1]
+    xs = _scaled(logits.reshape(-1, V), temperature, fma)
+    idx = ids.reshape(-1).long()
+    logp, _ent, _lse = _contract_rows(xs, idx, tile, fma, entropy=False)
+    return logp.view(lead)
+
+
+def policy_loss_reference(
+    logits: torch.Tensor,
+    ids: torch.Tensor,
+    old_logprobs: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    *,
+    ref_logits: torch.Tensor | None = None,
+    ref_logprobs: torch.Tensor | None = None,
+    kl_estimator: str = "k3",
+    entropy: bool = False,
+    tile: int = CONTRACT_TILE,
+    fma: bool = CONTRACT_FMA,
+) -> PolicyLossOutput:
+    """Plain-PyTorch twin of :func:`fused_policy_loss`: the contract's values, autograd gradients.
+
+    Values are the contract's bits; gradients come from ``torch.log_softmax`` (a straight-through
+    ``value + (g - g.detach())``), so they are exact math up to fp32 rounding. Materialises
+    ``[N, V]`` fp32 tensors: for the CPU and for tests.
+    """
+    V = logits.shape[-1]
+    lead = logits.shape[:-1]
+    n = math.prod(lead)
+    idx = ids.reshape(n).long()
+    active = (
+        mask.reshape(n).bool() if mask is not None else torch.ones(n, dtype=torch.bool, device=idx.device)
+    )
+    idx = torch.where(active, idx, 0)
+    with torch.no_grad():
+        xs = _scaled(logits.detach().reshape(n, V), temperature, fma)
+        logp_c, ent_c, _lse = _contract_rows(xs, idx, tile, fma, entropy)
+        old = old_logprobs.reshape(n).float() if old_logprobs is not None else logp_c
+        ratio_c = exp_contract(logp_c - old, fma)
+    # the gradient path: plain autograd through x / T
+    t32 = torch.tensor(_fp32_scalar(temperature), dtype=torch.float32, device=logits.device)
+    lsm = torch.log_softmax(logits.reshape(n, V).float() / t32, -1)
+    lp_g = lsm.gather(-1, idx[:, None])[:, 0]
+    logp = logp_c + torch.where(torch.isfinite(lp_g), lp_g - lp_g.detach(), 0.0)
+    old = torch.where(active, old, logp_c)  # masked rows: no NaN from their old logprobs, even in grads
+    r_g = torch.exp(logp - old)
+    ratio = ratio_c + (r_g - r_g.detach())
+    kl = None
+    if ref_logits is not None or ref_logprobs is not None:
+        with torch.no_grad():
+            if ref_logits is not None:
+                rxs = _scaled(ref_logits.detach().reshape(n, V), temperature, fma)
+                ref = _contract_rows(rxs, idx, tile, fma, entropy=False)[0]
+            else:
+                ref = ref_logprobs.reshape(n).float()
+            d = ref - logp_c
+            if kl_estimator == "k1":
+                kl_c = logp_c - ref
+            elif kl_estimator == "k2":
+                kl_c = (d * d) * 0.5
+            else:
+                kl_c = _k3_t(d, fma)
+        dg = ref - logp
+        kl_g = {"k1": -dg, "k2": 0.5 * dg * dg, "k3": torch.exp(dg) - dg - 1.0}[kl_estimator]
+        kl = kl_c + (kl_g - kl_g.detach())
+        kl = torch.where(active, kl, 0.0).view(lead)
+    ent = None
+    if entropy:
+        p = lsm.exp()
+        h_g = -torch.where(p > 0, p * lsm, 0.0).sum(-1)
+        ent = torch.where(active, ent_c + (h_g - h_g.detach()), 0.0).view(lead)
+    return PolicyLossOutput(
+        torch.where(active, logp, 0.0).view(lead), torch.where(active, ratio, 1.0).view(lead), kl, ent
+    )

@@ -1,0 +1,124 @@
+"""The Triton kernel itself on the CPU, through Triton's interpreter (``TRITON_INTERPRET=1``).
+
+Triton reads ``TRITON_INTERPRET`` when a kernel is decorated, i.e. when ``weight_sync.fp8`` is first
+imported, so the checks run in a child process started with the variable set (this file, run as a
+script). Under the interpreter the kernel takes its integer round-to-nearest-even path for the e4m3
+cast (the interpreter's own fp8 conversion does not round to nearest even); the GPU tests check
+that this path and the hardware conversion give the same bits.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+VARIANTS = {
+    "default": {},
+    "group3": {"group_k": 3},
+    "group3-prefetch": {"group_k": 3, "prefetch": True},
+    "reciprocal-variant": {"div_mode": 2},
+}
+
+
+def _child() -> dict:
+    """Runs under TRITON_INTERPRET=1: every adversarial case through the interpreted kernel."""
+    import torch
+
+    from tests.test_fp8_block_quant import POISON_Q, _kernel_vs_reference, adversarial_cases
+    from weight_sync.fp8 import (
+        DEFAULT_POLICY,
+        NonFiniteWeightError,
+        bucket_view,
+        fill_bucket,
+        fp8_block_quant_torch,
+        fp8_block_quant_triton,
+        plan_bucket,
+    )
+    from weight_sync.fp8.block_quant import _interpreting
+
+    results: dict = {"interpreting": _interpreting(), "cases": {}}
+    for variant, kw in VARIANTS.items():
+        gen = torch.Generator().manual_seed(20)
+        for label, w in adversarial_cases(gen):
+            if variant != "default" and w.numel() > 70000:
+                continue  # keep the run short: the exhaustive cases once
+            results["cases"][f"{variant}/{label}"] = _kernel_vs_reference(w, label, **kw)
+
+    w = torch.randn(300, 400).to(torch.bfloat16)
+    w[260, 5] = float("nan")
+    w[130, 390] = float("inf")
+    try:
+        fp8_block_quant_triton(w, name="model.layers.1.mlp.up_proj.weight")
+        results["nonfinite"] = "no error"
+    except NonFiniteWeightError as e:
+        results["nonfinite"] = [e.name, e.block_row, e.block_col]
+
+    # A bucket filled through the interpreted kernel, at unaligned-to-128 offsets after a bf16 norm.
+    gen = torch.Generator().manual_seed(21)
+    params = {
+        "model.layers.0.input_layernorm.weight": torch.randn(130, generator=gen).to(torch.bfloat16),
+        "model.layers.0.self_attn.q_proj.weight": torch.randn(129, 257, generator=gen).to(torch.bfloat16),
+        "model.layers.0.mlp.down_proj.weight": torch.randn(130, 300, generator=gen).to(torch.bfloat16),
+    }
+    plan = plan_bucket([(n, t.shape, t.dtype) for n, t in params.items()], DEFAULT_POLICY, align=16, start=48)
+    bucket = torch.full((plan.nbytes + 64,), POISON_Q, dtype=torch.uint8)
+    fill_bucket(bucket, plan, params)
+    ok = True
+    for name, t in params.items():
+        entries = {e.role: e for e in plan.entries if e.source == name}
+        if "fp8_weight" in entries:
+            q, s = fp8_block_quant_torch(t)
+            ok &= torch.equal(
+                bucket_view(bucket, entries["fp8_weight"]).view(torch.uint8), q.view(torch.uint8)
+            )
+            ok &= torch.equal(bucket_view(bucket, entries["fp8_scale"]), s)
+        else:
+            ok &= torch.equal(bucket_view(bucket, entries["passthrough"]), t)
+    results["bucket"] = bool(ok)
+    return results
+
+
+@pytest.fixture(scope="module")
+def interpreted():
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    proc = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve())],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_child_ran_under_the_interpreter(interpreted):
+    assert interpreted["interpreting"] is True
+    assert len(interpreted["cases"]) > 40
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_interpreted_kernel_bitwise_equals_reference(interpreted, variant):
+    bad = [m for k, m in interpreted["cases"].items() if k.startswith(variant + "/") and m]
+    assert not bad, "\n".join(bad)
+
+
+def test_interpreted_kernel_names_first_nonfinite_block(interpreted):
+    assert interpreted["nonfinite"] == ["model.layers.1.mlp.up_proj.weight", 1, 3]
+
+
+def test_interpreted_kernel_fills_bucket_at_offsets(interpreted):
+    assert interpreted["bucket"] is True
+
+
+if __name__ == "__main__":
+    print(json.dumps(_child()))

@@ -1,0 +1,1 @@
+"""truepolicy's client-facing API: rollouts and scoring (HTTP and gRPC) over one core object."""

@@ -1,0 +1,44 @@
+"""Block-wise FP8 (128x128, float8_e4m3fn) weight quantization for SGLang's block-FP8 loader.
+
+- :mod:`weight_sync.fp8.block_quant`: the Triton kernel, its launcher and the PyTorch reference
+  (one stated semantics, bitwise equal).
+- :mod:`weight_sync.fp8.policy`: which parameters are quantized, and the names SGLang loads.
+- :mod:`weight_sync.fp8.bucket`: quantizing straight into a flat transfer bucket.
+"""
+
+from weight_sync.fp8.block_quant import (
+    BLOCK,
+    EPS,
+    FP8_MAX,
+    NonFiniteWeightError,
+    check_finite_scales,
+    fp8_block_dequant,
+    fp8_block_quant,
+    fp8_block_quant_torch,
+    fp8_block_quant_triton,
+    scale_shape,
+)
+from weight_sync.fp8.bucket import BucketEntry, BucketPlan, bucket_view, fill_bucket, plan_bucket
+from weight_sync.fp8.policy import DEFAULT_POLICY, Fp8BlockPolicy, TensorSpec, sglang_shape_problems
+
+__all__ = [
+    "BLOCK",
+    "DEFAULT_POLICY",
+    "EPS",
+    "FP8_MAX",
+    "BucketEntry",
+    "BucketPlan",
+    "Fp8BlockPolicy",
+    "NonFiniteWeightError",
+    "TensorSpec",
+    "bucket_view",
+    "check_finite_scales",
+    "fill_bucket",
+    "fp8_block_dequant",
+    "fp8_block_quant",
+    "fp8_block_quant_torch",
+    "fp8_block_quant_triton",
+    "plan_bucket",
+    "scale_shape",
+    "sglang_shape_problems",
+]

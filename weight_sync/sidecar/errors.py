@@ -1,0 +1,139 @@
+"""Every error the sidecar reports, and its HTTP status: one table, one place.
+
+The updater raises :class:`SidecarError` subclasses; the app turns each into its status code and an
+:class:`~weight_sync.sidecar.wire.ErrorBody` (stable ``error`` code, message, and where it failed).
+4xx: the request was refused and nothing changed. 5xx: something failed after it was accepted; the
+body says whether the previous version was restored.
+"""
+
+from __future__ import annotations
+
+from weight_sync.sidecar.wire import ErrorBody
+
+
+class SidecarError(Exception):
+    status = 500
+    code = "internal_error"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        stage: str | None = None,
+        bucket: int | None = None,
+        tensor: str | None = None,
+        restored: bool | None = None,
+        current_version: str | None = None,
+    ):
+        super().__init__(message)
+        self.message = message
+        self.stage = stage
+        self.bucket = bucket
+        self.tensor = tensor
+        self.restored = restored
+        self.current_version = current_version
+
+    def body(self) -> ErrorBody:
+        return ErrorBody(
+            error=self.code,
+            message=self.message,
+            stage=self.stage,
+            bucket=self.bucket,
+            tensor=self.tensor,
+            restored=self.restored,
+            current_version=self.current_version,
+        )
+
+
+# --- 4xx: refused, nothing changed -------------------------------------------------------------
+class BadRequest(SidecarError):
+    status, code = 400, "bad_request"
+
+
+class Unauthorized(SidecarError):
+    status, code = 401, "unauthorized"
+
+
+class NotFound(SidecarError):
+    status, code = 404, "not_found"
+
+
+class Conflict(SidecarError):
+    """Another transfer holds the updater, or the transfer is not in the state the call needs."""
+
+    status, code = 409, "conflict"
+
+
+class NotConnected(Conflict):
+    """No process group with the trainer, or a different one than the manifest names."""
+
+    code = "not_connected"
+
+
+class TooLarge(SidecarError):
+    status, code = 413, "too_large"
+
+
+class ManifestError(SidecarError):
+    """The manifest does not describe the served model (or is not self-consistent)."""
+
+    status, code = 422, "invalid_manifest"
+
+
+class UnknownTensor(ManifestError):
+    code = "unknown_tensor"
+
+
+class MissingTensor(ManifestError):
+    code = "missing_tensor"
+
+
+class ShapeMismatch(ManifestError):
+    code = "shape_mismatch"
+
+
+class DtypeMismatch(ManifestError):
+    code = "dtype_mismatch"
+
+
+class BadLayout(ManifestError):
+    code = "bad_layout"
+
+
+class NonFinite(SidecarError):
+    """A received weight holds NaN or Inf: the transfer is dropped before SGLang sees anything."""
+
+    status, code = 422, "non_finite_weight"
+
+
+# --- 5xx: accepted, then failed ----------------------------------------------------------------
+class TransferFailed(SidecarError):
+    """The process group failed or timed out while receiving (e.g. the trainer died)."""
+
+    status, code = 502, "transfer_failed"
+
+
+class TransferTimeout(TransferFailed):
+    status, code = 504, "transfer_timeout"
+
+
+class ServerError(SidecarError):
+    """SGLang refused or failed a call while the update was applied."""
+
+    status, code = 502, "sglang_error"
+
+
+class CacheNotFlushed(ServerError):
+    """SGLang kept its prefix cache (requests were waiting): serving the new weights would reuse KV
+    computed with the old ones, so the previous version was put back. Retry, or see
+    server_patches/serving.py."""
+
+    status, code = 503, "prefix_cache_not_flushed"
+
+
+class NotReady(SidecarError):
+    status, code = 503, "not_ready"
+
+
+def status_of(exc: BaseException) -> int:
+    return exc.status if isinstance(exc, SidecarError) else 500
