@@ -1,33 +1,62 @@
 """Per-token log-probabilities as the trainer computes them: the reference every parity check uses.
 
-The formula (the contract's last step, shared with the server's sampler patch):
-``log_softmax(logits.float() / temperature)`` in fp32 over the full vocabulary, gathered at the
-token ids. Logits come out of the lm_head in the model dtype (bf16); the upcast to fp32 is exact.
+The formula is the contract's logprob (``parity/ops/policy_loss.py``, module docstring): the logits
+upcast to fp32 (exact), divided by the temperature rounded to fp32, then a log-softmax whose every
+rounding is defined (fixed 2048-lane online sum, the contract's ``exp`` and ``log``). The server's
+sampler patch, these trainer-side functions and the fused loss kernel all compute it, so the PPO
+ratio at the rollout step is exactly 1.0. ``torch.log_softmax`` cannot be the contract: its CPU and
+CUDA kernels reduce in different orders and differ in the last bits (see that docstring).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
+from parity.ops.policy_loss import fused_logprobs, logprobs_matrix_reference
 
-def logprobs_matrix(logits: torch.Tensor, temperature: float | torch.Tensor) -> torch.Tensor:
-    """fp32 ``log_softmax(logits.float() / temperature)`` over the last (vocabulary) dimension.
 
-    ``temperature``: a float or an fp32 tensor broadcastable to ``[..., 1]``. A float is rounded to
-    fp32 first, like SGLang's per-request fp32 temperatures, so the division happens in fp32.
+def _per_temperature(
+    fn: Callable[..., torch.Tensor],
+    logits: torch.Tensor,
+    temperature: float | torch.Tensor,
+    *args: torch.Tensor,
+) -> torch.Tensor:
+    """``fn(rows, *args, t)`` per distinct temperature: the contract takes one fp32 scalar per call.
+
+    ``temperature``: a float, or an fp32 tensor broadcastable to ``[..., 1]`` (one per row, like
+    SGLang's ``sampling_info.temperatures``). Rows are independent, so grouping them changes no bit.
     """
     if not isinstance(temperature, torch.Tensor):
-        temperature = torch.tensor(temperature, dtype=torch.float32)
-    return torch.log_softmax(logits.float() / temperature.to(logits.device), dim=-1)
+        return fn(logits, *args, float(temperature))
+    lead = logits.shape[:-1]
+    per_row = temperature.to(torch.float32).expand(*lead, 1).reshape(-1).cpu()
+    rows = logits.reshape(-1, logits.shape[-1])
+    flat_args = [a.reshape(-1, *a.shape[len(lead) :]) for a in args]
+    out = None
+    for t in torch.unique(per_row).tolist():
+        idx = (per_row == t).nonzero()[:, 0].to(logits.device)
+        part = fn(rows[idx], *[a[idx] for a in flat_args], t)
+        if out is None:
+            out = part.new_empty((rows.shape[0], *part.shape[1:]))
+        out[idx] = part
+    return out.view(*lead, *out.shape[1:])
+
+
+def logprobs_matrix(logits: torch.Tensor, temperature: float | torch.Tensor) -> torch.Tensor:
+    """The contract's fp32 logprob of every vocabulary entry under ``logits / temperature``."""
+    return _per_temperature(logprobs_matrix_reference, logits, temperature)
 
 
 def token_logprobs(
     logits: torch.Tensor, token_ids: torch.Tensor, temperature: float | torch.Tensor
 ) -> torch.Tensor:
-    """fp32 logprob of ``token_ids[i]`` under row ``i`` of ``logits`` scaled by ``1/temperature``."""
-    return logprobs_matrix(logits, temperature).gather(-1, token_ids.long().unsqueeze(-1)).squeeze(-1)
+    """The contract's fp32 logprob of ``token_ids[i]`` under row ``i`` of ``logits / temperature``.
+
+    Bitwise ``logprobs_matrix(...).gather(token_ids)`` without the full matrix (Triton on CUDA).
+    """
+    return _per_temperature(fused_logprobs, logits, temperature, token_ids.long())
 
 
 @torch.no_grad()

@@ -200,14 +200,30 @@ def murmur_hash32_on_cpu(original, seed, positions, col_indices):
     return original(seed, positions, col_indices)
 
 
-def input_logprobs_fp32(original, self, input_logits, logits_metadata):
-    """AROUND LogitsProcessor.process_input_logprobs: prompt logprobs from fp32 logits.
+def input_logprobs_contract(original, self, input_logits, logits_metadata):
+    """AROUND LogitsProcessor.process_input_logprobs: prompt logprobs under the contract.
 
-    SGLang takes log_softmax of the bf16 logits in bf16; the trainer's formula at temperature 1 is
-    fp32 ``log_softmax(logits.float())`` (``logprobs_matrix(logits, 1.0)``: dividing by 1.0 is
-    exact), so SGLang's own function gets the upcast logits and computes exactly that.
+    SGLang 0.5.15 takes ``log_softmax`` of the bf16 logits in bf16; the trainer's prompt logprob is
+    the contract's at temperature 1 (``logprobs_matrix(logits, 1.0)``). This is SGLang's function
+    with that one line replaced: the same top-k / token-id helpers and result type, fed the
+    contract's matrix.
     """
-    return original(self, input_logits.float(), logits_metadata)
+    from sglang.srt.layers import logits_processor as lp
+
+    logprobs = logprobs_matrix(input_logits, 1.0)
+    top_val = top_idx = ids_val = ids_idx = None
+    if logits_metadata.extend_return_top_logprob:
+        top_val, top_idx = lp.get_top_logprobs_prefill(logprobs, logits_metadata)
+    if logits_metadata.extend_token_ids_logprob:
+        ids_val, ids_idx = lp.get_token_ids_logprobs_prefill(logprobs, logits_metadata)
+    rows = torch.arange(logprobs.shape[0], device=logprobs.device)
+    return lp.InputLogprobsResult(
+        input_token_logprobs=logprobs[rows, logits_metadata.extend_input_logprob_token_ids_gpu],
+        input_top_logprobs_val=top_val,
+        input_top_logprobs_idx=top_idx,
+        input_token_ids_logprobs_val=ids_val,
+        input_token_ids_logprobs_idx=ids_idx,
+    )
 
 
 def refuse_chunked_input_logprobs(original, self, *args, **kwargs):

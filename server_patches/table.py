@@ -59,10 +59,11 @@ PATCHES: tuple[Patch, ...] = (
         target="sglang.srt.layers.sampler.Sampler.forward",
         diverges=(
             "SGLang reports log(softmax(logits / T)) after an in-place softmax when sampling; the "
-            "trainer's logprob is fp32 log_softmax(logits.float() / T) of the full distribution."
+            "trainer's logprob is the contract's fp32 logprob (parity.logprobs) of the full "
+            "temperature-scaled distribution."
         ),
         proof=f"{_OPS}::test_sampler_patch_reports_the_trainer_formula",
-        drop_when="SGLang returns fp32 log_softmax(logits.float() / T) of the full distribution",
+        drop_when="never (SGLang does not compute the contract's logprob)",
         hook=numerics.sampler_forward,
         hook_type="AROUND",
         expected_params=(
@@ -115,11 +116,11 @@ PATCHES: tuple[Patch, ...] = (
         target="sglang.srt.layers.logits_processor.LogitsProcessor.process_input_logprobs",
         diverges=(
             "SGLang computes prompt logprobs as log_softmax of the bf16 logits in bf16; the trainer "
-            "computes fp32 log_softmax(logits.float()) (temperature 1 for prompts)."
+            "computes the contract's fp32 logprob (parity.logprobs, temperature 1 for prompts)."
         ),
         proof="tests/test_parity_server.py::test_prompt_logprobs_are_bitwise_on_policy",
-        drop_when="SGLang computes prompt logprobs in fp32",
-        hook=numerics.input_logprobs_fp32,
+        drop_when="never (SGLang does not compute the contract's logprob)",
+        hook=numerics.input_logprobs_contract,
         hook_type="AROUND",
         expected_params=("self", "input_logits", "logits_metadata"),
     ),

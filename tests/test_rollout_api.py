@@ -4,12 +4,8 @@ servers on loopback ports, the typed clients. Logprobs must equal the trainer's 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import grpc
 import numpy as np
@@ -22,60 +18,31 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from parity import compute_logprobs, prepare_model
 from parity.tiny_models import build_tiny_model, load_hf_model
 from tests.conftest import SERVER_ARGS
-from truepolicy.sglang_process import free_port, log_tail, running_server
+from truepolicy.sglang_process import running_server
+from truepolicy.sidecar_process import running_sidecar
+from truepolicy.v1 import weight_sync_pb2, weight_sync_pb2_grpc
 from weight_sync.api.rollout import Sampling, ScoreBatcher, ScoreItem, ScoreResult
-from weight_sync.rollout_client import RolloutApiError, RolloutGrpcClient, RolloutHttpClient
+from weight_sync.client import RolloutApiError, RolloutGrpcClient, RolloutHttpClient, WeightSyncClient
 
-READY_TIMEOUT_S = 120.0
+TOKEN = "rollout-api-test-token"
+
+pytestmark = pytest.mark.server
 
 
 def _bits(values) -> np.ndarray:
     return np.asarray(values, dtype=np.float32).view(np.uint32)
 
 
-class ApiServer:
-    def __init__(self, sglang_url: str, model_path, log_path) -> None:
-        self.http_port, self.grpc_port = free_port(), free_port()
-        argv = [
-            sys.executable, "-m", "weight_sync.api.server", "--sglang-url", sglang_url,
-            "--model-path", str(model_path), "--http-port", str(self.http_port),
-            "--grpc-port", str(self.grpc_port),
-        ]  # fmt: skip
-        self.log_path = log_path
-        with open(log_path, "w") as log:
-            self.process = subprocess.Popen(
-                argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-            )
-        self.url = f"http://127.0.0.1:{self.http_port}"
-        self.target = f"127.0.0.1:{self.grpc_port}"
-
-    def wait_ready(self) -> None:
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while time.monotonic() < deadline:
-            assert self.process.poll() is None, log_tail(self.log_path)
-            try:
-                if requests.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:
-                time.sleep(0.2)
-        with grpc.insecure_channel(self.target) as channel:
-            grpc.channel_ready_future(channel).result(timeout=READY_TIMEOUT_S)
-
-    def stop(self) -> None:
-        os.killpg(self.process.pid, signal.SIGTERM)
-        self.process.wait(timeout=30)
-
-
 @pytest.fixture(scope="module")
 def api(tiny_qwen3, tmp_path_factory):
     logs = tmp_path_factory.mktemp("api-logs")
-    with running_server(tiny_qwen3, logs / "sglang.log", extra_args=SERVER_ARGS) as sglang:
-        server = ApiServer(sglang.url, tiny_qwen3, logs / "api.log")
-        try:
-            server.wait_ready()
-            yield sglang, server
-        finally:
-            server.stop()
+    with (
+        running_server(tiny_qwen3, logs / "sglang.log", extra_args=SERVER_ARGS) as sglang,
+        running_sidecar(sglang.url, logs / "sidecar.log", token=TOKEN) as sidecar,
+    ):
+        with grpc.insecure_channel(sidecar.grpc_target) as channel:
+            grpc.channel_ready_future(channel).result(timeout=60)
+        yield sglang, sidecar
 
 
 @pytest.fixture(scope="module")
@@ -94,13 +61,10 @@ def _want(model, items):
     return [compute_logprobs(model, [i.token_ids], [i.start])[0] for i in items]
 
 
-pytestmark_server = pytest.mark.server
-
-
 def test_score_grpc_and_http_equal_the_trainer_bitwise(api, trainer):
     _, server = api
     want = _want(trainer, ITEMS)
-    by_grpc = RolloutGrpcClient(server.target).score(ITEMS)
+    by_grpc = RolloutGrpcClient(server.grpc_target).score(ITEMS)
     by_http = RolloutHttpClient(server.url).score(ITEMS)
     for g, h, w in zip(by_grpc, by_http, want, strict=True):
         assert torch.equal(torch.tensor(g.logprobs, dtype=torch.float32), w), (g.logprobs, w.tolist())
@@ -124,7 +88,7 @@ def test_generate_streams_tokens_whose_logprobs_are_the_trainers(api, trainer):
     _, server = api
     prompt = [4, 44, 444, 12, 13]
     sampling = Sampling(temperature=1.0, top_p=0.9, max_new_tokens=9, n=2, seed=7, ignore_eos=True)
-    chunks = list(RolloutGrpcClient(server.target).generate(prompt, sampling))
+    chunks = list(RolloutGrpcClient(server.grpc_target).generate(prompt, sampling))
     assert len(chunks) > 2  # streamed, not one reply
     by_sample: dict[int, list[tuple[int, float]]] = {0: [], 1: []}
     for c in chunks:
@@ -154,7 +118,7 @@ def test_generate_streams_tokens_whose_logprobs_are_the_trainers(api, trainer):
 def test_bad_score_requests_are_invalid_argument(api, items, needle):
     _, server = api
     with pytest.raises(RolloutApiError) as grpc_err:
-        RolloutGrpcClient(server.target).score(items)
+        RolloutGrpcClient(server.grpc_target).score(items)
     assert grpc_err.value.code == "INVALID_ARGUMENT" and needle in grpc_err.value.message
     with pytest.raises(RolloutApiError) as http_err:
         RolloutHttpClient(server.url).score(items)
@@ -173,11 +137,11 @@ def test_bad_score_requests_are_invalid_argument(api, items, needle):
 def test_bad_generate_requests_are_invalid_argument(api, prompt, sampling, needle):
     _, server = api
     with pytest.raises(RolloutApiError) as grpc_err:
-        list(RolloutGrpcClient(server.target).generate(prompt, sampling))
+        list(RolloutGrpcClient(server.grpc_target).generate(prompt, sampling))
     assert grpc_err.value.code == "INVALID_ARGUMENT" and needle in grpc_err.value.message
     resp = requests.post(
         f"{server.url}/v1/generate",
-        json={"prompt_token_ids": prompt, "sampling": vars(sampling)},
+        json={"prompt_token_ids": prompt, "sampling": dataclasses.asdict(sampling)},
         timeout=30,
     )
     assert resp.status_code == 400 and needle in resp.json()["message"]
@@ -185,7 +149,7 @@ def test_bad_generate_requests_are_invalid_argument(api, prompt, sampling, needl
 
 def test_health_and_reflection(api):
     _, server = api
-    with grpc.insecure_channel(server.target) as channel:
+    with grpc.insecure_channel(server.grpc_target) as channel:
         status = health_pb2_grpc.HealthStub(channel).Check(
             health_pb2.HealthCheckRequest(service="truepolicy.v1.RolloutService"), timeout=10
         )
@@ -193,27 +157,108 @@ def test_health_and_reflection(api):
         stub = reflection_pb2_grpc.ServerReflectionStub(channel)
         (reply,) = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
         names = {s.name for s in reply.list_services_response.service}
-        assert "truepolicy.v1.RolloutService" in names and "grpc.health.v1.Health" in names
+        assert {
+            "truepolicy.v1.RolloutService",
+            "truepolicy.v1.WeightSyncService",
+            "grpc.health.v1.Health",
+        } <= names
 
 
-def test_version_tags_follow_a_weight_update(api, trainer, model_cache):
-    sglang, server = api
-    client = RolloutGrpcClient(server.target)
+def test_version_tags_follow_a_weight_update(api, model_cache):
+    _, server = api
+    client = RolloutGrpcClient(server.grpc_target)
     before = client.score(ITEMS[:1])[0]
+    assert before.weight_version == "default" and _get_version(server).version == "default"
     new_path = build_tiny_model("qwen3", seed=1, cache_dir=model_cache)
-    resp = requests.post(
-        f"{sglang.url}/update_weights_from_disk",
-        json={"model_path": str(new_path), "weight_version": "v2"},
-        timeout=120,
-    )
-    assert resp.status_code == 200 and resp.json()["success"], resp.text
-    after = client.score(ITEMS[:1])[0]
-    assert before.weight_version == "default" and after.weight_version == "v2"
     new_trainer = prepare_model(load_hf_model(new_path))
+    pusher = WeightSyncClient([server.url], token=TOKEN)
+    try:
+        pusher.push(new_trainer, "v2")
+    finally:
+        pusher.close()
+    info = _get_version(server)
+    assert (info.version, info.previous, info.source) == ("v2", "default", "sidecar")
+    assert requests.get(f"{server.url}/version", timeout=10).json()["version"] == "v2"
+    after = client.score(ITEMS[:1])[0]
+    assert after.weight_version == "v2"
     assert torch.equal(torch.tensor(after.logprobs, dtype=torch.float32), _want(new_trainer, ITEMS[:1])[0])
     assert not torch.equal(torch.tensor(after.logprobs), torch.tensor(before.logprobs))
     chunks = list(client.generate([1, 2, 3], Sampling(temperature=0.0, max_new_tokens=3)))
     assert {c.weight_version for c in chunks} == {"v2"}
+
+
+def _get_version(server) -> weight_sync_pb2.VersionInfo:
+    with grpc.insecure_channel(server.grpc_target) as channel:
+        return weight_sync_pb2_grpc.WeightSyncServiceStub(channel).GetVersion(
+            weight_sync_pb2.GetVersionRequest(), timeout=10
+        )
+
+
+def _manifest_request(version: str) -> weight_sync_pb2.UpdateWeightsRequest:
+    entry = weight_sync_pb2.TensorEntry(
+        name="model.norm.weight",
+        shape=[128],
+        dtype=weight_sync_pb2.DTYPE_BFLOAT16,
+        bucket=0,
+        offset=0,
+        nbytes=256,
+    )
+    return weight_sync_pb2.UpdateWeightsRequest(
+        version=version, group_id="g1", manifest=weight_sync_pb2.Manifest(tensors=[entry], buckets=[256])
+    )
+
+
+@pytest.mark.parametrize(
+    "metadata", [None, (("authorization", "Bearer wrong"),), (("authorization", TOKEN),)]
+)
+def test_mutating_grpc_calls_need_the_token_and_change_nothing(api, metadata):
+    _, server = api
+    before = _get_version(server)
+    with grpc.insecure_channel(server.grpc_target) as channel:
+        stub = weight_sync_pb2_grpc.WeightSyncServiceStub(channel)
+        calls = [
+            (stub.UpdateWeights, _manifest_request("v-evil")),
+            (
+                stub.Connect,
+                weight_sync_pb2.ConnectRequest(store_host="127.0.0.1", store_port=1, group_id="g1"),
+            ),
+            (stub.CommitUpdate, weight_sync_pb2.CommitUpdateRequest(transfer_id="x")),
+            (stub.CancelUpdate, weight_sync_pb2.CancelUpdateRequest(transfer_id="x")),
+        ]
+        for call, request in calls:
+            with pytest.raises(grpc.RpcError) as err:
+                call(request, metadata=metadata, timeout=30)
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED, (call, err.value.details())
+    assert _get_version(server) == before
+
+
+def test_bad_grpc_control_requests_are_refused_and_change_nothing(api):
+    _, server = api
+    before = _get_version(server)
+    auth = (("authorization", f"Bearer {TOKEN}"),)
+    with grpc.insecure_channel(server.grpc_target) as channel:
+        stub = weight_sync_pb2_grpc.WeightSyncServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as err:  # backend left unspecified
+            stub.Connect(
+                weight_sync_pb2.ConnectRequest(
+                    store_host="127.0.0.1", store_port=1, group_id="g1", rank=1, world_size=2
+                ),
+                metadata=auth, timeout=30,
+            )  # fmt: skip
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "backend" in err.value.details()
+        with pytest.raises(grpc.RpcError) as err:  # bad version tag
+            stub.UpdateWeights(_manifest_request("not a tag!"), metadata=auth, timeout=30)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "version" in err.value.details()
+        with pytest.raises(grpc.RpcError) as err:  # no process group with a trainer yet
+            stub.UpdateWeights(_manifest_request("v9"), metadata=auth, timeout=30)
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION, err.value.details()
+        assert dict(err.value.trailing_metadata())["truepolicy-error"] == "not_connected"
+        with pytest.raises(grpc.RpcError) as err:
+            stub.CommitUpdate(
+                weight_sync_pb2.CommitUpdateRequest(transfer_id="nope"), metadata=auth, timeout=30
+            )
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    assert _get_version(server) == before
 
 
 def test_concurrent_scores_are_coalesced_into_batches():
@@ -239,8 +284,3 @@ def test_concurrent_scores_are_coalesced_into_batches():
     seen, results = asyncio.run(scenario())
     assert seen == [1, 5]
     assert [r[0].logprobs for r in results] == [[1.0], [1.0], [2.0], [1.0], [2.0], [1.0]]
-
-
-def test_generated_protobuf_code_is_current():
-    out = subprocess.run([sys.executable, "scripts/gen_protos.py", "--check"], capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr

@@ -157,7 +157,8 @@ class Sidecar:
         self.port = self.port or free_port()
         self.starts += 1
         argv = [sys.executable, "-m", "weight_sync.sidecar", "--sglang-url", self.sglang_url]
-        argv += ["--http-port", str(self.port), "--max-request-mib", "1", "--transfer-timeout", "60"]
+        argv += ["--http-port", str(self.port), "--grpc-port", str(free_port())]
+        argv += ["--max-request-mib", "1", "--transfer-timeout", "60"]
         env = {**os.environ, "TRUEPOLICY_SIDECAR_TOKEN": TOKEN, **self.env}
         with open(self.log, "w") as log:
             self.process = subprocess.Popen(

@@ -6,7 +6,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from parity import compute_logprobs, token_logprobs
+from parity import compute_logprobs, logprobs_matrix, token_logprobs
+from parity.ops.policy_loss import logprobs_reference
 from parity.tiny_models import build_tiny_model, load_hf_model
 
 
@@ -26,9 +27,27 @@ def test_compute_logprobs_is_the_full_forward_formula(hf_qwen3):
     (lp,) = compute_logprobs(hf_qwen3, [seq], [3], temperature=1.0)
     with torch.no_grad():
         logits = hf_qwen3(input_ids=torch.tensor([seq])).logits[0]
-    want = torch.log_softmax(logits.float(), -1)[2:7].gather(-1, torch.tensor(seq[3:])[:, None])[:, 0]
+    want = logprobs_reference(logits[2:7], torch.tensor(seq[3:]))
     assert lp.shape == (5,)
     assert torch.equal(lp, want)
+
+
+def test_matrix_token_and_per_row_temperatures_agree_bitwise():
+    """One contract: the full matrix, the gathered token logprob and per-row temperatures agree."""
+    gen = torch.Generator().manual_seed(11)
+    logits = (torch.randn(9, 2053, generator=gen) * 5).to(torch.bfloat16)
+    ids = torch.randint(0, 2053, (9,), generator=gen)
+    temps = torch.tensor([0.7, 1.0, 1.3, 0.7, 1.0, 0.5, 1.3, 0.7, 1.0])[:, None]
+    matrix = logprobs_matrix(logits, temps)
+    gathered = matrix.gather(-1, ids[:, None])[:, 0]
+    alone = torch.stack(
+        [logprobs_reference(logits[i : i + 1], ids[i : i + 1], float(temps[i]))[0] for i in range(9)]
+    )
+    assert torch.equal(token_logprobs(logits, ids, temps), alone)
+    assert torch.equal(gathered, alone)
+    # Negative control: torch's fp32 log_softmax is a different reduction and differs in the last bits.
+    plain = torch.log_softmax(logits.float() / temps, -1)
+    assert int((plain != matrix).sum()) > 0
 
 
 def test_compute_logprobs_rejects_bad_starts(hf_qwen3):

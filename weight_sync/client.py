@@ -1,4 +1,6 @@
-"""The trainer's side of the weight sync: ``WeightSyncClient(urls).push(model, version)``.
+"""The trainer's clients: ``WeightSyncClient(urls).push(model, version)`` for the weight sync, and
+(re-exported from ``weight_sync.rollout_client``) ``RolloutGrpcClient`` / ``RolloutHttpClient`` for
+the rollout/scoring API the sidecar serves.
 
 One client feeds N sidecars (N rollout replicas) with one broadcast: the trainer is rank 0 of a
 process group (gloo on CPU, NCCL on GPU) whose ranks 1..N are the sidecars; it hosts the group's
@@ -36,10 +38,16 @@ import requests
 import torch
 import torch.distributed as dist
 
+from weight_sync.rollout_client import RolloutApiError, RolloutGrpcClient, RolloutHttpClient
 from weight_sync.sidecar.group import Group, is_loopback, make_store, new_group
 from weight_sync.sidecar.plan import layout_buckets
 from weight_sync.sidecar.settings import TOKEN_ENV
 from weight_sync.sidecar.wire import WIRE_DTYPES, Manifest, Quantization, dtype_name
+
+__all__ = [
+    "PushFailed", "PushRejected", "PushResult", "RolloutApiError", "RolloutGrpcClient", "RolloutHttpClient",
+    "WeightSyncClient", "WeightSyncError",
+]  # fmt: skip
 
 MiB = 1 << 20
 # Sidecar errors after which the process group is out of step: the next push re-creates it.

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterator, Sequence
 
@@ -94,7 +95,7 @@ class RolloutHttpClient:
                 raise RolloutApiError(str(resp.status_code), resp.text) from None
 
     def generate(self, prompt: Sequence[int], sampling: Sampling) -> Iterator[GeneratedChunk]:
-        body = {"prompt_token_ids": list(prompt), "sampling": {k: v for k, v in vars(sampling).items()}}
+        body = {"prompt_token_ids": list(prompt), "sampling": dataclasses.asdict(sampling)}
         with requests.post(
             f"{self.base_url}/v1/generate", json=body, stream=True, timeout=self.timeout
         ) as resp:

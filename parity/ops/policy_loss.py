@@ -959,8 +959,8 @@ def logprobs_reference(
 ) -> torch.Tensor:
     """The contract's logprob in plain PyTorch (any device): bitwise the Triton kernel's.
 
-    Same signature and meaning as ``parity.logprobs.token_logprobs``; proposed as the single logprob
-    formula of server and trainer (see the module docstring for the definition).
+    The single logprob formula of server and trainer (``parity.logprobs`` calls it; see the module
+    docstring for the definition).
     """
     _check_tile(tile)
     V = logits.shape[-1]
@@ -969,6 +969,34 @@ def logprobs_reference(
     idx = ids.reshape(-1).long()
     logp, _ent, _lse = _contract_rows(xs, idx, tile, fma, entropy=False)
     return logp.view(lead)
+
+
+@torch.no_grad()
+def logprobs_matrix_reference(
+    logits: torch.Tensor,
+    temperature: float = 1.0,
+    *,
+    tile: int = CONTRACT_TILE,
+    fma: bool = CONTRACT_FMA,
+) -> torch.Tensor:
+    """The contract's logprob of every vocabulary entry: ``[..., V]`` fp32.
+
+    Entry ``j`` of a row is bitwise what :func:`logprobs_reference` returns for id ``j``: the same
+    row statistics (M, log S), then ``float32((float64(xs_j) - float64(M)) - log S)`` per column.
+    For the server's top-k / token-id logprobs, which come from the full distribution.
+    """
+    _check_tile(tile)
+    V = logits.shape[-1]
+    xs = _scaled(logits.reshape(-1, V), temperature, fma)
+    out = torch.empty_like(xs)
+    chunk = max(1, (1 << 24) // max(V, 1))  # bounds the fp64 temporaries
+    for a in range(0, xs.shape[0], chunk):
+        x = xs[a : a + chunk]
+        m, log_s, _s, _w = _row_stats_t(x, tile, fma, entropy=False)
+        ok = ((m > -math.inf) & (m < math.inf))[:, None]
+        logp = ((x.double() - m.double()[:, None]) - log_s[:, None]).float()
+        out[a : a + chunk] = torch.where(ok, logp, math.nan)
+    return out.view(logits.shape)
 
 
 def policy_loss_reference(

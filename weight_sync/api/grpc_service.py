@@ -63,12 +63,17 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
         )
 
 
-def add_services(server: grpc.aio.Server, core: RolloutCore) -> health.HealthServicer:
+def add_services(
+    server: grpc.aio.Server, core: RolloutCore, other_services: tuple[str, ...] = ()
+) -> health.HealthServicer:
+    """The rollout service plus health checking and reflection, which also cover ``other_services``
+    (full names of services the caller added to ``server`` itself)."""
     rollout_pb2_grpc.add_RolloutServiceServicer_to_server(RolloutServicer(core), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = (
         SERVICE_NAME,
+        *other_services,
         health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
         reflection.SERVICE_NAME,
     )
@@ -76,6 +81,6 @@ def add_services(server: grpc.aio.Server, core: RolloutCore) -> health.HealthSer
     return health_servicer
 
 
-async def mark_serving(health_servicer) -> None:
-    for name in ("", SERVICE_NAME):
+async def mark_serving(health_servicer, services: tuple[str, ...]) -> None:
+    for name in ("", *services):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)

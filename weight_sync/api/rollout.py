@@ -62,6 +62,14 @@ class Limits:
     max_samples: int = 64
 
 
+def limits_for(model_path: str) -> Limits:
+    """Vocabulary size and context length of the checkpoint the server runs."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_path)
+    return Limits(vocab_size=config.vocab_size, context_length=config.max_position_embeddings)
+
+
 class ScoreBatcher:
     """Coalesce concurrent score calls into batches, sending the next batch when the last returns."""
 
@@ -108,11 +116,25 @@ def _check_ids(ids: Sequence[int], vocab_size: int, what: str) -> None:
 
 
 class RolloutCore:
-    def __init__(self, sglang_url: str, limits: Limits, client: httpx.AsyncClient | None = None) -> None:
+    def __init__(
+        self,
+        sglang_url: str,
+        limits: Callable[[], Limits],
+        client: httpx.AsyncClient | None = None,
+    ) -> None:
+        """``limits`` is called once, on the first request that needs them (the served model may
+        not be known when the process starts); it raises ``ApiError`` while it cannot say."""
         self.sglang_url = sglang_url.rstrip("/")
-        self.limits = limits
+        self._limits_source = limits
+        self._limits: Limits | None = None
         self._client = client or httpx.AsyncClient(timeout=httpx.Timeout(600.0, connect=10.0))
         self.batcher = ScoreBatcher(self._score_batch)
+
+    @property
+    def limits(self) -> Limits:
+        if self._limits is None:
+            self._limits = self._limits_source()
+        return self._limits
 
     async def aclose(self) -> None:
         await self._client.aclose()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import json
 import logging
 import threading
@@ -20,6 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 
 from weight_sync.sidecar import errors
+from weight_sync.sidecar.auth import check_bearer
 from weight_sync.sidecar.updater import Updater
 from weight_sync.sidecar.wire import ConnectRequest, UpdateWeightsRequest
 
@@ -105,14 +105,7 @@ def create_app(updater: Updater, *, attach_in_background: bool = True) -> FastAP
     app = FastAPI(title="truepolicy weight-sync sidecar", lifespan=lifespan, docs_url=None, redoc_url=None)
 
     def authorized(request: Request) -> None:
-        if settings.token is None:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, given = header.partition(" ")
-        if scheme.lower() != "bearer" or not given:
-            raise errors.Unauthorized("missing bearer token (Authorization: Bearer <token>)")
-        if not hmac.compare_digest(given.strip().encode(), settings.token.encode()):
-            raise errors.Unauthorized("wrong bearer token")
+        check_bearer(request.headers.get("authorization"), settings.token)
 
     auth = [Depends(authorized)]
 

@@ -7,6 +7,7 @@ weight_sync.sidecar`` runs the same thing on its own.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import sys
 
@@ -19,10 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(opts: argparse.Namespace) -> int:
-    import uvicorn
-
-    from weight_sync.sidecar.app import create_app
-    from weight_sync.sidecar.updater import Updater
+    from weight_sync.sidecar.serve import serve
 
     logging.basicConfig(
         level=opts.log_level.upper(),
@@ -34,15 +32,11 @@ def run(opts: argparse.Namespace) -> int:
     except (settings_mod.SettingsError, OSError) as exc:
         print(f"truepolicy sidecar: {exc}", file=sys.stderr)
         return 2
-    app = create_app(Updater(settings))
-    uvicorn.run(
-        app,
-        host=settings.host,
-        port=settings.http_port,
-        log_level=opts.log_level,
-        access_log=opts.log_level == "debug",
-        timeout_graceful_shutdown=5,
-    )
+    try:
+        asyncio.run(serve(settings, opts.log_level))
+    except RuntimeError as exc:  # e.g. the gRPC port is taken
+        print(f"truepolicy sidecar: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

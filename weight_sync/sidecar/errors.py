@@ -1,4 +1,4 @@
-"""Every error the sidecar reports, and its HTTP status: one table, one place.
+"""Every error the sidecar reports, with its HTTP status and gRPC code: one table, one place.
 
 The updater raises :class:`SidecarError` subclasses; the app turns each into its status code and an
 :class:`~weight_sync.sidecar.wire.ErrorBody` (stable ``error`` code, message, and where it failed).
@@ -8,11 +8,16 @@ body says whether the previous version was restored.
 
 from __future__ import annotations
 
+import grpc
+
 from weight_sync.sidecar.wire import ErrorBody
+
+G = grpc.StatusCode
 
 
 class SidecarError(Exception):
     status = 500
+    grpc_code = G.INTERNAL
     code = "internal_error"
 
     def __init__(
@@ -47,21 +52,21 @@ class SidecarError(Exception):
 
 # --- 4xx: refused, nothing changed -------------------------------------------------------------
 class BadRequest(SidecarError):
-    status, code = 400, "bad_request"
+    status, grpc_code, code = 400, G.INVALID_ARGUMENT, "bad_request"
 
 
 class Unauthorized(SidecarError):
-    status, code = 401, "unauthorized"
+    status, grpc_code, code = 401, G.UNAUTHENTICATED, "unauthorized"
 
 
 class NotFound(SidecarError):
-    status, code = 404, "not_found"
+    status, grpc_code, code = 404, G.NOT_FOUND, "not_found"
 
 
 class Conflict(SidecarError):
     """Another transfer holds the updater, or the transfer is not in the state the call needs."""
 
-    status, code = 409, "conflict"
+    status, grpc_code, code = 409, G.FAILED_PRECONDITION, "conflict"
 
 
 class NotConnected(Conflict):
@@ -71,13 +76,13 @@ class NotConnected(Conflict):
 
 
 class TooLarge(SidecarError):
-    status, code = 413, "too_large"
+    status, grpc_code, code = 413, G.RESOURCE_EXHAUSTED, "too_large"
 
 
 class ManifestError(SidecarError):
     """The manifest does not describe the served model (or is not self-consistent)."""
 
-    status, code = 422, "invalid_manifest"
+    status, grpc_code, code = 422, G.INVALID_ARGUMENT, "invalid_manifest"
 
 
 class UnknownTensor(ManifestError):
@@ -103,24 +108,24 @@ class BadLayout(ManifestError):
 class NonFinite(SidecarError):
     """A received weight holds NaN or Inf: the transfer is dropped before SGLang sees anything."""
 
-    status, code = 422, "non_finite_weight"
+    status, grpc_code, code = 422, G.INVALID_ARGUMENT, "non_finite_weight"
 
 
 # --- 5xx: accepted, then failed ----------------------------------------------------------------
 class TransferFailed(SidecarError):
     """The process group failed or timed out while receiving (e.g. the trainer died)."""
 
-    status, code = 502, "transfer_failed"
+    status, grpc_code, code = 502, G.ABORTED, "transfer_failed"
 
 
 class TransferTimeout(TransferFailed):
-    status, code = 504, "transfer_timeout"
+    status, grpc_code, code = 504, G.DEADLINE_EXCEEDED, "transfer_timeout"
 
 
 class ServerError(SidecarError):
     """SGLang refused or failed a call while the update was applied."""
 
-    status, code = 502, "sglang_error"
+    status, grpc_code, code = 502, G.UNAVAILABLE, "sglang_error"
 
 
 class CacheNotFlushed(ServerError):
@@ -128,11 +133,11 @@ class CacheNotFlushed(ServerError):
     computed with the old ones, so the previous version was put back. Retry, or see
     server_patches/serving.py."""
 
-    status, code = 503, "prefix_cache_not_flushed"
+    status, grpc_code, code = 503, G.UNAVAILABLE, "prefix_cache_not_flushed"
 
 
 class NotReady(SidecarError):
-    status, code = 503, "not_ready"
+    status, grpc_code, code = 503, G.UNAVAILABLE, "not_ready"
 
 
 def status_of(exc: BaseException) -> int:

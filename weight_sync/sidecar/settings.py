@@ -31,6 +31,7 @@ class Settings:
     sglang_url: str
     host: str = "127.0.0.1"
     http_port: int = 30100
+    grpc_port: int = 30101
     device: str = "cpu"
     token: str | None = None
     sglang_api_key: str | None = None
@@ -77,7 +78,8 @@ def _is_loopback(host: str) -> bool:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sglang-url", required=True, help="the SGLang server this sidecar feeds")
     parser.add_argument("--host", default="127.0.0.1", help="bind address (loopback unless told otherwise)")
-    parser.add_argument("--http-port", type=int, default=30100)
+    parser.add_argument("--http-port", type=int, default=30100, help="HTTP API (control, rollout, scoring)")
+    parser.add_argument("--grpc-port", type=int, default=30101, help="gRPC API (truepolicy.v1 services)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where buckets land")
     parser.add_argument(
         "--model-path", default=None, help="checkpoint of the served model (default: SGLang's)"
@@ -125,12 +127,16 @@ def from_args(opts: argparse.Namespace, environ: dict[str, str] | None = None) -
         )
     if token is None and not _is_loopback(opts.host):
         raise SettingsError(f"refusing to serve without a token on non-loopback address {opts.host}")
-    if opts.http_port < 0 or opts.http_port > 65535:
-        raise SettingsError(f"bad --http-port {opts.http_port}")
+    for flag, port in (("--http-port", opts.http_port), ("--grpc-port", opts.grpc_port)):
+        if not 1 <= port <= 65535:
+            raise SettingsError(f"bad {flag} {port}")
+    if opts.http_port == opts.grpc_port:
+        raise SettingsError(f"--http-port and --grpc-port are both {opts.http_port}")
     return Settings(
         sglang_url=opts.sglang_url.rstrip("/"),
         host=opts.host,
         http_port=opts.http_port,
+        grpc_port=opts.grpc_port,
         device=opts.device,
         token=token,
         sglang_api_key=key,
