@@ -1,4 +1,4 @@
-"""Seeded, random-weight tiny models (Qwen3, Qwen2, Llama) built locally: no hub access, ever.
+"""Seeded, random-weight tiny models (Qwen3, Qwen2, Llama, Qwen3-MoE) built locally: no hub access, ever.
 
 ``build_tiny_model("qwen3")`` writes a bf16 safetensors checkpoint with ``save_pretrained`` into a
 cache directory keyed by the architecture, the config and the seed, and returns its path. Building
@@ -42,6 +42,16 @@ ARCHITECTURES = {
     "qwen3": dict(model_type="qwen3", head_dim=32),
     "qwen2": dict(model_type="qwen2"),
     "llama": dict(model_type="llama", head_dim=32),
+    # 8 experts, top-2, renormalised top-k weights (norm_topk_prob, as Qwen3-30B-A3B; transformers'
+    # default is False); every layer sparse (SGLang's Qwen3-MoE has no dense-MLP layers).
+    "qwen3_moe": dict(
+        model_type="qwen3_moe",
+        head_dim=32,
+        num_experts=8,
+        num_experts_per_tok=2,
+        moe_intermediate_size=64,
+        norm_topk_prob=True,
+    ),
 }
 
 

@@ -73,9 +73,14 @@ def prepare_model(model: torch.nn.Module, tp_size: int = 1) -> torch.nn.Module:
 
     ``tp_size`` > 1: the server runs tensor-parallel; the trainer then computes the row-parallel
     projections as that many partial sums reduced in rank order (``parity.tp``), as the server does.
+    Qwen3-MoE sparse blocks compute the MoE contract (``parity.moe``); other MoE models and the router
+    auxiliary loss are refused before anything is changed.
     """
     if tp_size < 1:
         raise ValueError(f"tp_size must be >= 1, got {tp_size}")
+    from parity.moe import prepare_moe_blocks
+
+    prepare_moe_blocks(model)
     register_attention()
     model.set_attn_implementation(ATTENTION_NAME)
     for module in model.modules():

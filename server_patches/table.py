@@ -9,6 +9,7 @@ signature unchanged) before any is registered.
 from __future__ import annotations
 
 from server_patches import numerics, serving
+from server_patches.moe_patches import MOE_PATCHES
 from server_patches.patch import Patch
 from server_patches.tp_patches import TP_PATCHES
 
@@ -152,4 +153,5 @@ PATCHES: tuple[Patch, ...] = (
         expected_params=("self", "empty_cache"),
     ),
     *TP_PATCHES,
+    *MOE_PATCHES,
 )  # fmt: skip

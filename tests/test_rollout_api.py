@@ -54,6 +54,7 @@ ITEMS = [
     ScoreItem(token_ids=[5, 17, 301, 42, 900, 3, 3, 77], start=1),
     ScoreItem(token_ids=[*range(200, 240)], start=25),
     ScoreItem(token_ids=[9, 8], start=1),
+    ScoreItem(token_ids=[5, 1023, 7, 1023, 0], start=1),  # the last vocabulary id, and id 0
 ]
 
 

@@ -261,6 +261,17 @@ class RolloutCore:
         self.validate_score(items)
         return await self.batcher.submit(list(items))
 
+    def _reported_ids(self, ids: Sequence[int]) -> list[int]:
+        """The token ids SGLang 0.5.15 reports beside prompt logprobs for ``ids``.
+
+        Its ``LogprobResultProcessor`` replaces every id ``>= vocab_size - 1`` by 0 in the report
+        (meant for multimodal hash placeholders; the last real vocabulary id is caught too). The
+        logprob itself is computed for the right id (``schedule_batch`` clamps to ``vocab_size - 1``),
+        so only the reported id is compared this way.
+        """
+        last = self.limits.vocab_size - 1
+        return [t if t < last else 0 for t in ids]
+
     async def _score_batch(self, items: list[ScoreItem]) -> list[ScoreResult]:
         payload = {
             "input_ids": [it.token_ids for it in items],
@@ -275,7 +286,9 @@ class RolloutCore:
         for item, out in zip(items, outputs, strict=True):
             entries = out["meta_info"]["input_token_logprobs"][1:]
             ids = [tok for _, tok, _ in entries]
-            if ids != item.token_ids[item.start :] or any(lp is None for lp, _, _ in entries):
+            if ids != self._reported_ids(item.token_ids[item.start :]) or any(
+                lp is None for lp, _, _ in entries
+            ):
                 raise ApiError(ErrorKind.INTERNAL, "SGLang scored other tokens than requested")
             results.append(
                 ScoreResult(
