@@ -1,7 +1,7 @@
 # The two commands of the README: `make demo` (the main job) and `make test`.
 PY := .venv/bin/python
 
-.PHONY: setup demo test lint
+.PHONY: setup demo test lint deploy-tools
 setup:
 	bash scripts/setup-venv.sh
 
@@ -12,5 +12,9 @@ lint: setup
 	.venv/bin/ruff check .
 	.venv/bin/ruff format --check .
 
-test: lint
+# kubectl (kustomize), kubernetes-validate, checkov for tests/test_deploy.py, in .venv-deploy.
+deploy-tools:
+	bash scripts/setup-deploy-venv.sh
+
+test: lint deploy-tools
 	$(PY) -m pytest
