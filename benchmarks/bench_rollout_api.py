@@ -103,7 +103,8 @@ def main() -> int:
 
     vocab = AutoConfig.from_pretrained(model).vocab_size
     calls = workload(opts.calls, opts.items, opts.length, vocab, seed=0)
-    server_args = ["--skip-tokenizer-init", *opts.server_arg]
+    # A bounded KV pool (SGLang sizes it from free memory otherwise: too much on a small CPU machine).
+    server_args = ["--skip-tokenizer-init", "--max-total-tokens", "65536", *opts.server_arg]
     logs = Path(tempfile.mkdtemp(prefix="bench-rollout-api-"))
     with (
         running_server(model, logs / "sglang.log", device=opts.device, extra_args=server_args) as sglang,

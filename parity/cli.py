@@ -18,6 +18,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", help="where the trainer side runs")
     parser.add_argument(
+        "--server-device", choices=["cpu", "cuda"], default="cpu",
+        help="the server's --device: which contract the trainer computes (cpu or GPU kernels)",
+    )  # fmt: skip
+    parser.add_argument(
         "--tp-size", type=int, default=1,
         help="the server's --tp-size: the trainer emulates its rank-order row-parallel reductions",
     )  # fmt: skip
@@ -30,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(opts: argparse.Namespace) -> int:
     model = load_hf_model(opts.model_path, device=opts.device)
     if opts.prepare:
-        prepare_model(model, tp_size=opts.tp_size)
+        prepare_model(model, tp_size=opts.tp_size, server_device=opts.server_device)
     requests_ = mixed_requests(opts.requests, model.config.vocab_size, opts.max_new_tokens, opts.seed)
     rollouts = collect(opts.url, requests_)
     report = compare(rollouts, recompute(model, rollouts))

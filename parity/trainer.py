@@ -68,8 +68,12 @@ def _rms_norm_forward(self, hidden_states):
     return contract.rms_norm(hidden_states, self.weight, self.variance_epsilon)
 
 
-def prepare_model(model: torch.nn.Module, tp_size: int = 1) -> torch.nn.Module:
+def prepare_model(model: torch.nn.Module, tp_size: int = 1, server_device: str = "cpu") -> torch.nn.Module:
     """Route ``model``'s numerics through ``parity.contract`` (in place); return the model.
+
+    ``server_device``: where the SGLang server runs. ``"cpu"``: the CPU contract (this module).
+    ``"cuda"``: the GPU contract (``parity.gpu_contract``: the paged-attention and batch-invariant
+    matmul kernels the server's GPU patches run); the two contracts give different bits.
 
     ``tp_size`` > 1: the server runs tensor-parallel; the trainer then computes the row-parallel
     projections as that many partial sums reduced in rank order (``parity.tp``), as the server does.
@@ -78,6 +82,12 @@ def prepare_model(model: torch.nn.Module, tp_size: int = 1) -> torch.nn.Module:
     """
     if tp_size < 1:
         raise ValueError(f"tp_size must be >= 1, got {tp_size}")
+    if server_device == "cuda":
+        from parity import gpu_contract
+
+        return gpu_contract.prepare_model(model, tp_size=tp_size)
+    if server_device != "cpu":
+        raise ValueError(f"server_device must be 'cpu' or 'cuda', got {server_device!r}")
     from parity.moe import prepare_moe_blocks
 
     prepare_moe_blocks(model)

@@ -9,6 +9,12 @@ the CPU build of ``sgl_kernel``, which is not on PyPI. When the real ``sgl_kerne
 imported, the stand-in shipped in ``server_patches/cpu_runtime`` is put on the PYTHONPATH of the
 SGLang processes (and only theirs). ``--attention-backend torch_native`` is the default there.
 
+On a GPU (``--device cuda``) with the plugin on, the contract's kernels replace SGLang's triton
+attention backend (``server_patches/gpu_patches.py``): ``--attention-backend triton`` and
+``--disable-cuda-graph`` are the defaults, and any other attention backend, or CUDA graphs, are
+refused (the patches would not be on the code path, or cannot capture). The device reaches the
+plugin through ``TRUEPOLICY_DEVICE``.
+
 Two more variables make SGLang's CPU engine start (both only set when the user has not):
 ``SGLANG_NCCL_SO_PATH`` points at a missing library: torch's CUDA wheel ships libnccl, so SGLang
 would build a PyNcclCommunicator for a CPU group and fail (``torch.cuda.device("cpu")`` in
@@ -26,11 +32,15 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from server_patches.plugin import ENABLE_ENV
+from server_patches.plugin import DEVICE_ENV, ENABLE_ENV
 
 CPU_RUNTIME_DIR = Path(__file__).resolve().parent / "cpu_runtime"
 PLUGIN_NAME = "truepolicy"
 MISSING_NCCL = "/nonexistent/libnccl.so.2"  # see the module docstring
+
+
+class LaunchError(ValueError):
+    """The requested SGLang configuration is outside what the on-policy patches cover."""
 
 
 @dataclass(frozen=True)
@@ -95,11 +105,13 @@ def runtime_env(device: str, on_policy: bool, base_env: dict[str, str], tp_size:
     env = dict(base_env)
     if on_policy:
         env[ENABLE_ENV] = "1"
+        env[DEVICE_ENV] = device
         allowed = env.get("SGLANG_PLUGINS")
         if allowed and PLUGIN_NAME not in [x.strip() for x in allowed.split(",")]:
             env["SGLANG_PLUGINS"] = f"{allowed},{PLUGIN_NAME}"
     else:
         env.pop(ENABLE_ENV, None)
+        env.pop(DEVICE_ENV, None)
     if device == "cpu":
         env["SGLANG_USE_CPU_ENGINE"] = "1"
         if not real_sgl_kernel_importable():
@@ -117,9 +129,27 @@ def plan_launch(opts: argparse.Namespace, sglang_args: list[str], base_env: dict
     args = ["--model-path", opts.model_path, "--device", device, *sglang_args]
     if device == "cpu" and not has_flag(sglang_args, "--attention-backend"):
         args += ["--attention-backend", "torch_native"]
+    if device == "cuda" and opts.on_policy:
+        args += _gpu_on_policy_args(sglang_args)
     tp_size = int(flag_value(sglang_args, "--tp-size", "--tp") or 1)
     env = runtime_env(device, opts.on_policy, base_env, tp_size)
     return LaunchPlan(argv=[sys.executable, "-m", "sglang.launch_server", *args], env=env)
+
+
+def _gpu_on_policy_args(sglang_args: list[str]) -> list[str]:
+    """The SGLang arguments the GPU patches need (added when absent; conflicting ones refused)."""
+    added = []
+    backend = flag_value(sglang_args, "--attention-backend")
+    if backend is None:
+        added += ["--attention-backend", "triton"]
+    elif backend != "triton":
+        raise LaunchError(
+            f"--attention-backend {backend}: on a GPU the on-policy patches replace the triton backend "
+            "only (use --attention-backend triton, or --no-on-policy)"
+        )
+    if not has_flag(sglang_args, "--disable-cuda-graph"):
+        added.append("--disable-cuda-graph")
+    return added
 
 
 def exec_server(opts: argparse.Namespace, sglang_args: list[str]) -> None:

@@ -4,7 +4,8 @@ SGLang calls ``load_plugin`` early in every process it starts: the launcher (HTT
 tokenizer manager) and each scheduler / TP worker, which is where the model runs. The plugin is off
 unless ``TRUEPOLICY_ON_POLICY=1``; ``truepolicy server`` sets it.
 
-When on, it checks every patch of ``server_patches.table.PATCHES`` against the installed SGLang,
+When on, it checks every patch of ``server_patches.table.PATCHES`` (plus ``GPU_PATCHES`` when
+``TRUEPOLICY_DEVICE=cuda``, which ``truepolicy server --device cuda`` sets) against the installed SGLang,
 registers them with SGLang's ``HookRegistry`` (applied by ``load_plugins`` right after), and adds a
 ``truepolicy`` entry to the scheduler's internal state, so ``GET /get_server_info`` shows, from the
 model-running process itself, that the plugin ran there and which patches it holds.
@@ -20,10 +21,12 @@ from __future__ import annotations
 import logging
 import os
 
+from server_patches.patch import Patch
 from server_patches.table import PATCHES
 from server_patches.targets import expect_signature, resolve
 
 ENABLE_ENV = "TRUEPOLICY_ON_POLICY"
+DEVICE_ENV = "TRUEPOLICY_DEVICE"
 STATE_KEY = "truepolicy"
 INTROSPECTION_TARGET = "sglang.srt.managers.scheduler.Scheduler.get_internal_state"
 
@@ -34,13 +37,25 @@ def plugin_enabled() -> bool:
     return os.environ.get(ENABLE_ENV) == "1"
 
 
+def active_patches() -> tuple[Patch, ...]:
+    """The patches for this server's device: the table, plus the GPU kernels' on CUDA."""
+    device = os.environ.get(DEVICE_ENV, "cpu")
+    if device == "cpu":
+        return PATCHES
+    if device == "cuda":
+        from server_patches.gpu_patches import GPU_PATCHES
+
+        return (*PATCHES, *GPU_PATCHES)
+    raise SystemExit(f"truepolicy: refusing to start: {DEVICE_ENV}={device!r} (cpu or cuda)")
+
+
 def _process_report() -> dict:
     import setproctitle
 
     return {
         "pid": os.getpid(),
         "process": setproctitle.getproctitle(),
-        "patches": [patch.name for patch in PATCHES],
+        "patches": [patch.name for patch in active_patches()],
     }
 
 
@@ -61,13 +76,14 @@ def _register_introspection() -> None:
 def load_plugin() -> None:
     if not plugin_enabled():
         return
+    patches = active_patches()
     try:
-        for patch in PATCHES:
+        for patch in patches:
             patch.check()
-        for patch in PATCHES:
+        for patch in patches:
             patch.register()
         _register_introspection()
     except Exception as exc:
         logger.error("truepolicy: refusing to start: %s", exc)
         raise SystemExit(f"truepolicy: refusing to start: {exc}") from exc
-    logger.info("truepolicy plugin active in pid %d with patches %s", os.getpid(), [p.name for p in PATCHES])
+    logger.info("truepolicy plugin active in pid %d with patches %s", os.getpid(), [p.name for p in patches])

@@ -6,9 +6,12 @@ import argparse
 import subprocess
 import sys
 
+import pytest
+
 from server_patches.launcher import (
     CPU_RUNTIME_DIR,
     MISSING_NCCL,
+    LaunchError,
     add_server_arguments,
     cpu_thread_groups,
     plan_launch,
@@ -72,6 +75,37 @@ def test_cuda_plan_never_carries_the_stand_in():
     plan = plan_launch(opts, rest, {"PYTHONPATH": "/x"})
     assert plan.env["PYTHONPATH"] == "/x"
     assert "SGLANG_USE_CPU_ENGINE" not in plan.env
+    assert plan.env["TRUEPOLICY_DEVICE"] == "cuda"
+
+
+def test_cuda_on_policy_runs_the_triton_backend_without_cuda_graphs():
+    opts, rest = parse(["--model-path", "/m", "--device", "cuda"])
+    argv = plan_launch(opts, rest, {}).argv
+    assert argv[-3:] == ["--attention-backend", "triton", "--disable-cuda-graph"]
+    opts, rest = parse(["--model-path", "/m", "--device", "cuda", "--attention-backend", "fa3"])
+    with pytest.raises(LaunchError, match="--attention-backend fa3"):
+        plan_launch(opts, rest, {})
+    opts, rest = parse(
+        ["--model-path", "/m", "--device", "cuda", "--no-on-policy", "--attention-backend=fa3"]
+    )
+    plan = plan_launch(opts, rest, {"TRUEPOLICY_DEVICE": "cuda"})
+    assert "--disable-cuda-graph" not in plan.argv and "TRUEPOLICY_DEVICE" not in plan.env
+
+
+def test_plugin_takes_the_gpu_patches_on_cuda_only(monkeypatch):
+    from server_patches.gpu_patches import GPU_PATCHES
+    from server_patches.plugin import active_patches
+    from server_patches.table import PATCHES
+
+    monkeypatch.setenv("TRUEPOLICY_DEVICE", "cpu")
+    assert active_patches() == PATCHES
+    monkeypatch.setenv("TRUEPOLICY_DEVICE", "cuda")
+    assert active_patches() == (*PATCHES, *GPU_PATCHES)
+    for patch in GPU_PATCHES:  # their targets exist with the expected signatures in SGLang 0.5.15
+        patch.check()
+    monkeypatch.setenv("TRUEPOLICY_DEVICE", "tpu")
+    with pytest.raises(SystemExit, match="TRUEPOLICY_DEVICE"):
+        active_patches()
 
 
 def test_help_names_our_options_and_the_pass_through():

@@ -62,7 +62,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     if argv[:1] == ["server"]:
         opts, rest = parser.parse_known_args(argv)
-        launcher.exec_server(opts, rest)
+        try:
+            launcher.exec_server(opts, rest)
+        except launcher.LaunchError as exc:
+            print(f"truepolicy server: {exc}", file=sys.stderr)
+            return 2
         return 0  # not reached: exec_server replaces this process
     opts = parser.parse_args(argv)
     if opts.command == "demo":

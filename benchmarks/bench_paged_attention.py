@@ -1,0 +1,197 @@
+"""Benchmark (GPU): the contract's paged attention and batch-invariant matmul against SGLang / cuBLAS.
+
+Prints three tables (times from ``triton.testing.do_bench``, median, ms):
+
+1. decode: ``paged_attention_decode`` vs SGLang 0.5.15's triton ``decode_attention_fwd`` (its default 8
+   KV splits, and its deterministic mode's 256-token split tiles) at context 1k/4k/16k, batch 1/32,
+   Qwen3-8B-like heads (32 query / 8 kv heads, head dim 128, bf16); ratio ours / SGLang, and the
+   fraction of device-to-device copy bandwidth reached on the KV bytes.
+2. extend: ``paged_attention_extend`` vs SGLang's ``extend_attention_fwd`` (prefill 1k and 4k from
+   scratch, 512 new tokens after a 4k cached prefix).
+3. matmul: ``batch_invariant_linear`` vs cuBLAS ``F.linear`` at M = 1 .. 8192 (goal >= 0.9x cuBLAS).
+
+    python benchmarks/bench_paged_attention.py [--json out.json] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from functools import partial
+
+import torch
+import triton
+
+from parity.ops import batch_invariant_matmul as bm
+from parity.ops import paged_attention as pa
+
+DEV = "cuda"
+HQ, HKV, D = 32, 8, 128
+
+
+def bench(fn) -> float:
+    return triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
+
+
+def copy_ms(nbytes: int) -> float:
+    a = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=DEV)
+    b = torch.empty_like(a)
+    return bench(lambda: b.copy_(a)) / 2  # a copy reads and writes: the time to stream nbytes once
+
+
+def make_pool(bsz, ctx, dtype=torch.bfloat16):
+    total = bsz * ctx
+    k = torch.randn(total, HKV, D, device=DEV).to(dtype)
+    v = torch.randn(total, HKV, D, device=DEV).to(dtype)
+    perm = torch.randperm(total, device=DEV).int()
+    req_to_token = perm.view(bsz, ctx)
+    return k, v, req_to_token
+
+
+def sglang_decode(q, k, v, req_to_token, seq_lens, splits, o):
+    from sglang.srt.layers.attention.triton_ops.decode_attention import decode_attention_fwd
+
+    bsz = q.shape[0]
+    kv_indptr = torch.zeros(bsz + 1, dtype=torch.int32, device=DEV)
+    kv_indptr[1:] = torch.cumsum(seq_lens, 0)
+    kv_indices = req_to_token[:, : int(seq_lens[0])].reshape(-1).long()
+    num_splits = torch.full((bsz,), splits, dtype=torch.int32, device=DEV)
+    logits = torch.empty(bsz, HQ, splits, D, dtype=torch.float32, device=DEV)
+    lse = torch.empty(bsz, HQ, splits, dtype=torch.float32, device=DEV)
+    return lambda: decode_attention_fwd(
+        q, k, v, o, kv_indptr, kv_indices, logits, lse, num_splits, splits, D**-0.5, 1.0, 1.0
+    )
+
+
+def decode_table(quick: bool):
+    rows = []
+    for ctx in (1024, 4096) if quick else (1024, 4096, 16384):
+        for bsz in (1, 32):
+            k, v, r2t = make_pool(bsz, ctx)
+            q = torch.randn(bsz, HQ, D, device=DEV).to(torch.bfloat16)
+            seq = torch.full((bsz,), ctx, dtype=torch.int64, device=DEV)
+            pools = torch.arange(bsz, device=DEV)
+            o = torch.empty_like(q)
+            chunks = -(-ctx // pa.CONTRACT_CHUNK)
+            ours = bench(
+                partial(
+                    pa.paged_attention_decode, q, k, v, r2t, pools, seq, D**-0.5, out=o, max_chunks=chunks
+                )
+            )
+            sg8 = bench(sglang_decode(q, k, v, r2t, seq.int(), 8, torch.empty_like(q)))
+            sg_det = bench(sglang_decode(q, k, v, r2t, seq.int(), -(-ctx // 256), torch.empty_like(q)))
+            kv_bytes = 2 * bsz * ctx * HKV * D * 2
+            bw = copy_ms(kv_bytes) / ours
+            rows.append(dict(ctx=ctx, batch=bsz, ours=ours, sglang8=sg8, sglang_det=sg_det, copy_fraction=bw))
+    print("\n== decode (ms): ours vs SGLang triton decode_attention_fwd (Hq 32, Hkv 8, D 128, bf16)")
+    print(
+        f"{'ctx':>6} {'batch':>5} {'ours':>8} {'sgl 8sp':>8} {'sgl det':>8} {'/8sp':>6} {'/det':>6} "
+        f"{'copy bw':>8}"
+    )
+    for r in rows:
+        print(
+            f"{r['ctx']:>6} {r['batch']:>5} {r['ours']:8.4f} {r['sglang8']:8.4f} {r['sglang_det']:8.4f} "
+            f"{r['ours'] / r['sglang8']:6.2f} {r['ours'] / r['sglang_det']:6.2f} {r['copy_fraction']:8.2f}"
+        )
+    return rows
+
+
+def extend_table(quick: bool):
+    from sglang.srt.layers.attention.triton_ops.extend_attention import extend_attention_fwd
+
+    rows = []
+    cases = [(0, 1024), (4096, 512)] if quick else [(0, 1024), (0, 4096), (4096, 512)]
+    for prefix, new in cases:
+        total = prefix + new
+        k, v, r2t = make_pool(1, total)
+        q = torch.randn(new, HQ, D, device=DEV).to(torch.bfloat16)
+        o = torch.empty_like(q)
+        pools = torch.zeros(1, dtype=torch.long, device=DEV)
+        pre_t = torch.tensor([prefix], device=DEV)
+        new_t = torch.tensor([new], device=DEV)
+        ours = bench(partial(pa.paged_attention_extend, q, k, v, r2t, pools, pre_t, new_t, D**-0.5, out=o))
+        new_slots = r2t[0, prefix:total].long()
+        k_ext, v_ext = k[new_slots].contiguous(), v[new_slots].contiguous()
+        qo_indptr = torch.tensor([0, new], dtype=torch.int32, device=DEV)
+        kv_indptr = torch.tensor([0, prefix], dtype=torch.int32, device=DEV)
+        kv_indices = r2t[0, :prefix].long().contiguous()
+        o2 = torch.empty_like(q)
+        args = (
+            q,
+            k_ext,
+            v_ext,
+            o2,
+            k,
+            v,
+            qo_indptr,
+            kv_indptr,
+            kv_indices,
+            None,
+            True,
+            None,
+            new,
+            1.0,
+            1.0,
+            D**-0.5,
+        )
+        sg = bench(partial(extend_attention_fwd, *args))
+        rows.append(dict(prefix=prefix, new=new, ours=ours, sglang=sg))
+    print("\n== extend (ms): ours vs SGLang triton extend_attention_fwd (batch 1)")
+    print(f"{'prefix':>6} {'new':>5} {'ours':>9} {'sglang':>9} {'ratio':>6}")
+    for r in rows:
+        print(
+            f"{r['prefix']:>6} {r['new']:>5} {r['ours']:9.3f} {r['sglang']:9.3f} "
+            f"{r['ours'] / r['sglang']:6.2f}"
+        )
+    return rows
+
+
+def matmul_table(quick: bool):
+    rows = []
+    shapes = (
+        [(4096, 4096), (151936, 1024)]
+        if quick
+        else [(4096, 4096), (12288, 4096), (4096, 12288), (151936, 1024)]
+    )
+    for n, k in shapes:
+        w = (torch.randn(n, k, device=DEV) * k**-0.5).to(torch.bfloat16)
+        for m in (1, 8, 64, 256, 1024, 8192):
+            x = torch.randn(m, k, device=DEV).to(torch.bfloat16)
+            ours = bench(partial(bm.batch_invariant_linear, x, w))
+            cub = bench(partial(torch.nn.functional.linear, x, w))
+            rows.append(dict(n=n, k=k, m=m, ours=ours, cublas=cub))
+    print("\n== matmul (ms): batch-invariant Triton vs cuBLAS F.linear (bf16), config", bm.CONFIG)
+    print(f"{'N':>7} {'K':>6} {'M':>5} {'ours':>8} {'cublas':>8} {'cublas/ours':>11}")
+    for r in rows:
+        print(
+            f"{r['n']:>7} {r['k']:>6} {r['m']:>5} {r['ours']:8.4f} {r['cublas']:8.4f} "
+            f"{r['cublas'] / r['ours']:11.2f}"
+        )
+    return rows
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--json")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--only", choices=["decode", "extend", "matmul"])
+    args = ap.parse_args()
+    print(torch.cuda.get_device_name(), "torch", torch.__version__, "triton", triton.__version__, flush=True)
+    out = {}
+    for name, fn in (("decode", decode_table), ("extend", extend_table), ("matmul", matmul_table)):
+        if args.only in (None, name):
+            try:
+                out[name] = fn(args.quick)
+            except Exception as exc:  # report and go on: one table failing must not hide the others
+                print(f"{name}: FAILED: {type(exc).__name__}: {exc}", flush=True)
+                out[name] = f"failed: {exc}"
+            sys.stdout.flush()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

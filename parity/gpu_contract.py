@@ -1,0 +1,92 @@
+"""The trainer side of the GPU contract: an HF transformers model computing what the patched SGLang
+triton backend computes (``server_patches.gpu_patches``), bit for bit.
+
+On a GPU the server's attention is ``parity.ops.paged_attention`` (fixed-size KV chunks) and its
+projections and lm_head are ``parity.ops.batch_invariant_matmul``. ``prepare_model(model,
+device="cuda")`` makes the trainer use the same kernels:
+
+- attention: registered as ``"truepolicy_paged"`` through transformers' ``AttentionInterface``
+  (:func:`paged_attention_interface`): every sequence of the batch is laid out as a paged cache and
+  its rows go through the extend kernel -- the kernel the server runs for prefill, whose rows are
+  bitwise its decode rows (a one-row step over HF's KV cache, without autograd, runs the server's
+  split-KV decode kernel instead: the same bits). Differentiable (the backward recomputes in fp32;
+  gradients are not part of the contract).
+- every ``nn.Linear`` (q/k/v/o, gate/up/down, lm_head): :func:`batch_invariant_linear`, whose rows do
+  not depend on how many tokens the trainer runs at once (the server runs 1..N).
+- ``*RMSNorm``: ``parity.contract.rms_norm`` (as on the CPU; see ``server_patches.gpu_patches`` on the
+  batch invariance of its fp32 mean on the device).
+
+``device="cpu"`` selects the same attention (the plain-PyTorch reference: the same bits as the
+kernel) and leaves the linear layers to ``F.linear`` (row-invariant in bf16 on the CPU): a way to run
+the GPU contract's attention without a GPU. The CPU *server* (torch_native backend) computes the CPU
+contract (``parity.contract.attention``), not this one: pair ``device`` with the server's device.
+
+``parity.prepare_model(model, server_device="cuda")`` calls :func:`prepare_model`. ``tp_size > 1`` on
+CUDA needs the rank-order row-parallel emulation (``parity.tp``) to run its per-rank partial products
+through the batch-invariant kernel as well, which is not done yet: refused.
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+
+from parity import trainer
+from parity.ops.batch_invariant_matmul import batch_invariant_linear
+from parity.ops.paged_attention import (
+    CONTRACT_CHUNK,
+    _full_sequence_rows,
+    full_sequence_attention,
+    paged_attention_decode,
+)
+
+ATTENTION_NAME = "truepolicy_paged"
+
+
+def paged_attention_interface(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """transformers ``AttentionInterface`` entry: query [B, Hq, T, D], key/value [B, Hkv, S, D] (S >= T,
+    the query rows being the last T positions); returns ([B, T, Hq, D], None)."""
+    if dropout:
+        raise trainer.UnsupportedModelError("truepolicy attention has no dropout")
+    if not getattr(module, "is_causal", True):
+        raise trainer.UnsupportedModelError("truepolicy attention is causal only")
+    q_len, k_len = query.shape[2], key.shape[2]
+    trainer._check_causal_mask(attention_mask, q_len, k_len)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    if q_len == 1 and not torch.is_grad_enabled():
+        # a decode step over HF's KV cache: the server's split-KV decode kernel (bitwise the extend row)
+        bsz, hq, _, d = query.shape
+        q_rows, k_buf, v_buf, req_to_token, row_pool, row_pos = _full_sequence_rows(query, key, value)
+        seq_lens = torch.full((bsz,), k_len, dtype=torch.long, device=query.device)
+        out = paged_attention_decode(q_rows, k_buf, v_buf, req_to_token, row_pool, seq_lens, scale)
+        return out.view(bsz, 1, hq, d), None
+    return full_sequence_attention(query, key, value, scale, CONTRACT_CHUNK), None
+
+
+def register_attention() -> None:
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.masking_utils import sdpa_mask
+
+    AttentionInterface.register(ATTENTION_NAME, paged_attention_interface)
+    AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
+
+
+def _linear_forward(self, x):
+    return batch_invariant_linear(x, self.weight, self.bias)
+
+
+def prepare_model(model: torch.nn.Module, tp_size: int = 1, device: str = "cuda") -> torch.nn.Module:
+    """Route ``model`` through the GPU contract (in place); return the model. See the module docstring."""
+    if device not in ("cuda", "cpu"):
+        raise ValueError(f"device must be 'cuda' or 'cpu', got {device!r}")
+    if tp_size != 1:
+        raise trainer.UnsupportedModelError("tp_size > 1 is not wired into the GPU contract yet")
+    trainer.prepare_model(model)  # RMSNorm through the contract (and the CPU attention, replaced next)
+    register_attention()
+    model.set_attn_implementation(ATTENTION_NAME)
+    if device == "cuda":
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.forward = types.MethodType(_linear_forward, module)
+    return model

@@ -1,0 +1,221 @@
+"""The GPU numerics patches (issue 4): SGLang's triton attention backend, its linear layers and lm_head,
+and the RMSNorm's CUDA path, routed through the kernels the trainer side also runs.
+
+On a GPU the CPU patches of ``server_patches.table`` are not on the code paths SGLang takes: attention
+goes through ``TritonAttnBackend.forward_extend`` / ``forward_decode`` (two different Triton kernels,
+split counts that depend on the batch), projections through cuBLAS (kernel choice depends on M),
+RMSNorm through ``forward_cuda`` (sgl_kernel's fused norm). ``GPU_PATCHES`` replaces them with:
+
+- ``parity.ops.paged_attention`` (fixed-size KV chunks: a decode row is bitwise the extend row, and
+  the trainer's full sequence, at any batch composition);
+- ``parity.ops.batch_invariant_matmul`` for every unquantized linear layer and the lm_head (rows
+  independent of M; the trainer's ``nn.Linear`` modules call the same kernel);
+- ``parity.contract.rms_norm`` / ``add_rms_norm`` for ``RMSNorm.forward_cuda`` (HF's cast order, as on
+  the CPU). Its fp32 mean is PyTorch's CUDA reduction: ``tests/test_paged_attention_gpu.py`` checks
+  that its rows do not depend on M on the device; if that ever fails, this needs a fixed-order kernel.
+
+Everything outside what the kernels compute raises ``NotImplementedError`` naming the patch (sliding
+window, logit capping, sinks, FP8 KV cache, MLA, DCP, paged KV with page_size > 1, the unified
+virtual KV pool, speculative decoding, CUDA-graph capture of decode) instead of computing other bits.
+
+Integration (``server_patches/plugin.py``, not edited here): when on-policy mode is on and the server
+runs on CUDA (``get_global_server_args().device == "cuda"``), check and register ``GPU_PATCHES`` in
+addition to ``PATCHES``, with the same all-or-nothing rule (any ``Patch.check()`` failure refuses the
+start), and require ``--attention-backend triton`` and ``--disable-cuda-graph`` (refuse otherwise).
+The CPU-only rows of ``PATCHES`` (torch_native attention, the CPU murmur hash, the gloo all-reduce)
+stay harmless on a GPU: their targets are not called there.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from parity.ops.batch_invariant_matmul import batch_invariant_linear
+from parity.ops.paged_attention import CONTRACT_CHUNK, paged_attention_decode, paged_attention_extend
+from server_patches import numerics
+from server_patches.patch import Patch
+
+_TRITON = "sglang.srt.layers.attention.triton_backend.TritonAttnBackend"
+_GPU_TESTS = "tests/test_paged_attention_gpu.py"
+_BACKEND_PARAMS = ("self", "q", "k", "v", "layer", "forward_batch", "save_kv_cache", "sinks")
+
+
+def _outside(patch: str, what: str) -> NotImplementedError:
+    return NotImplementedError(f"truepolicy patch {patch!r}: {what} is outside the numerics contract")
+
+
+def _check_attention(patch: str, backend, layer, forward_batch, sinks) -> None:
+    """Refuse every configuration the contract's attention does not define."""
+    from sglang.srt.layers.radix_attention import AttentionType
+
+    checks = (
+        (getattr(backend, "use_mla", False), "MLA"),
+        (getattr(backend, "dcp_size", 1) > 1, "decode context parallelism"),
+        (getattr(backend, "page_size", 1) != 1, "a paged KV cache with page_size > 1"),
+        (getattr(backend, "_translate_kv_loc", None) is not None, "the unified (virtual) KV pool"),
+        (getattr(backend, "use_sliding_window_kv_pool", False), "a sliding-window KV pool"),
+        (sinks is not None, "attention sinks"),
+        ((layer.logit_cap or 0) > 0, "logit capping"),
+        (layer.sliding_window_size not in (None, -1), "sliding-window attention"),
+        (layer.is_cross_attention or layer.attn_type != AttentionType.DECODER, "non-causal attention"),
+        (layer.k_scale is not None or layer.v_scale is not None, "a scaled (FP8) KV cache"),
+        (layer.qk_head_dim != layer.v_head_dim, "different q/k and v head dims"),
+        ((getattr(layer, "xai_temperature_len", -1) or -1) > 0, "xai temperature scaling"),
+        (forward_batch.spec_info is not None, "speculative decoding"),
+    )
+    for bad, what in checks:
+        if bad:
+            raise _outside(patch, what)
+
+
+def _write_kv(backend, forward_batch, layer, k, v) -> None:
+    """Store the new tokens' K/V as SGLang's backend does (no scales: refused above)."""
+    from sglang.srt.mem_cache.memory_pool import KVWriteLoc
+
+    meta = backend.forward_metadata
+    loc = KVWriteLoc(
+        forward_batch.out_cache_loc, meta.swa_out_cache_loc, full_loc=meta.out_cache_loc_full_physical
+    )
+    backend._set_kv_buffer(forward_batch, layer, loc, k, v)
+
+
+def triton_forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, sinks=None):
+    """REPLACE TritonAttnBackend.forward_extend: each new row after its request's cached prefix."""
+    _check_attention("triton_attention_extend", self, layer, forward_batch, sinks)
+    if (k is None) != (v is None):
+        raise ValueError("Both k and v should be None or not None")
+    if k is not None:
+        if not save_kv_cache:
+            raise _outside(
+                "triton_attention_extend", "extend without saving the new KV (save_kv_cache=False)"
+            )
+        _write_kv(self, forward_batch, layer, k, v)  # the kernel reads every key from the cache
+    heads, dim = layer.tp_q_head_num, layer.qk_head_dim
+    o = torch.empty((q.shape[0], heads * dim), dtype=q.dtype, device=q.device)
+    paged_attention_extend(
+        q.reshape(-1, heads, dim),
+        self.token_to_kv_pool.get_key_buffer(layer.layer_id),
+        self.token_to_kv_pool.get_value_buffer(layer.layer_id),
+        self.req_to_token,
+        forward_batch.req_pool_indices,
+        forward_batch.extend_prefix_lens,
+        forward_batch.extend_seq_lens,
+        layer.scaling,
+        out=o.view(-1, heads, dim),
+    )
+    return o
+
+
+def triton_forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, sinks=None):
+    """REPLACE TritonAttnBackend.forward_decode: one row per request, split into fixed-size chunks."""
+    _check_attention("triton_attention_decode", self, layer, forward_batch, sinks)
+    if q.is_cuda and torch.cuda.is_current_stream_capturing():
+        raise _outside("triton_attention_decode", "CUDA-graph capture (run with --disable-cuda-graph)")
+    heads, dim = layer.tp_q_head_num, layer.qk_head_dim
+    q = q.reshape(-1, heads * dim)
+    o = torch.empty_like(q)
+    if save_kv_cache:
+        _write_kv(self, forward_batch, layer, k, v)
+    seq_cpu = getattr(forward_batch, "seq_lens_cpu", None)
+    max_chunks = -(-int(seq_cpu.max()) // CONTRACT_CHUNK) if seq_cpu is not None and seq_cpu.numel() else None
+    paged_attention_decode(
+        q.view(-1, heads, dim),
+        self.token_to_kv_pool.get_key_buffer(layer.layer_id),
+        self.token_to_kv_pool.get_value_buffer(layer.layer_id),
+        self.req_to_token,
+        forward_batch.req_pool_indices,
+        forward_batch.seq_lens,
+        layer.scaling,
+        out=o.view(-1, heads, dim),
+        max_chunks=max_chunks,
+    )
+    return o
+
+
+def linear_batch_invariant(original, self, layer, x, bias=None):
+    """AROUND UnquantizedLinearMethod.apply: bf16/fp16 CUDA projections by the M-invariant kernel."""
+    if not x.is_cuda:
+        return original(self, layer, x, bias)
+    if x.dtype not in (torch.bfloat16, torch.float16) or layer.weight.dtype != x.dtype:
+        raise _outside("linear_batch_invariant", f"a {x.dtype} x {layer.weight.dtype} linear layer")
+    return batch_invariant_linear(x, layer.weight, bias)
+
+
+def lm_head_batch_invariant(original, self, hidden_states, lm_head, embedding_bias=None):
+    """AROUND LogitsProcessor._compute_lm_head: the plain bf16 lm_head by the M-invariant kernel."""
+    if not hidden_states.is_cuda:
+        return original(self, hidden_states, lm_head, embedding_bias)
+    from sglang.srt.layers.logits_processor import should_apply_lm_head_quant_method
+
+    if hasattr(lm_head, "set_lora") and hasattr(lm_head, "apply_lora"):
+        raise _outside("lm_head_batch_invariant", "a LoRA lm_head")
+    if not hasattr(lm_head, "weight") or should_apply_lm_head_quant_method(
+        lm_head, getattr(lm_head, "quant_method", None)
+    ):
+        raise _outside("lm_head_batch_invariant", "a quantized lm_head")
+    if self.use_fp32_lm_head:
+        raise _outside("lm_head_batch_invariant", "the fp32 lm_head option")
+    return batch_invariant_linear(hidden_states.to(lm_head.weight.dtype), lm_head.weight)
+
+
+GPU_PATCHES: tuple[Patch, ...] = (
+    Patch(
+        name="triton_attention_extend",
+        target=f"{_TRITON}.forward_extend",
+        diverges=(
+            "SGLang's extend kernel walks the KV in its own blocks with tensor-core dots, unlike its "
+            "decode kernel and the trainer's flash attention: a token's row depends on how it was computed."
+        ),
+        proof=f"{_GPU_TESTS}::test_decode_equals_extend_equals_trainer_on_random_batches",
+        drop_when="SGLang computes decode and extend rows with one fixed-chunk reduction the trainer shares",
+        hook=triton_forward_extend,
+        hook_type="REPLACE",
+        expected_params=_BACKEND_PARAMS,
+    ),
+    Patch(
+        name="triton_attention_decode",
+        target=f"{_TRITON}.forward_decode",
+        diverges=(
+            "SGLang's split-KV decode picks the number of splits from the batch and the GPU, so a row's "
+            "reduction order (and bits) depends on what else is decoded with it."
+        ),
+        proof=f"{_GPU_TESTS}::test_decode_equals_extend_equals_trainer_on_random_batches",
+        drop_when="as triton_attention_extend",
+        hook=triton_forward_decode,
+        hook_type="REPLACE",
+        expected_params=_BACKEND_PARAMS,
+    ),
+    Patch(
+        name="linear_batch_invariant",
+        target="sglang.srt.layers.quantization.unquant.UnquantizedLinearMethod.apply",
+        diverges="cuBLAS picks its GEMM kernel (tiles, split-K) from M: a row's sum order follows the batch.",
+        proof="tests/test_batch_invariant_matmul_gpu.py::test_rows_do_not_depend_on_m",
+        drop_when="SGLang's linear layers are batch-invariant and the trainer runs the same GEMM",
+        hook=linear_batch_invariant,
+        hook_type="AROUND",
+        expected_params=("self", "layer", "x", "bias"),
+    ),
+    Patch(
+        name="lm_head_batch_invariant",
+        target="sglang.srt.layers.logits_processor.LogitsProcessor._compute_lm_head",
+        diverges="the lm_head matmul goes to cuBLAS too (M-dependent kernel choice).",
+        proof="tests/test_batch_invariant_matmul_gpu.py::test_rows_do_not_depend_on_m",
+        drop_when="as linear_batch_invariant",
+        hook=lm_head_batch_invariant,
+        hook_type="AROUND",
+        expected_params=("self", "hidden_states", "lm_head", "embedding_bias"),
+    ),
+    Patch(
+        name="rmsnorm_cuda",
+        target="sglang.srt.layers.layernorm.RMSNorm.forward_cuda",
+        diverges=(
+            "sgl_kernel's fused RMSNorm multiplies by the weight before the bf16 cast (HF casts first) "
+            "and normalises the fp32 residual sum, as the native path does on the CPU."
+        ),
+        proof=f"{_GPU_TESTS}::test_contract_rmsnorm_rows_do_not_depend_on_m",
+        drop_when="SGLang's CUDA RMSNorm casts before the weight multiply and rounds the residual first",
+        hook=numerics.rms_norm_forward,
+        hook_type="REPLACE",
+        expected_params=("self", "x", "residual", "post_residual_addition"),
+    ),
+)
