@@ -10,7 +10,8 @@ second half of each scored -- is sent by ``--concurrency`` client threads
 - ``http``: through the sidecar's ``POST /v1/score``.
 
 Modes alternate in rounds (direct, grpc, http, direct, ...) so that drift hits all of them alike;
-the table gives the median scored tokens/s of ``--rounds`` rounds and the ratio to ``direct``.
+every (round, mode) scores fresh random sequences, so no pass is helped by SGLang's prefix cache.
+The table gives the median scored tokens/s of ``--rounds`` rounds and the ratio to ``direct``.
 Overhead goal: API >= 0.95 of direct.
 
     python benchmarks/bench_rollout_api.py [--device cpu|cuda] [--model-path DIR] [--length 512] ...
@@ -102,7 +103,6 @@ def main() -> int:
     from transformers import AutoConfig
 
     vocab = AutoConfig.from_pretrained(model).vocab_size
-    calls = workload(opts.calls, opts.items, opts.length, vocab, seed=0)
     # A bounded KV pool (SGLang sizes it from free memory otherwise: too much on a small CPU machine).
     server_args = ["--skip-tokenizer-init", "--max-total-tokens", "65536", *opts.server_arg]
     logs = Path(tempfile.mkdtemp(prefix="bench-rollout-api-"))
@@ -111,10 +111,13 @@ def main() -> int:
         running_sidecar(sglang.url, logs / "sidecar.log", token=TOKEN, device=opts.device) as sidecar,
     ):
         modes = ("direct", "grpc", "http")
-        run_mode("direct", calls[: opts.concurrency], opts.concurrency, sglang.url, sidecar)  # warm-up
+        warm = workload(opts.concurrency, opts.items, opts.length, vocab, seed=10_000)
+        for m in modes:
+            run_mode(m, warm, opts.concurrency, sglang.url, sidecar)
         rates: dict[str, list[float]] = {m: [] for m in modes}
-        for _ in range(opts.rounds):
-            for m in modes:
+        for r in range(opts.rounds):
+            for i, m in enumerate(modes):
+                calls = workload(opts.calls, opts.items, opts.length, vocab, seed=r * len(modes) + i)
                 rates[m].append(run_mode(m, calls, opts.concurrency, sglang.url, sidecar))
     base = statistics.median(rates["direct"])
     print(

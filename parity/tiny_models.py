@@ -61,21 +61,27 @@ def default_cache_dir() -> Path:
     return Path.home() / ".cache" / "truepolicy" / "models"
 
 
-def tiny_config(arch: str):
+def tiny_config(arch: str, overrides: dict | None = None):
     from transformers import AutoConfig
 
     if arch not in ARCHITECTURES:
         raise ValueError(f"unknown tiny architecture {arch!r}; choose from {sorted(ARCHITECTURES)}")
     spec = dict(ARCHITECTURES[arch])
     model_type = spec.pop("model_type")
-    return AutoConfig.for_model(model_type, **COMMON, **spec, dtype="bfloat16")
+    return AutoConfig.for_model(model_type, **(COMMON | spec | (overrides or {})), dtype="bfloat16")
 
 
-def build_tiny_model(arch: str = "qwen3", *, seed: int = 0, cache_dir: Path | None = None) -> Path:
-    """Build (or reuse) the tiny ``arch`` model for ``seed``; return its directory."""
+def build_tiny_model(
+    arch: str = "qwen3", *, seed: int = 0, cache_dir: Path | None = None, overrides: dict | None = None
+) -> Path:
+    """Build (or reuse) the tiny ``arch`` model for ``seed``; return its directory.
+
+    ``overrides``: config fields to change (e.g. a larger hidden size for a GPU check); part of the
+    cache key like the rest of the config.
+    """
     from transformers import AutoModelForCausalLM
 
-    config = tiny_config(arch)
+    config = tiny_config(arch, overrides)
     key = hashlib.sha256(
         json.dumps({"config": config.to_dict(), "seed": seed}, sort_keys=True, default=str).encode()
     ).hexdigest()[:12]

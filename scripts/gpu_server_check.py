@@ -1,9 +1,13 @@
-"""Device check: `truepolicy server` runs the real SGLang 0.5.15 on a GPU with the plugin loaded.
+"""Device check, issue 4's headline: real SGLang 0.5.15 on a GPU with the plugin is bitwise on-policy.
 
-Run on the lent GPU (see scripts/gpu_server_check.sh): builds the tiny Qwen3, starts
-`truepolicy server --device cuda --attention-backend triton`, shows the plugin's report from the
-scheduler process (GET /get_server_info), compares greedy tokens with HF's on the same GPU, and
-prints the logprob gap against the trainer side (issue 4 brings the GPU kernels that close it).
+Run on the lent GPU (scripts/gpu_server_check.sh). For each tiny architecture (Qwen3, Qwen2; 4
+layers, hidden 1024, bf16), built on the device: start ``truepolicy server --device cuda`` (the
+launcher adds ``--attention-backend triton --disable-cuda-graph``; the plugin applies the GPU
+patches), show the plugin's report from the scheduler process, send a mixed batch (16 concurrent
+requests, prompt lengths around the 64-token prefill chunk, greedy and sampled), recompute every
+token with the trainer side on the same GPU (``prepare_model(model, server_device="cuda")``) and print
+``train_rollout_logprob_abs_diff``; then the same against a server without the plugin (the drift).
+Exit status 1 unless every on-policy run is exactly 0.0 and every plugin-off run differs.
 """
 
 from __future__ import annotations
@@ -14,53 +18,75 @@ from pathlib import Path
 
 import psutil
 import requests
-import torch
 
+from parity.check import collect, compare, format_report, mixed_requests, recompute
 from parity.tiny_models import build_tiny_model, load_hf_model
-from truepolicy.demo import collect, make_requests, recompute, report
+from parity.trainer import prepare_model
 from truepolicy.sglang_process import running_server
 
-GPU_ARGS = [
-    "--attention-backend", "triton", "--sampling-backend", "pytorch", "--skip-tokenizer-init",
-    "--max-total-tokens", "8192", "--disable-cuda-graph", "--mem-fraction-static", "0.3",
+SERVER_ARGS = [
+    "--sampling-backend", "pytorch", "--skip-tokenizer-init", "--max-total-tokens", "65536",
+    "--chunked-prefill-size", "64", "--mem-fraction-static", "0.3",
 ]  # fmt: skip
+# head_dim 64 (the paged-attention kernels take 64 and 128): Qwen2 derives it from hidden / heads.
+SIZE = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=4, num_attention_heads=16,
+            num_key_value_heads=4)  # fmt: skip
+HEAD_DIM = {"qwen3": dict(head_dim=64), "qwen2": {}}
 
 
-def greedy_hf(model, prompt, n):
-    ids = list(prompt)
-    with torch.no_grad():
-        for _ in range(n):
-            logits = model(input_ids=torch.tensor([ids], device="cuda")).logits[0, -1]
-            ids.append(int(torch.argmax(logits)))
-    return ids[len(prompt) :]
+class Tee:
+    def __init__(self, *streams) -> None:
+        self.streams = streams
+
+    def write(self, text: str) -> None:
+        for s in self.streams:
+            s.write(text)
+            s.flush()
+
+    def flush(self) -> None:
+        for s in self.streams:
+            s.flush()
 
 
-def main(out_dir: Path) -> int:
-    model_path = build_tiny_model("qwen3", cache_dir=out_dir / "models")
+def run_one(arch: str, out_dir: Path, on_policy: bool) -> float:
+    model_path = build_tiny_model(arch, cache_dir=out_dir / "models", overrides=SIZE | HEAD_DIM[arch])
+    tag = f"{arch}-{'on' if on_policy else 'off'}"
     t0 = time.monotonic()
-    with running_server(model_path, out_dir / "server.log", device="cuda", extra_args=GPU_ARGS) as server:
-        print(f"server ready in {time.monotonic() - t0:.0f} s at {server.url}")
-        info = requests.get(f"{server.url}/get_server_info", timeout=30).json()
-        report_ = info["internal_states"][0]["truepolicy"]
-        children = {p.pid for p in psutil.Process(server.process.pid).children(recursive=True)}
-        print(f"plugin report from scheduler: {report_}")
-        print(f"launcher pid {server.process.pid}; report pid is a child of it: {report_['pid'] in children}")
-        print(f"sglang {info.get('version')}, attention_backend {info.get('attention_backend')}")
-        prompt = [5, 17, 301, 42, 900, 3]
-        out = server.generate(
-            {
-                "input_ids": prompt,
-                "sampling_params": {"temperature": 0, "max_new_tokens": 16, "ignore_eos": True},
-            }
-        )
+    # Without the plugin the launcher adds nothing: the same triton backend for a like-for-like drift.
+    plain = [] if on_policy else ["--attention-backend", "triton", "--disable-cuda-graph"]
+    with running_server(
+        model_path, out_dir / f"server-{tag}.log", device="cuda", on_policy=on_policy,
+        extra_args=[*SERVER_ARGS, *plain],
+    ) as server:  # fmt: skip
+        print(f"[{tag}] server ready in {time.monotonic() - t0:.0f} s")
+        if on_policy:
+            info = requests.get(f"{server.url}/get_server_info", timeout=30).json()
+            report = info["internal_states"][0]["truepolicy"]
+            children = {p.pid for p in psutil.Process(server.process.pid).children(recursive=True)}
+            print(f"[{tag}] plugin in scheduler pid {report['pid']} (child: {report['pid'] in children}), "
+                  f"patches {report['patches']}")  # fmt: skip
         model = load_hf_model(model_path, device="cuda")
-        hf = greedy_hf(model, prompt, 16)
-        print(f"greedy server {out['output_ids']}\ngreedy HF     {hf}\nequal: {out['output_ids'] == hf}")
-        rollouts = collect(server, make_requests(8, model.config.vocab_size, 16, seed=0))
-    print("logprob gap vs plain HF trainer on the same GPU (GPU kernels are issue 4):")
-    report(rollouts, [t.cpu() for t in recompute(model, rollouts)])
-    return 0
+        requests_ = mixed_requests(16, model.config.vocab_size, max_new_tokens=48, seed=0, max_prompt=150)
+        rollouts = collect(server.url, requests_)
+    trainer = prepare_model(model, server_device="cuda")
+    result = compare(rollouts, recompute(trainer, rollouts))
+    print(f"[{tag}] " + format_report(rollouts, result).replace("\n", f"\n[{tag}] "))
+    return result.train_rollout_logprob_abs_diff
+
+
+def main(out_dir: Path, archs: list[str]) -> int:
+    # Everything printed also goes to OUT/report.txt (the device call returns files, and only a tail).
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sys.stdout = Tee(sys.stdout, open(out_dir / "report.txt", "w"))  # noqa: SIM115 (lives to exit)
+    ok = True
+    for arch in archs:
+        on = run_one(arch, out_dir, on_policy=True)
+        off = run_one(arch, out_dir, on_policy=False)
+        print(f"{arch}: plugin on {on!r}, plugin off {off!r}")
+        ok &= on == 0.0 and off > 0.0
+    print("HEADLINE:", "bitwise on-policy on the GPU" if ok else "NOT bitwise")
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":
-    sys.exit(main(Path(sys.argv[1])))
+    sys.exit(main(Path(sys.argv[1]), sys.argv[2:] or ["qwen3", "qwen2"]))

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# One device call: install the carried SGLang wheels and truepolicy, then run gpu_server_check.py.
-#   run(command="bash scripts/gpu_server_check.sh", carry=[".gpusgl"])
+# Issue 4 headline, one device call: install the carried SGLang wheels and truepolicy, then run
+# gpu_server_check.py (Qwen3 + Qwen2 on the GPU, plugin on and off, parity-check style).
+#   run(command="bash scripts/gpu_server_check.sh [qwen3 qwen2]", carry=[".gpusgl"])
 # install.sh's own pipelines may exit non-zero on empty output: source it before `set -e`.
 source .gpusgl/install.sh
 set -euo pipefail
@@ -9,4 +10,4 @@ export PYTHONPATH=/tmp/truepolicy:$PYTHONPATH
 python3 -c "from importlib.metadata import entry_points; print(entry_points(group='sglang.srt.plugins'))"
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
-python3 scripts/gpu_server_check.py "$OUT" 2>&1 | grep -v "Ignore import error" | tail -60
+python3 scripts/gpu_server_check.py "$OUT" "$@" 2>&1 | grep -v "Ignore import error" | tail -60

@@ -8,10 +8,7 @@ import sys
 from server_patches import launcher
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="truepolicy", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def _add_server_parser(sub) -> argparse.ArgumentParser:
     server = sub.add_parser(
         "server",
         help="run the real SGLang server with the on-policy plugin",
@@ -24,11 +21,21 @@ def build_parser() -> argparse.ArgumentParser:
         allow_abbrev=False,
     )
     launcher.add_server_arguments(server)
+    return server
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="truepolicy", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    _add_server_parser(sub)
 
     demo = sub.add_parser(
         "demo",
-        help="the main job: rollouts from the real server vs the trainer's recomputation",
-        description="Build a tiny Qwen3, serve it, generate, recompute logprobs, print the gap.",
+        help="the main job: an on-policy GRPO loop on the real server, weights synced every step",
+        description="Build a tiny Qwen3, start `truepolicy server` and `truepolicy sidecar`, train it for a "
+        "few GRPO steps with rollouts from the server and a weight push after every step, print per step "
+        "the reward, train_rollout_logprob_abs_diff and max |ratio - 1|, and write a report (PNG, markdown).",
     )
     from truepolicy import demo as demo_module
 
@@ -59,15 +66,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    parser = build_parser()
     if argv[:1] == ["server"]:
-        opts, rest = parser.parse_known_args(argv)
+        # Only the server's parser: the launcher must not import the trainer-side stack (the demo's,
+        # the sidecar's) into an SGLang host that may lack it.
+        server_only = argparse.ArgumentParser(prog="truepolicy")
+        _add_server_parser(server_only.add_subparsers(dest="command", required=True))
+        opts, rest = server_only.parse_known_args(argv)
         try:
             launcher.exec_server(opts, rest)
         except launcher.LaunchError as exc:
             print(f"truepolicy server: {exc}", file=sys.stderr)
             return 2
         return 0  # not reached: exec_server replaces this process
+    parser = build_parser()
     opts = parser.parse_args(argv)
     if opts.command == "demo":
         from truepolicy import demo as demo_module

@@ -37,7 +37,8 @@ symmetric buffer, a symmetric-memory barrier publishes it, and each rank's kerne
 partials straight from the peers' buffers (NVLink loads; no multicast, no NCCL), then computes the
 whole row: every rank ends with the same ``summed`` and ``normed``. A second barrier keeps a rank from
 overwriting its buffer while peers may still read it. One program per token row; the hidden size fits
-one block.
+one block. The kernel itself never waits on a peer (the barriers are torch's), and it is compiled in the
+op's constructor with a local launch, so that no rank compiles while its peers spin in a barrier.
 
 Under ``TRITON_INTERPRET=1`` (CPU) the same kernel runs with a table of host pointers to k CPU
 tensors (``allreduce_add_rms_norm_local``); there, Triton's fp32 -> bf16 conversion truncates, so
@@ -48,6 +49,7 @@ preserved there, the interpreter is for tests only).
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Sequence
 
 import torch
@@ -179,9 +181,11 @@ if triton is not None:
             h = summed.to(tl.float32)
             sq = h * h
             for i in tl.static_range(LOG2_BLOCK_H):
-                a, b = tl.split(tl.reshape(sq, [BLOCK_H >> (i + 1), 2]))
-                sq = a + b
-            total = tl.sum(sq, axis=0)  # one element: exact
+                # s'[i] = s[2i] + s[2i+1]: a sum over an axis of 2 is one addition, exact in order.
+                # (Not tl.split: the split form needs a layout conversion per level, 20-50x the PTX and
+                # minutes of compile per hidden size, long enough to look like a hang.)
+                sq = tl.sum(tl.reshape(sq, [BLOCK_H >> (i + 1), 2]), 1)
+            total = tl.sum(sq, 0)  # one element: exact
             variance = tl.div_rn(total, H.to(tl.float32))
             inv = tl.div_rn(1.0, tl.sqrt_rn(variance + eps))
             w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
@@ -241,6 +245,23 @@ def allreduce_add_rms_norm_local(
     return _launch(table, len(partials), residual, weight, eps, fused_norm)
 
 
+def warm_up_kernel(world: int, hidden: int, device: torch.device | str, *, fused_norm: bool) -> float:
+    """Compile (or load from Triton's cache) the kernel for ``world`` ranks and ``hidden`` with a purely
+    local launch -- a pointer table of one zero row repeated ``world`` times: no peer, no barrier --
+    and wait for it. Returns the seconds it took.
+
+    The symmetric op calls this before its first barrier: a first call that compiled inside
+    ``__call__`` would leave the peers spinning in the barrier kernel for the whole compile."""
+    t0 = time.perf_counter()
+    device = torch.device(device)
+    row = torch.zeros(1, hidden, dtype=torch.bfloat16, device=device)
+    weight = torch.ones(hidden, dtype=torch.bfloat16, device=device)
+    allreduce_add_rms_norm_local([row] * world, row, weight, 1e-6, fused_norm=fused_norm)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # a kernel fault shows here, not behind a cross-rank barrier
+    return time.perf_counter() - t0
+
+
 class SymmetricAllReduceAddRMSNorm:
     """The one-shot fused op of one TP group on GPU, over torch symmetric memory.
 
@@ -248,19 +269,61 @@ class SymmetricAllReduceAddRMSNorm:
     identical on all ranks and bitwise equal to :func:`reference_allreduce_add_rms_norm` over the
     ranks' partials (``fused_norm`` as there; the default, False, is exact against
     ``parity.contract``). The symmetric buffer is allocated once for ``max_tokens`` rows.
+
+    Every rank of ``group`` must construct its ops in the same order (``rendezvous`` is a collective)
+    and call them in the same order (each call is two symmetric-memory barriers).
+
+    - ``impl="triton"`` (default): the Triton kernel over the peers' buffers. It is compiled in the
+      constructor (``precompile``, a local launch, see :func:`warm_up_kernel`), never between the two
+      barriers of a call.
+    - ``impl="torch"``: the same transport (copy, barrier, peers' buffers, barrier) with the
+      plain-PyTorch reference reading the peers' buffers in place of the kernel: isolates the kernel
+      from the transport.
+    - ``barrier_timeout_ms``: passed to the symmetric-memory barrier; 0 (default) waits forever, as
+      torch does. Non-zero: a barrier that waits longer traps the GPU (torch prints which rank and
+      channel), a CUDA error instead of a silent hang.
     """
 
-    def __init__(self, group, max_tokens: int, hidden: int, device: torch.device | str, *, fused_norm=False):
+    def __init__(
+        self,
+        group,
+        max_tokens: int,
+        hidden: int,
+        device: torch.device | str,
+        *,
+        fused_norm: bool = False,
+        impl: str = "triton",
+        precompile: bool = True,
+        barrier_timeout_ms: int = 0,
+    ):
         import torch.distributed as dist
         import torch.distributed._symmetric_memory as symm_mem
 
+        if impl not in ("triton", "torch"):
+            raise ValueError(f"impl {impl!r}: 'triton' or 'torch'")
         self.world = dist.get_world_size(group)
         self.hidden = hidden
         self.max_tokens = max_tokens
         self.fused_norm = fused_norm
+        self.impl = impl
+        self.barrier_timeout_ms = int(barrier_timeout_ms)
+        self.compile_s = 0.0
+        if precompile and impl == "triton":
+            self.compile_s = warm_up_kernel(self.world, hidden, device, fused_norm=fused_norm)
         self.buffer = symm_mem.empty(max_tokens * hidden, dtype=torch.bfloat16, device=device)
         self.handle = symm_mem.rendezvous(self.buffer, group)
-        self.table = torch.tensor(self.handle.buffer_ptrs, dtype=torch.int64, device=device)
+        # ``buffer_ptrs`` are the bases of the peers' allocations. ``symm_mem.empty`` allocates from a
+        # memory pool, where a tensor may start inside its allocation: add this tensor's offset (the
+        # same on every rank, the allocations being symmetric; 0 when the tensor owns its allocation).
+        ptrs = list(self.handle.buffer_ptrs)
+        self.offset_bytes = self.buffer.data_ptr() - ptrs[self.handle.rank]
+        if self.offset_bytes < 0 or self.offset_bytes % self.buffer.element_size():
+            raise RuntimeError(f"symmetric buffer at offset {self.offset_bytes} of its allocation's base")
+        self.table = torch.tensor([p + self.offset_bytes for p in ptrs], dtype=torch.int64, device=device)
+
+    def peer_buffer(self, rank: int, shape) -> torch.Tensor:
+        """Rank ``rank``'s partial of the current call, read in place (NVLink) through its buffer."""
+        return self.handle.get_buffer(rank, tuple(shape), torch.bfloat16, self.offset_bytes // 2)
 
     def __call__(self, partial: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
         _check(partial, residual, weight)
@@ -268,7 +331,12 @@ class SymmetricAllReduceAddRMSNorm:
         if partial.shape[-1] != self.hidden or rows > self.max_tokens:
             raise ValueError(f"{tuple(partial.shape)} does not fit [{self.max_tokens}, {self.hidden}]")
         self.buffer[: partial.numel()].copy_(partial.reshape(-1))
-        self.handle.barrier(channel=0)  # every rank's partial is in its buffer
-        out = _launch(self.table, self.world, residual, weight, eps, self.fused_norm)
-        self.handle.barrier(channel=0)  # no rank overwrites its buffer while a peer still reads it
+        self.handle.barrier(channel=0, timeout_ms=self.barrier_timeout_ms)  # every partial is published
+        if self.impl == "triton":
+            out = _launch(self.table, self.world, residual, weight, eps, self.fused_norm)
+        else:
+            peers = [self.peer_buffer(r, partial.shape) for r in range(self.world)]
+            out = reference_allreduce_add_rms_norm(peers, residual, weight, eps, fused_norm=self.fused_norm)
+        # No rank overwrites its buffer (next call) while a peer may still read it.
+        self.handle.barrier(channel=0, timeout_ms=self.barrier_timeout_ms)
         return out
