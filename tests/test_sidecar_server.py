@@ -549,20 +549,35 @@ def test_pushes_under_32_concurrent_streams_lose_nothing_and_stay_on_policy(
     sample = by_span[: VERIFY // 2]  # the responses that span the most versions ...
     rest = sorted(by_span[VERIFY // 2 :], key=lambda s: s.retractions)  # ... and unretracted ones
     sample += rest[: VERIFY - len(sample)]
-    mismatches, checked = [], 0
+    # SGLang 0.5.15 tags a streamed chunk with the tokenizer manager's version when it *processes* the
+    # chunk (tokenizer_manager.py:1893), not the version that computed it: a token computed just before
+    # a pause can reach the tokenizer manager after the new version was set (outputs go through the
+    # detokenizer process, the update's reply does not) and carry the new tag. Every token must be
+    # bitwise the trainer's under the version that computed it; a tag may lag only in that way: the
+    # first tokens of a version's span, bitwise equal under the version before it. Counted and printed.
+    mismatches, lagging, checked = [], 0, 0
     for s in sample:
         got = torch.tensor(s.logprobs, dtype=torch.float32)
-        for v in sorted(set(s.versions), key=order.index):
-            want = compute_logprobs(model_of(seeds[v]), [s.prompt + s.tokens], [len(s.prompt)], 1.0)[0]
-            at = torch.tensor([x == v for x in s.versions])
-            checked += int(at.sum())
-            if not torch.equal(got[at], want[at]):
-                mismatches.append((v, s.retractions, int((got[at] != want[at]).sum())))
+        want = {
+            v: compute_logprobs(model_of(seeds[v]), [s.prompt + s.tokens], [len(s.prompt)], 1.0)[0]
+            for v in {*s.versions, *(order[order.index(v) - 1] for v in s.versions if order.index(v) > 0)}
+        }
+        for i, v in enumerate(s.versions):
+            checked += 1
+            if torch.equal(got[i], want[v][i]):
+                continue
+            previous = order[order.index(v) - 1] if order.index(v) > 0 else None
+            span_start = i == 0 or s.versions[i - 1] != v or not torch.equal(got[i - 1], want[v][i - 1])
+            if previous is not None and span_start and torch.equal(got[i], want[previous][i]):
+                lagging += 1
+            else:
+                mismatches.append((v, i, s.retractions, float(got[i]), float(want[v][i])))
     assert not mismatches, mismatches[:10]
     tokens = sum(len(s.tokens) for s in done)
     print(
         f"\n{PUSHES} pushes under {STREAMS} streams: {len(done)} responses, {tokens} tokens, versions per "
-        f"response {dict(spans)}, {checked} tokens checked bitwise, generation paused per push: "
+        f"response {dict(spans)}, {checked} tokens checked bitwise ({lagging} tagged one version late), "
+        f"generation paused per push: "
         f"max {max(paused):.3f} s, mean {sum(paused) / len(paused):.3f} s"
     )
     assert sidecar_a.metric("truepolicy_sidecar_prefix_cache_not_flushed_total") == 0
