@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -20,7 +19,7 @@ from pathlib import Path
 
 import requests
 
-from truepolicy.sglang_process import POLL_INTERVAL_S, STOP_TIMEOUT_S, free_port, log_tail
+from truepolicy.sglang_process import POLL_INTERVAL_S, free_port, log_tail, stop_process_group
 from weight_sync.sidecar.settings import TOKEN_ENV
 
 READY_TIMEOUT_S = 180.0
@@ -40,15 +39,7 @@ class SidecarProcess:
     log_path: Path
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
+        stop_process_group(self.process)
 
 
 def _wait_ready(sidecar: SidecarProcess, ports: tuple[int, int], timeout: float) -> None:
