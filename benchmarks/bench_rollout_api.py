@@ -4,7 +4,7 @@ One SGLang server with the plugin (``truepolicy server``) and one sidecar in fro
 scoring workload -- ``--calls`` calls of ``--items`` sequences of ``--length`` random token ids, the
 second half of each scored -- is sent by ``--concurrency`` client threads
 
-- ``direct``: to SGLang's ``/generate`` with the payload the API core sends (``max_new_tokens=0``,
+- ``direct``: to SGLang's ``/generate`` with the payload the API core sends (``max_new_tokens=1``,
   ``return_logprob``, ``logprob_start_len``): the baseline, no API in between;
 - ``grpc``: through ``truepolicy.v1.RolloutService/Score``;
 - ``http``: through the sidecar's ``POST /v1/score``.
@@ -55,7 +55,7 @@ def workload(calls: int, items: int, length: int, vocab: int, seed: int) -> list
 def direct_score(session: requests.Session, url: str, batch: list[ScoreItem]) -> int:
     payload = {
         "input_ids": [it.token_ids for it in batch],
-        "sampling_params": [{"max_new_tokens": 0, "temperature": 0.0} for _ in batch],
+        "sampling_params": [{"max_new_tokens": 1, "temperature": 0.0} for _ in batch],
         "return_logprob": True,
         "logprob_start_len": [it.start - 1 for it in batch],
     }

@@ -37,6 +37,7 @@ from server_patches.patch import Patch
 
 _TRITON = "sglang.srt.layers.attention.triton_backend.TritonAttnBackend"
 _GPU_TESTS = "tests/test_paged_attention_gpu.py"
+_OP_TESTS = "tests/test_gpu_op_patches.py"
 _BACKEND_PARAMS = ("self", "q", "k", "v", "layer", "forward_batch", "save_kv_cache", "sinks")
 
 
@@ -158,6 +159,57 @@ def lm_head_batch_invariant(original, self, hidden_states, lm_head, embedding_bi
     return batch_invariant_linear(hidden_states.to(lm_head.weight.dtype), lm_head.weight)
 
 
+def silu_and_mul_native(self, x):
+    """REPLACE SiluAndMul.forward_cuda: HF's ``act_fn(gate) * up`` (two bf16 roundings) where
+    sgl_kernel's fused kernel multiplies in fp32 and rounds once. (SGLang's ``forward_native`` is that
+    formula; SGLang's own ``rl_on_policy_target`` mode makes the same switch.)"""
+    return self.forward_native(x)
+
+
+def _hf_inv_freq(rope, device: torch.device) -> torch.Tensor:
+    """HF's default ``inv_freq``, computed as HF computes it (on the CPU, at model init), once per module."""
+    cached = getattr(rope, "_truepolicy_inv_freq", None)
+    if cached is None or cached.device != device:
+        exponent = (
+            torch.arange(0, rope.rotary_dim, 2, dtype=torch.int64).to(dtype=torch.float) / rope.rotary_dim
+        )
+        cached = (1.0 / (float(rope.base) ** exponent)).to(device)
+        rope._truepolicy_inv_freq = cached
+    return cached
+
+
+def rope_hf(self, positions, query, key, offsets=None, fused_set_kv_buffer_arg=None):
+    """REPLACE RotaryEmbedding.forward_cuda: HF's rotary embedding on the device, op for op.
+
+    HF computes ``freqs = inv_freq x positions`` in fp32 (a K=1 product: one rounding), ``cos``/``sin``
+    of ``cat(freqs, freqs)`` in fp32 on the device, casts them to the activations' dtype and applies
+    ``x * cos + rotate_half(x) * sin`` in bf16. SGLang's CUDA path rotates in fp32 with one rounding
+    (sgl_kernel) from a cos/sin cache built at init (inv_freq by a device ``pow``)."""
+    from sglang.srt.layers.rotary_embedding.base import RotaryEmbedding
+
+    if type(self) is not RotaryEmbedding:
+        raise _outside("rope_cuda", f"rotary embedding {type(self).__name__} (scaled RoPE variants)")
+    if fused_set_kv_buffer_arg is not None:
+        raise _outside("rope_cuda", "RoPE fused with the KV-cache write")
+    if not self.is_neox_style or self.rotary_dim != self.head_size:
+        raise _outside("rope_cuda", "GPT-J style or partial rotary embeddings")
+    if offsets is not None:
+        positions = positions + offsets
+    positions = positions.flatten()
+    freqs = positions.to(torch.float)[:, None] * _hf_inv_freq(self, query.device)[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    cos = emb.cos().to(query.dtype)[:, None, :]
+    sin = emb.sin().to(query.dtype)[:, None, :]
+
+    def rotate(x):
+        shape = x.shape
+        x = x.view(positions.shape[0], -1, self.head_size)
+        x1, x2 = x[..., : self.head_size // 2], x[..., self.head_size // 2 :]
+        return ((x * cos) + (torch.cat((-x2, x1), dim=-1) * sin)).reshape(shape)
+
+    return rotate(query), rotate(key)
+
+
 GPU_PATCHES: tuple[Patch, ...] = (
     Patch(
         name="triton_attention_extend",
@@ -217,5 +269,28 @@ GPU_PATCHES: tuple[Patch, ...] = (
         hook=numerics.rms_norm_forward,
         hook_type="REPLACE",
         expected_params=("self", "x", "residual", "post_residual_addition"),
+    ),
+    Patch(
+        name="silu_and_mul_cuda",
+        target="sglang.srt.layers.activation.SiluAndMul.forward_cuda",
+        diverges="sgl_kernel's SiLU-and-mul multiplies in fp32 and rounds once; HF rounds silu(gate) first.",
+        proof=_OP_TESTS,
+        drop_when="never on the GPU (HF's formula rounds twice by definition)",
+        hook=silu_and_mul_native,
+        hook_type="REPLACE",
+        expected_params=("self", "x"),
+    ),
+    Patch(
+        name="rope_cuda",
+        target="sglang.srt.layers.rotary_embedding.base.RotaryEmbedding.forward_cuda",
+        diverges=(
+            "sgl_kernel rotates in fp32 with one rounding from a cos/sin cache whose inv_freq came from a "
+            "device pow; HF computes cos/sin per step from a CPU inv_freq and rotates in bf16."
+        ),
+        proof=_OP_TESTS,
+        drop_when="never on the GPU (HF's formula by definition)",
+        hook=rope_hf,
+        hook_type="REPLACE",
+        expected_params=("self", "positions", "query", "key", "offsets", "fused_set_kv_buffer_arg"),
     ),
 )

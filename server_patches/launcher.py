@@ -10,10 +10,11 @@ imported, the stand-in shipped in ``server_patches/cpu_runtime`` is put on the P
 SGLang processes (and only theirs). ``--attention-backend torch_native`` is the default there.
 
 On a GPU (``--device cuda``) with the plugin on, the contract's kernels replace SGLang's triton
-attention backend (``server_patches/gpu_patches.py``): ``--attention-backend triton`` and
-``--disable-cuda-graph`` are the defaults, and any other attention backend, or CUDA graphs, are
-refused (the patches would not be on the code path, or cannot capture). The device reaches the
-plugin through ``TRUEPOLICY_DEVICE``.
+attention backend (``server_patches/gpu_patches.py``): ``--attention-backend triton``,
+``--disable-cuda-graph`` and ``--sampling-backend pytorch`` (SGLang's CUDA default is flashinfer,
+whose sampling no per-request seed reproduces) are the defaults, and any other attention or sampling
+backend, or CUDA graphs, are refused (the patches would not be on the code path, or cannot capture).
+The device reaches the plugin through ``TRUEPOLICY_DEVICE``.
 
 Two more variables make SGLang's CPU engine start (both only set when the user has not):
 ``SGLANG_NCCL_SO_PATH`` points at a missing library: torch's CUDA wheel ships libnccl, so SGLang
@@ -149,6 +150,14 @@ def _gpu_on_policy_args(sglang_args: list[str]) -> list[str]:
         )
     if not has_flag(sglang_args, "--disable-cuda-graph"):
         added.append("--disable-cuda-graph")
+    sampling = flag_value(sglang_args, "--sampling-backend")
+    if sampling is None:
+        added += ["--sampling-backend", "pytorch"]
+    elif sampling != "pytorch":
+        raise LaunchError(
+            f"--sampling-backend {sampling}: the on-policy sampler is SGLang's pytorch backend with "
+            "per-request seeds (use --sampling-backend pytorch, or --no-on-policy)"
+        )
     return added
 
 

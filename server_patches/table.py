@@ -17,6 +17,10 @@ _TORCH_NATIVE = "sglang.srt.layers.attention.torch_native_backend.TorchNativeAtt
 _SDPA_COMMON = ("query", "output", "k_cache", "v_cache", "req_to_token", "req_pool_indices", "seq_lens")
 _SDPA_FLAGS = ("encoder_lens", "scaling", "enable_gqa", "causal", "is_cross_attn", "sliding_window_size")
 _OPS = "tests/test_contract_ops.py"
+_WEIGHT_UPDATER = "sglang.srt.managers.scheduler_components.weight_updater.SchedulerWeightUpdaterManager"
+_STREAMS_PROOF = (
+    "tests/test_sidecar_server.py::test_pushes_under_32_concurrent_streams_lose_nothing_and_stay_on_policy"
+)
 
 PATCHES: tuple[Patch, ...] = (
     Patch(
@@ -146,11 +150,42 @@ PATCHES: tuple[Patch, ...] = (
             "refuses to flush the prefix cache (retracted requests wait), so later requests reuse KV "
             "computed with the old weights. The flush now runs with the (KV-free) waiting queue set aside."
         ),
-        proof="tests/test_sidecar_server.py::test_pushes_under_32_concurrent_streams_lose_nothing_and_stay_on_policy",
+        proof=_STREAMS_PROOF,
         drop_when="SGLang flushes the prefix cache while paused with only waiting requests",
         hook=serving.flush_cache_while_paused,
         hook_type="AROUND",
         expected_params=("self", "empty_cache"),
+    ),
+    Patch(
+        name="weight_version_per_token",
+        target="sglang.srt.managers.scheduler.Scheduler.run_batch",
+        diverges=(
+            "serving, not numerics: SGLang tags a streamed chunk with the version current when the "
+            "tokenizer manager processes it, so a token computed just before an update can carry the "
+            "new version's tag. The scheduler now tags each output token with the version of the "
+            "weights that computed it (meta_info['output_weight_versions'])."
+        ),
+        proof=_STREAMS_PROOF,
+        drop_when="SGLang reports the computing weight version per output token",
+        hook=serving.stamp_weight_version,
+        hook_type="AFTER",
+        expected_params=("self", "batch", "pp_proxy_tensors"),
+    ),
+    *(
+        Patch(
+            name=f"served_weight_version_{source}",
+            target=f"{_WEIGHT_UPDATER}.update_weights_from_{source}",
+            diverges=(
+                "serving, not numerics: the scheduler learns the version of the weights it serves from "
+                f"a successful update_weights_from_{source} that names one (see weight_version_per_token)."
+            ),
+            proof=_STREAMS_PROOF,
+            drop_when="SGLang reports the computing weight version per output token",
+            hook=serving.record_weight_version,
+            hook_type="AFTER",
+            expected_params=("self", "recv_req"),
+        )
+        for source in ("tensor", "disk", "distributed", "ipc")
     ),
     *TP_PATCHES,
     *MOE_PATCHES,

@@ -78,12 +78,17 @@ def test_cuda_plan_never_carries_the_stand_in():
     assert plan.env["TRUEPOLICY_DEVICE"] == "cuda"
 
 
-def test_cuda_on_policy_runs_the_triton_backend_without_cuda_graphs():
+def test_cuda_on_policy_runs_the_triton_backend_and_pytorch_sampler_without_cuda_graphs():
     opts, rest = parse(["--model-path", "/m", "--device", "cuda"])
     argv = plan_launch(opts, rest, {}).argv
-    assert argv[-3:] == ["--attention-backend", "triton", "--disable-cuda-graph"]
+    assert argv[-5:] == [
+        "--attention-backend", "triton", "--disable-cuda-graph", "--sampling-backend", "pytorch"
+    ]  # fmt: skip
     opts, rest = parse(["--model-path", "/m", "--device", "cuda", "--attention-backend", "fa3"])
     with pytest.raises(LaunchError, match="--attention-backend fa3"):
+        plan_launch(opts, rest, {})
+    opts, rest = parse(["--model-path", "/m", "--device", "cuda", "--sampling-backend", "flashinfer"])
+    with pytest.raises(LaunchError, match="--sampling-backend flashinfer"):
         plan_launch(opts, rest, {})
     opts, rest = parse(
         ["--model-path", "/m", "--device", "cuda", "--no-on-policy", "--attention-backend=fa3"]

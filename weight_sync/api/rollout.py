@@ -3,7 +3,8 @@
 ``RolloutCore`` is the one object behind both transports (``weight_sync.api.grpc_service`` and
 ``weight_sync.api.http_routes``). Logprobs are the fp32 values SGLang returned (JSON carries the
 exact value of an fp32 as the shortest decimal that round-trips the double it converts to), each
-result tagged with the ``weight_version`` SGLang reported for it.
+result tagged with the weight version that computed it (per token, as the plugin's
+``weight_version_per_token`` patch reports it).
 
 Score batching: concurrent ``score`` calls are coalesced by ``ScoreBatcher``, continuous-batching
 style with no timers: while one batch is at the server, new items queue; when it returns, everything
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 
 import httpx
 
+from server_patches.serving import WEIGHT_VERSION_KEY
 from weight_sync.api.errors import ApiError, ErrorKind, invalid
 
 
@@ -68,6 +70,20 @@ def limits_for(model_path: str) -> Limits:
 
     config = AutoConfig.from_pretrained(model_path)
     return Limits(vocab_size=config.vocab_size, context_length=config.max_position_embeddings)
+
+
+def _token_versions(meta: dict, count: int) -> list[str]:
+    """Per output token, the weight version that computed it (the plugin's ``weight_version_per_token``
+    patch; SGLang's own ``meta_info["weight_version"]`` is read when the chunk is processed, which can
+    be after an update). ``count``: the number of output tokens SGLang reported."""
+    versions = meta.get(WEIGHT_VERSION_KEY)
+    if not isinstance(versions, list) or len(versions) != count:
+        raise ApiError(
+            ErrorKind.INTERNAL,
+            f"SGLang reported no per-token weight versions ({WEIGHT_VERSION_KEY!r}): is the truepolicy "
+            "plugin's weight_version_per_token patch active on the server?",
+        )
+    return [str(v) for v in versions]
 
 
 class ScoreBatcher:
@@ -231,31 +247,39 @@ class RolloutCore:
                     data = line[len("data:") :].strip()
                     if data == "[DONE]":
                         break
-                    chunk = self._chunk(json.loads(data), sent)
-                    if chunk is not None:
+                    for chunk in self._chunks(json.loads(data), sent):
                         yield chunk
         except httpx.HTTPError as exc:
             raise ApiError(ErrorKind.UNAVAILABLE, f"SGLang unreachable: {exc}") from exc
 
     @staticmethod
-    def _chunk(out: dict, sent: dict[int, int]) -> GeneratedChunk | None:
+    def _chunks(out: dict, sent: dict[int, int]) -> list[GeneratedChunk]:
+        """The new tokens of one SGLang stream message, one chunk per weight version (an update can
+        land between two tokens of one message); the finish reason goes on the last."""
         if "error" in out:
             raise ApiError(ErrorKind.UPSTREAM, f"SGLang: {out['error']}")
         meta = out["meta_info"]
         index = int(out.get("index", 0))
         entries = meta["output_token_logprobs"]  # cumulative for this sample
-        new = entries[sent.get(index, 0) :]
+        versions = _token_versions(meta, len(entries))
+        start = sent.get(index, 0)
         sent[index] = len(entries)
         finish = meta.get("finish_reason")
         reason = finish.get("type") if isinstance(finish, dict) else None
-        if not new and reason is None:
-            return None
-        return GeneratedChunk(
-            sample_index=index,
-            tokens=[(int(tok), float(lp)) for lp, tok, _ in new],
-            finish_reason=reason,
-            weight_version=str(meta.get("weight_version", "")),
-        )
+        chunks: list[GeneratedChunk] = []
+        for i in range(start, len(entries)):
+            if not chunks or chunks[-1].weight_version != versions[i]:
+                chunks.append(GeneratedChunk(index, [], None, versions[i]))
+            lp, tok, _ = entries[i]
+            chunks[-1].tokens.append((int(tok), float(lp)))
+        if reason is not None:
+            if chunks:
+                last = chunks.pop()
+                chunks.append(GeneratedChunk(index, last.tokens, reason, last.weight_version))
+            else:
+                version = versions[-1] if versions else str(meta.get("weight_version", ""))
+                chunks.append(GeneratedChunk(index, [], reason, version))
+        return chunks
 
     async def score(self, items: Sequence[ScoreItem]) -> list[ScoreResult]:
         self.validate_score(items)
@@ -275,7 +299,9 @@ class RolloutCore:
     async def _score_batch(self, items: list[ScoreItem]) -> list[ScoreResult]:
         payload = {
             "input_ids": [it.token_ids for it in items],
-            "sampling_params": [{"max_new_tokens": 0, "temperature": 0.0} for _ in items],
+            # One (discarded) greedy token: sampled from the prefill's last logits (no extra forward),
+            # it carries the version of the weights that computed the prompt logprobs.
+            "sampling_params": [{"max_new_tokens": 1, "temperature": 0.0} for _ in items],
             "return_logprob": True,
             # SGLang's first returned prompt logprob is always None (it would need the token before
             # it): ask from start - 1 and drop that entry.
@@ -293,7 +319,7 @@ class RolloutCore:
             results.append(
                 ScoreResult(
                     logprobs=[float(lp) for lp, _, _ in entries],
-                    weight_version=str(out["meta_info"].get("weight_version", "")),
+                    weight_version=_token_versions(out["meta_info"], 1)[0],
                 )
             )
         return results

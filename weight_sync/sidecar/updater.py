@@ -112,6 +112,24 @@ class Staged:
         return [(t.name, self.buffer[t.start : t.end].view(t.dtype).view(t.shape)) for t in self.tensors]
 
 
+
+def handoff_payload(staged: Staged) -> str:
+    """SGLang's ``update_weights_from_tensor`` payload for ``staged`` (shared-memory handles on CPU,
+    CUDA IPC handles on GPU).
+
+    On CUDA it is built over a DLPack alias of the staging buffer (the same memory and IPC handle, a
+    storage object of its own). Sharing a CUDA tensor wraps its storage's data pointer in a new
+    ref-counted one: sharing the long-lived staging buffer itself push after push would nest one more
+    wrapper on it per push, never freed while the buffer lives. The alias and its wrappers are freed
+    with the payload's views once SGLang (the consumer) has given its IPC references back."""
+    buffer = staged.buffer
+    if buffer.device.type == "cuda":
+        from sglang.srt.utils.patch_torch import monkey_patch_torch_reductions
+
+        monkey_patch_torch_reductions()  # CUDA IPC handles name the device by UUID
+        buffer = torch.from_dlpack(buffer)
+    return serialize_named_tensors(Staged(buffer, staged.tensors, staged.version).named_tensors())
+
 class Updater:
     def __init__(self, settings: Settings, api: SGLangAPI | None = None):
         self.settings = settings
@@ -406,13 +424,6 @@ class Updater:
         if name == point and (not only or only == version):
             raise SGLangCallError(point, f"injected fault {fault!r} (test only)")
 
-    def _payload(self, staged: Staged) -> str:
-        if staged.buffer.device.type == "cuda":
-            from sglang.srt.utils.patch_torch import monkey_patch_torch_reductions
-
-            monkey_patch_torch_reductions()  # CUDA IPC handles name the device by UUID
-        return serialize_named_tensors(staged.named_tensors())
-
     def _apply(self, staged: Staged, timings: Timings) -> bool:
         """Pause → load (+ version tag) → flush → continue; restore the previous version on failure."""
         facts = self._facts
@@ -426,7 +437,7 @@ class Updater:
                 paused = True
                 t1 = time.perf_counter()
                 timings.pause_s = t1 - t0
-                self.api.load_tensors(self._payload(staged), facts.tp_size, staged.version)
+                self.api.load_tensors(handoff_payload(staged), facts.tp_size, staged.version)
                 self._fault("after_load", staged.version)
                 t2 = time.perf_counter()
                 timings.load_s = t2 - t1
@@ -473,7 +484,7 @@ class Updater:
         point = self._restore_point
         try:
             if point is not None and point.version == previous:
-                self.api.load_tensors(self._payload(point), self._facts.tp_size, previous)
+                self.api.load_tensors(handoff_payload(point), self._facts.tp_size, previous)
             elif previous == self.settings.checkpoint_version:
                 # The server still serves the checkpoint it started with (SGLang's --weight-version).
                 self.api.load_from_disk(self._served.model_path, previous)

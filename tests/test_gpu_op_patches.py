@@ -1,0 +1,87 @@
+"""The GPU patches of SGLang's elementwise ops (``server_patches.gpu_patches``): RoPE and SiLU-and-mul.
+
+On CUDA SGLang runs sgl_kernel's fused kernels, which compute in fp32 and round once; HF rounds after
+every bf16 op. The patched ops compute HF's formulas: checked here against HF's own modules on the
+CPU (CI) and on the GPU (marked), each with a negative control (the fp32-once formula the fused
+kernels compute differs).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from server_patches import gpu_patches
+from tests.helpers import describe_mismatch
+
+BF16 = torch.bfloat16
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+def assert_bitwise(got: torch.Tensor, want: torch.Tensor) -> None:
+    assert torch.equal(got, want), describe_mismatch(got, want)
+
+
+@pytest.fixture
+def sglang_layers(request):
+    """SGLang's layer modules importable in this process (the CPU runtime's stand-ins on the CPU)."""
+    if not torch.cuda.is_available():
+        request.getfixturevalue("sglang_in_process")
+
+
+def _rope_module(head_dim: int, base: float, max_pos: int):
+    """A bare ``RotaryEmbedding`` with the attributes the patch reads (its __init__ needs server args)."""
+    from sglang.srt.layers.rotary_embedding.base import RotaryEmbedding
+
+    rope = RotaryEmbedding.__new__(RotaryEmbedding)
+    torch.nn.Module.__init__(rope)
+    rope.head_size = rope.rotary_dim = head_dim
+    rope.base, rope.max_position_embeddings, rope.is_neox_style = base, max_pos, True
+    return rope
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("head_dim,base,max_pos", [(64, 10000.0, 4096), (128, 1e6, 40960)])
+def test_rope_patch_equals_hf(sglang_layers, device, head_dim, base, max_pos):
+    from transformers import Qwen3Config
+    from transformers.models.qwen3.modeling_qwen3 import Qwen3RotaryEmbedding, apply_rotary_pos_emb
+
+    gen = torch.Generator().manual_seed(head_dim)
+    config = Qwen3Config(
+        head_dim=head_dim, max_position_embeddings=max_pos,
+        rope_parameters={"rope_type": "default", "rope_theta": base},
+    )  # fmt: skip
+    hf = Qwen3RotaryEmbedding(config).to(device)  # inv_freq computed on the CPU, as from_pretrained does
+    n, hq, hkv = 301, 4, 2
+    positions = torch.randperm(max_pos, generator=gen)[:n].to(device)
+    q = (3 * torch.randn(n, hq * head_dim, generator=gen)).to(BF16).to(device)
+    k = (3 * torch.randn(n, hkv * head_dim, generator=gen)).to(BF16).to(device)
+    got_q, got_k = gpu_patches.rope_hf(_rope_module(head_dim, base, max_pos), positions, q, k)
+    cos, sin = hf(q[None], positions[None])
+    want_q, want_k = apply_rotary_pos_emb(
+        q.view(1, n, hq, head_dim).transpose(1, 2), k.view(1, n, hkv, head_dim).transpose(1, 2), cos, sin
+    )
+    want_q, want_k = want_q.transpose(1, 2).reshape(n, -1), want_k.transpose(1, 2).reshape(n, -1)
+    assert_bitwise(got_q, want_q)
+    assert_bitwise(got_k, want_k)
+    # negative control: the rotation in fp32 rounded once (what sgl_kernel computes) is not HF's
+    x = q.view(n, hq, head_dim).float()
+    c, s = cos[0, :, None, :].float(), sin[0, :, None, :].float()
+    fused = (x * c + torch.cat((-x[..., head_dim // 2 :], x[..., : head_dim // 2]), -1) * s).to(BF16)
+    assert not torch.equal(fused.reshape(n, -1), want_q)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_silu_and_mul_patch_equals_hf(sglang_layers, device):
+    from sglang.srt.layers.activation import SiluAndMul
+
+    gen = torch.Generator().manual_seed(7)
+    gate_up = (4 * torch.randn(257, 2 * 1376, generator=gen)).to(BF16).to(device)
+    gate, up = gate_up.split(1376, -1)
+    op = SiluAndMul.__new__(SiluAndMul)
+    torch.nn.Module.__init__(op)
+    want = F.silu(gate) * up  # HF: act_fn(gate_proj(x)) * up_proj(x)
+    assert_bitwise(gpu_patches.silu_and_mul_native(op, gate_up), want)
+    # negative control: silu(gate) * up in fp32 rounded once (sgl_kernel's silu_and_mul)
+    assert not torch.equal((F.silu(gate.float()) * up.float()).to(BF16), want)
