@@ -210,6 +210,14 @@ def rope_hf(self, positions, query, key, offsets=None, fused_set_kv_buffer_arg=N
     return rotate(query), rotate(key)
 
 
+def no_fused_qk_norm(head_dim, dtype):
+    """REPLACE ``can_use_fused_inplace_qknorm`` as ``sglang.srt.models.utils`` sees it: False, so
+    ``apply_qk_norm`` (Qwen3's per-head q/k norms) runs ``q_norm``/``k_norm`` -- ``RMSNorm``, i.e. the
+    ``rmsnorm_cuda`` patch -- instead of the JIT fused in-place kernel (fp32 weight multiply, one
+    rounding)."""
+    return False
+
+
 GPU_PATCHES: tuple[Patch, ...] = (
     Patch(
         name="triton_attention_extend",
@@ -292,5 +300,19 @@ GPU_PATCHES: tuple[Patch, ...] = (
         hook=rope_hf,
         hook_type="REPLACE",
         expected_params=("self", "positions", "query", "key", "offsets", "fused_set_kv_buffer_arg"),
+    ),
+    Patch(
+        name="qk_norm_unfused",
+        target="sglang.srt.models.utils.can_use_fused_inplace_qknorm",
+        diverges=(
+            "Qwen3's per-head q/k RMSNorms run a JIT fused in-place kernel on CUDA (bypassing "
+            "RMSNorm.forward_cuda): it multiplies by the weight in fp32 before rounding, unlike HF. Found "
+            "by the GPU end-to-end run: Qwen2 bitwise, Qwen3 427/768 tokens off."
+        ),
+        proof="scripts/gpu_server_check.py (Qwen3, plugin on: train_rollout_logprob_abs_diff 0.0)",
+        drop_when="SGLang's fused q/k norm casts before the weight multiply",
+        hook=no_fused_qk_norm,
+        hook_type="REPLACE",
+        expected_params=("head_dim", "dtype"),
     ),
 )
