@@ -2,15 +2,19 @@
 
 Prints three tables (times from ``triton.testing.do_bench``, median, ms):
 
-1. decode: ``paged_attention_decode`` vs SGLang 0.5.15's triton ``decode_attention_fwd`` (its default 8
-   KV splits, and its deterministic mode's 256-token split tiles) at context 1k/4k/16k, batch 1/32,
-   Qwen3-8B-like heads (32 query / 8 kv heads, head dim 128, bf16); ratio ours / SGLang, and the
-   fraction of device-to-device copy bandwidth reached on the KV bytes.
-2. extend: ``paged_attention_extend`` vs SGLang's ``extend_attention_fwd`` (prefill 1k and 4k from
-   scratch, 512 new tokens after a 4k cached prefix).
+1. decode: ``paged_attention_decode`` ("ours": CUDA-core contract) and ``paged_attention_mma``'s
+   ("mma": tensor cores, GPU-only definition) vs SGLang 0.5.15's triton ``decode_attention_fwd`` (its
+   default 8 KV splits, and its deterministic mode's 256-token split tiles) at context 1k/4k/16k,
+   batch 1/32, Qwen3-8B-like heads (32 query / 8 kv heads, head dim 128, bf16); ratios to SGLang (same
+   process), and the fraction of device-to-device copy bandwidth reached on the KV bytes.
+2. extend: ``paged_attention_extend`` (ours, mma) vs SGLang's ``extend_attention_fwd`` (prefill 1k
+   and 4k from scratch, 512 new tokens after a 4k cached prefix; batch 1).
 3. matmul: ``batch_invariant_linear`` vs cuBLAS ``F.linear`` at M = 1 .. 8192 (goal >= 0.9x cuBLAS).
 
-    python benchmarks/bench_paged_attention.py [--json out.json] [--quick]
+``--sweep`` adds the mma kernels' launch options (decode chunks per program and stages, extend
+stages: they never change the bits) to pick defaults per GPU; ``--only decode|extend|matmul``.
+
+    python benchmarks/bench_paged_attention.py [--json out.json] [--quick] [--sweep]
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import triton
 
 from parity.ops import batch_invariant_matmul as bm
 from parity.ops import paged_attention as pa
+from parity.ops import paged_attention_mma as pam
 
 DEV = "cuda"
 HQ, HKV, D = 32, 8, 128
@@ -64,7 +69,7 @@ def sglang_decode(q, k, v, req_to_token, seq_lens, splits, o):
     )
 
 
-def decode_table(quick: bool):
+def decode_table(quick: bool, sweep: bool = False):
     rows = []
     for ctx in (1024, 4096) if quick else (1024, 4096, 16384):
         for bsz in (1, 32):
@@ -79,25 +84,43 @@ def decode_table(quick: bool):
                     pa.paged_attention_decode, q, k, v, r2t, pools, seq, D**-0.5, out=o, max_chunks=chunks
                 )
             )
+            mma_fn = partial(pam.paged_attention_decode, q, k, v, r2t, pools, seq, D**-0.5, max_chunks=chunks)
+            mma = bench(partial(mma_fn, out=o))
             sg8 = bench(sglang_decode(q, k, v, r2t, seq.int(), 8, torch.empty_like(q)))
             sg_det = bench(sglang_decode(q, k, v, r2t, seq.int(), -(-ctx // 256), torch.empty_like(q)))
             kv_bytes = 2 * bsz * ctx * HKV * D * 2
-            bw = copy_ms(kv_bytes) / ours
-            rows.append(dict(ctx=ctx, batch=bsz, ours=ours, sglang8=sg8, sglang_det=sg_det, copy_fraction=bw))
-    print("\n== decode (ms): ours vs SGLang triton decode_attention_fwd (Hq 32, Hkv 8, D 128, bf16)")
+            copy = copy_ms(kv_bytes)
+            row = dict(
+                ctx=ctx, batch=bsz, ours=ours, mma=mma, sglang8=sg8, sglang_det=sg_det,
+                copy_fraction=copy / ours, mma_copy_fraction=copy / mma,
+            )  # fmt: skip
+            if sweep:
+                row["mma_sweep"] = {
+                    f"cpp{cpp}_s{st}": bench(partial(mma_fn, out=o, chunks_per_program=cpp, num_stages=st))
+                    for cpp in (1, 2, 4, 8, 16)
+                    for st in (1, 2, 3)
+                }
+            rows.append(row)
+    print("\n== decode (ms): ours / mma vs SGLang triton decode_attention_fwd (Hq 32, Hkv 8, D 128, bf16)")
     print(
-        f"{'ctx':>6} {'batch':>5} {'ours':>8} {'sgl 8sp':>8} {'sgl det':>8} {'/8sp':>6} {'/det':>6} "
-        f"{'copy bw':>8}"
+        f"{'ctx':>6} {'batch':>5} {'ours':>8} {'mma':>8} {'sgl 8sp':>8} {'sgl det':>8} {'ours/8sp':>8} "
+        f"{'mma/8sp':>8} {'mma/det':>8} {'copy bw':>8} {'mma bw':>7}"
     )
     for r in rows:
         print(
-            f"{r['ctx']:>6} {r['batch']:>5} {r['ours']:8.4f} {r['sglang8']:8.4f} {r['sglang_det']:8.4f} "
-            f"{r['ours'] / r['sglang8']:6.2f} {r['ours'] / r['sglang_det']:6.2f} {r['copy_fraction']:8.2f}"
+            f"{r['ctx']:>6} {r['batch']:>5} {r['ours']:8.4f} {r['mma']:8.4f} {r['sglang8']:8.4f} "
+            f"{r['sglang_det']:8.4f} {r['ours'] / r['sglang8']:8.2f} {r['mma'] / r['sglang8']:8.2f} "
+            f"{r['mma'] / r['sglang_det']:8.2f} {r['copy_fraction']:8.2f} {r['mma_copy_fraction']:7.2f}"
         )
+        if "mma_sweep" in r:
+            best = min(r["mma_sweep"], key=r["mma_sweep"].get)
+            print(f"{'':>13} mma sweep: best {best} {r['mma_sweep'][best]:.4f} ms; " + ", ".join(
+                f"{name} {t:.4f}" for name, t in r["mma_sweep"].items()
+            ))  # fmt: skip
     return rows
 
 
-def extend_table(quick: bool):
+def extend_table(quick: bool, sweep: bool = False):
     from sglang.srt.layers.attention.triton_ops.extend_attention import extend_attention_fwd
 
     rows = []
@@ -111,6 +134,8 @@ def extend_table(quick: bool):
         pre_t = torch.tensor([prefix], device=DEV)
         new_t = torch.tensor([new], device=DEV)
         ours = bench(partial(pa.paged_attention_extend, q, k, v, r2t, pools, pre_t, new_t, D**-0.5, out=o))
+        mma_fn = partial(pam.paged_attention_extend, q, k, v, r2t, pools, pre_t, new_t, D**-0.5, out=o)
+        mma = bench(mma_fn)
         new_slots = r2t[0, prefix:total].long()
         k_ext, v_ext = k[new_slots].contiguous(), v[new_slots].contiguous()
         qo_indptr = torch.tensor([0, new], dtype=torch.int32, device=DEV)
@@ -136,18 +161,23 @@ def extend_table(quick: bool):
             D**-0.5,
         )
         sg = bench(partial(extend_attention_fwd, *args))
-        rows.append(dict(prefix=prefix, new=new, ours=ours, sglang=sg))
-    print("\n== extend (ms): ours vs SGLang triton extend_attention_fwd (batch 1)")
-    print(f"{'prefix':>6} {'new':>5} {'ours':>9} {'sglang':>9} {'ratio':>6}")
+        row = dict(prefix=prefix, new=new, ours=ours, mma=mma, sglang=sg)
+        if sweep:
+            row["mma_sweep"] = {f"s{st}": bench(partial(mma_fn, num_stages=st)) for st in (1, 2, 3, 4)}
+        rows.append(row)
+    print("\n== extend (ms): ours / mma vs SGLang triton extend_attention_fwd (batch 1)")
+    print(f"{'prefix':>6} {'new':>5} {'ours':>9} {'mma':>9} {'sglang':>9} {'ours/sgl':>8} {'mma/sgl':>8}")
     for r in rows:
         print(
-            f"{r['prefix']:>6} {r['new']:>5} {r['ours']:9.3f} {r['sglang']:9.3f} "
-            f"{r['ours'] / r['sglang']:6.2f}"
+            f"{r['prefix']:>6} {r['new']:>5} {r['ours']:9.3f} {r['mma']:9.3f} {r['sglang']:9.3f} "
+            f"{r['ours'] / r['sglang']:8.2f} {r['mma'] / r['sglang']:8.2f}"
         )
+        if "mma_sweep" in r:
+            print(f"{'':>12} mma sweep: " + ", ".join(f"{n} {t:.3f}" for n, t in r["mma_sweep"].items()))
     return rows
 
 
-def matmul_table(quick: bool):
+def matmul_table(quick: bool, sweep: bool = False):
     rows = []
     shapes = (
         [(4096, 4096), (151936, 1024)]
@@ -176,13 +206,14 @@ def main() -> int:
     ap.add_argument("--json")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--only", choices=["decode", "extend", "matmul"])
+    ap.add_argument("--sweep", action="store_true", help="also time the mma kernels' launch options")
     args = ap.parse_args()
     print(torch.cuda.get_device_name(), "torch", torch.__version__, "triton", triton.__version__, flush=True)
     out = {}
     for name, fn in (("decode", decode_table), ("extend", extend_table), ("matmul", matmul_table)):
         if args.only in (None, name):
             try:
-                out[name] = fn(args.quick)
+                out[name] = fn(args.quick, args.sweep)
             except Exception as exc:  # report and go on: one table failing must not hide the others
                 print(f"{name}: FAILED: {type(exc).__name__}: {exc}", flush=True)
                 out[name] = f"failed: {exc}"

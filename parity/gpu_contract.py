@@ -15,6 +15,11 @@ device="cuda")`` makes the trainer use the same kernels:
   not depend on how many tokens the trainer runs at once (the server runs 1..N).
 - ``*RMSNorm``: ``parity.contract.rms_norm`` (as on the CPU; see ``server_patches.gpu_patches`` on the
   batch invariance of its fp32 mean on the device).
+- Qwen3-MoE sparse blocks (checked and refused as on the CPU by ``parity.moe.prepare_moe_blocks``):
+  :func:`qwen3_moe_block_forward_cuda`, the MoE contract with the router matmul and every expert
+  projection through the batch-invariant kernel (``parity.ops.moe_experts``), what the server's
+  ``linear_batch_invariant``, ``moe_topk_cuda`` and ``moe_experts_cuda`` patches compute.
+  Differentiable (F.linear's backward for the kernel's matmuls).
 
 ``device="cpu"`` selects the same attention (the plain-PyTorch reference: the same bits as the
 kernel) and leaves the linear layers to ``F.linear`` (row-invariant in bf16 on the CPU): a way to run
@@ -32,7 +37,8 @@ import types
 
 import torch
 
-from parity import trainer
+from parity import moe, trainer
+from parity.ops import moe_experts
 from parity.ops.batch_invariant_matmul import batch_invariant_linear
 from parity.ops.paged_attention import (
     CONTRACT_CHUNK,
@@ -76,6 +82,27 @@ def _linear_forward(self, x):
     return batch_invariant_linear(x, self.weight, self.bias)
 
 
+def qwen3_moe_block_forward_cuda(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    """``Qwen3MoeSparseMoeBlock.forward`` under the GPU MoE contract: the router matmul by the
+    batch-invariant kernel, ``parity.moe.route``, ``parity.ops.moe_experts.moe_experts``."""
+    moe._refuse_router_logit_capture()
+    batch, seq, hidden_size = hidden_states.shape
+    out = moe_experts.sparse_moe_block(
+        hidden_states.reshape(-1, hidden_size), self.gate.weight, self.experts.gate_up_proj,
+        self.experts.down_proj, self.gate.top_k, self.gate.norm_topk_prob,
+    )  # fmt: skip
+    return out.reshape(batch, seq, hidden_size)
+
+
+def prepare_moe_blocks_cuda(model: torch.nn.Module) -> int:
+    """Route the Qwen3-MoE blocks (already checked and bound to the CPU contract by
+    ``parity.moe.prepare_moe_blocks``) through :func:`qwen3_moe_block_forward_cuda`; return how many."""
+    blocks = [m for m in model.modules() if type(m).__name__ == moe.QWEN3_MOE_BLOCK]
+    for block in blocks:
+        block.forward = types.MethodType(qwen3_moe_block_forward_cuda, block)
+    return len(blocks)
+
+
 def prepare_model(model: torch.nn.Module, tp_size: int = 1, device: str = "cuda") -> torch.nn.Module:
     """Route ``model`` through the GPU contract (in place); return the model. See the module docstring."""
     if device not in ("cuda", "cpu"):
@@ -89,4 +116,5 @@ def prepare_model(model: torch.nn.Module, tp_size: int = 1, device: str = "cuda"
         for module in model.modules():
             if isinstance(module, torch.nn.Linear):
                 module.forward = types.MethodType(_linear_forward, module)
+        prepare_moe_blocks_cuda(model)
     return model

@@ -19,5 +19,5 @@ from parity.tiny_models import build_tiny_model
 print(build_tiny_model('qwen3', cache_dir=Path('/tmp/models'), overrides=dict(hidden_size=1024,
       intermediate_size=2816, num_hidden_layers=4, num_attention_heads=16, num_key_value_heads=4, head_dim=64)))
 " | tail -1)
-python3 benchmarks/bench_rollout_api.py --device cuda --model-path "$model" --length 512 --calls 64 \
-    --items 4 --concurrency 8 --rounds 5 2>&1 | grep -v "Ignore import error" | tee "$OUT/api_bench.txt" | tail -30
+python3 benchmarks/bench_rollout_api.py --device cuda --model-path "$model" --length 512 --calls 32 \
+    --items 4 --concurrency 8 --rounds 3 2>&1 | grep -v "Ignore import error" | tee "$OUT/api_bench.txt" | tail -30

@@ -33,6 +33,7 @@ import torch
 from parity.ops.batch_invariant_matmul import batch_invariant_linear
 from parity.ops.paged_attention import CONTRACT_CHUNK, paged_attention_decode, paged_attention_extend
 from server_patches import numerics
+from server_patches.moe_patches import MOE_GPU_PATCHES
 from server_patches.patch import Patch
 
 _TRITON = "sglang.srt.layers.attention.triton_backend.TritonAttnBackend"
@@ -315,4 +316,5 @@ GPU_PATCHES: tuple[Patch, ...] = (
         hook_type="REPLACE",
         expected_params=("head_dim", "dtype"),
     ),
+    *MOE_GPU_PATCHES,
 )

@@ -327,3 +327,232 @@ def test_server_hooks_refuse_outside_the_contract(sglang_in_process):
         with pytest.raises(NotImplementedError, match="moe_experts"):
             moe_patches.moe_forward_native(bad_layer, x, topk_output, config)
     assert moe_patches.moe_forward_native(layer, x, topk_output, MoeRunnerConfig()).shape == x.shape
+
+
+# --- the GPU form of the contract (parity.ops.moe_experts, MOE_GPU_PATCHES), checked on the CPU ------
+
+
+def _random_layer(gen, tokens, hidden, experts, inter, dtype=BF16):
+    x = (2 * torch.randn(tokens, hidden, generator=gen)).to(dtype)
+    router = (0.2 * torch.randn(experts, hidden, generator=gen)).to(dtype)
+    w13 = (0.2 * torch.randn(experts, 2 * inter, hidden, generator=gen)).to(dtype)
+    w2 = (0.2 * torch.randn(experts, hidden, inter, generator=gen)).to(dtype)
+    return x, router, w13, w2
+
+
+def test_gpu_experts_op_on_the_cpu_is_the_cpu_contract(gen):
+    """Off the kernel path (CPU tensors, no interpreter) ``parity.ops.moe_experts`` is
+    ``parity.moe`` bit for bit (both implementations), and its gradients are autograd's of
+    ``parity.moe`` within bf16 rounding."""
+    from parity.ops import moe_experts as me
+
+    x, router, w13, w2 = _random_layer(gen, 96, 128, 8, 64)
+    params = [t.requires_grad_() for t in (x, router, w13, w2)]
+    upstream = torch.randn(96, 128, generator=gen)
+    want = moe.sparse_moe(x, F.linear(x, router), w13, w2, 2, True)
+    want_grads = torch.autograd.grad((want.float() * upstream).sum(), params)
+    for impl in me.IMPLS:
+        got = me.sparse_moe_block(x, router, w13, w2, 2, True, impl=impl)
+        assert_bitwise(got, want)
+        grads = torch.autograd.grad((got.float() * upstream).sum(), params)
+        for name, g, w in zip(("input", "router", "w13", "w2"), grads, want_grads, strict=True):
+            assert _relative_error(g, w.double()) < 1e-2, (impl, name)
+    for tokens in (0, 1, 5):  # no tokens (an idle rank), one, a few
+        sub = me.sparse_moe_block(x[:tokens], router, w13, w2, 2, True)
+        assert_bitwise(sub, want[:tokens])
+
+
+def test_gpu_experts_op_backward_matches_finite_differences(gen):
+    """float64 ``gradcheck`` of the GPU block's custom backward (the expert projections'
+    ``autograd.Function``, the router's), on the CPU."""
+    from parity.ops import moe_experts as me
+
+    args = [
+        torch.randn(7, 8, generator=gen, dtype=torch.float64),
+        torch.randn(5, 8, generator=gen, dtype=torch.float64),
+        torch.randn(5, 8, 8, generator=gen, dtype=torch.float64),
+        torch.randn(5, 8, 4, generator=gen, dtype=torch.float64),
+    ]
+    for renormalize in (True, False):
+
+        def block(x, router, w13, w2, renormalize=renormalize):
+            return me.sparse_moe_block(x, router, w13, w2, 2, renormalize)
+
+        assert torch.autograd.gradcheck(block, [a.clone().requires_grad_() for a in args])
+
+
+def test_gpu_patch_targets_exist_with_the_expected_signatures(sglang_in_process):
+    """``MOE_GPU_PATCHES`` apply to the installed SGLang (the GPU modules' Python source is importable
+    on the CPU), sit in ``GPU_PATCHES``, and hook the functions the GPU path calls."""
+    import inspect
+
+    from sglang.srt.layers.moe import topk
+    from sglang.srt.layers.moe.fused_moe_triton.layer import FusedMoE
+    from sglang.srt.layers.quantization.unquant import UnquantizedFusedMoEMethod
+
+    from server_patches.gpu_patches import GPU_PATCHES
+    from server_patches.moe_patches import MOE_GPU_PATCHES
+
+    for patch in MOE_GPU_PATCHES:
+        patch.check()
+        assert patch in GPU_PATCHES
+        assert patch.proof.startswith("tests/test_moe_gpu.py::")
+    # the GPU path: TopK.forward_cuda -> select_experts -> fused_topk (the module global);
+    # FusedMoE.forward_impl -> run_moe_core -> quant_method.apply -> forward_cuda
+    assert "select_experts(" in inspect.getsource(topk.TopK.forward_cuda)
+    assert "fused_topk(" in inspect.getsource(topk.select_experts)
+    assert "self.run_moe_core(" in inspect.getsource(FusedMoE.forward_impl)
+    assert "quant_method.apply(" in inspect.getsource(FusedMoE.run_moe_core)
+    assert "forward_cuda" in UnquantizedFusedMoEMethod.__dict__
+    # a target that is not there is refused with the patch's name
+    from server_patches.patch import Patch
+    from server_patches.targets import PatchTargetError
+
+    missing = Patch(**{**vars(MOE_GPU_PATCHES[1]), "target": f"{FusedMoE.__module__}.FusedMoE.run_moe_kore"})
+    with pytest.raises(PatchTargetError, match="moe_experts_cuda"):
+        missing.check()
+    renamed = Patch(**{**vars(MOE_GPU_PATCHES[0]), "expected_params": ("hidden_states", "gating_output")})
+    with pytest.raises(PatchTargetError, match="signature changed"):
+        renamed.check()
+
+
+def test_gpu_hooks_refuse_outside_the_contract(sglang_in_process, gen):
+    """The GPU hooks' refusals, on SGLang's real (CPU-built) MoE layer: its own configuration passes;
+    each unsupported variant raises ``NotImplementedError`` naming the patch. CPU tensors go to
+    SGLang's own path untouched."""
+
+    from sglang.srt.layers.moe.token_dispatcher.standard import StandardDispatchOutput
+    from sglang.srt.layers.moe.topk import StandardTopKOutput, StandardTopKOutputPacked
+
+    sgl = sglang_block(hf_block(gen))
+    layer = sgl.experts
+    x = (2 * torch.randn(5, layer.hidden_size, generator=gen)).to(BF16)
+    logits = torch.randn(5, layer.num_experts, generator=gen).to(BF16)
+    weights, ids = moe_patches.fused_topk(x, logits, 2, True)
+    assert ids.dtype == torch.int32 and torch.equal(ids.long(), moe.route(logits, 2, True)[1])
+    topk_output = StandardTopKOutput(weights, ids, logits)
+    ok = StandardDispatchOutput(hidden_states=x, hidden_states_scale=None, topk_output=topk_output)
+    moe_patches._check_cuda_moe(layer, ok)  # SGLang's own Qwen3-MoE layer is inside the contract
+
+    def refused(what, dispatch=ok, **changes):
+        owners = {"layer": layer, "method": layer.quant_method, "config": layer.moe_runner_config}
+        saved = []
+        try:
+            for path, value in changes.items():
+                owner, attr = path.rsplit(".", 1) if "." in path else ("layer", path)
+                saved.append((owners[owner], attr, getattr(owners[owner], attr)))
+                setattr(owners[owner], attr, value)
+            with pytest.raises(NotImplementedError, match=f"moe_experts_cuda.*{what}"):
+                moe_patches._check_cuda_moe(layer, dispatch)
+        finally:
+            for owner, attr, value in reversed(saved):
+                setattr(owner, attr, value)
+        moe_patches._check_cuda_moe(layer, ok)  # restored
+
+    refused("MoE method", quant_method=torch.nn.Module())  # e.g. a quantized method
+    refused("runner backend", **{"method.use_flashinfer_cutlass": True})
+    refused("runner backend", **{"method._aiter_runner": object()})
+    refused("expert variant", **{"config.routed_scaling_factor": 2.5})
+    refused("expert variant", **{"config.activation": "gelu"})
+    refused("no_combine", **{"config.no_combine": True})
+    refused("MoE TP", moe_ep_size=2)
+    refused("quantized", w13_weight=torch.nn.Parameter(layer.w13_weight.to(torch.float8_e4m3fn), False))
+    refused("redundant", num_experts=layer.num_experts + 1)
+    refused("routing", dispatch=ok._replace(topk_output=StandardTopKOutputPacked(weights, ids, logits, ids)))
+    refused("scaled", dispatch=ok._replace(hidden_states_scale=torch.ones(5)))
+    refused("activations", dispatch=ok._replace(hidden_states=x.float()))
+    with pytest.raises(NotImplementedError, match="moe_topk_cuda"):
+        moe_patches.fused_topk(x, logits, 2, True, scoring_func="sigmoid")
+    with pytest.raises(NotImplementedError, match="moe_topk_cuda"):
+        moe_patches.fused_topk(x, logits, 2, True, correction_bias=torch.zeros(8))
+    with pytest.raises(NotImplementedError, match="moe_topk_cuda"):
+        moe_patches.fused_topk(x, logits, 2, True, packed_out=torch.zeros(5, 2, dtype=torch.int32))
+    # CPU tensors: the hook hands the call to SGLang's own path
+    seen = []
+    assert moe_patches.fused_moe_run_core(lambda *a: seen.append(a) or "own", layer, ok) == "own"
+    assert seen == [(layer, ok)]
+
+
+# The grouped kernel and the per-expert loop under the Triton interpreter (a child Python: the
+# interpreter must be chosen before triton.jit decorates the kernels).
+
+
+def _interpreter_checks():
+    import math
+
+    from parity.ops import batch_invariant_matmul as bim
+    from parity.ops import moe_experts as me
+
+    assert bim._interpreting()
+
+    def poisoned(*args, **kwargs):
+        t = torch.empty(*args, **kwargs)
+        return t.fill_(math.nan) if t.is_floating_point() else t
+
+    me._empty = bim._empty = poisoned
+    g = torch.Generator().manual_seed(0)
+    # odd sizes: 2I = 160 (two N tiles, one partial), K = 96 and 80 (partial K blocks)
+    x, router, w13, w2 = _random_layer(g, 150, 96, 4, 80)
+    for impl in me.IMPLS:
+        full = me.sparse_moe_block(x, router, w13, w2, 2, True, impl=impl)
+        assert not torch.isnan(full.float()).any(), "unwritten (poisoned) rows"
+        alone = torch.cat(
+            [me.sparse_moe_block(x[i : i + 1], router, w13, w2, 2, True, impl=impl) for i in range(4)]
+        )
+        assert_bitwise(alone, full[:4])
+        perm = torch.randperm(150, generator=g)
+        shuffled = torch.empty_like(full)
+        shuffled[perm] = me.sparse_moe_block(x[perm], router, w13, w2, 2, True, impl=impl)
+        assert_bitwise(shuffled, full)
+        if impl == "grouped":
+            grouped = full
+    assert_bitwise(grouped, full)  # grouped == loop
+    _, ids = moe.route(me.router_linear(x, router), 2, True)
+    counts = torch.bincount(ids.reshape(-1), minlength=4)
+    assert int(counts.max()) > 64, counts  # some expert spans two M tiles
+    # many experts, few rows: spare tiles, empty experts between busy ones
+    x, router, w13, w2 = _random_layer(g, 3, 64, 40, 32)
+    a = me.sparse_moe_block(x, router, w13, w2, 4, True, impl="grouped")
+    assert_bitwise(a, me.sparse_moe_block(x, router, w13, w2, 4, True, impl="loop"))
+    assert me.expert_layout(moe.route(me.router_linear(x, router), 4, True)[1], 40).num_tiles == 1 + 12
+    # the backward through the grouped forward is the loop's
+    x, router, w13, w2 = (t.requires_grad_() for t in _random_layer(g, 40, 64, 4, 32))
+    upstream = torch.randn(40, 64, generator=g)
+    grads = {}
+    for impl in me.IMPLS:
+        out = me.sparse_moe_block(x, router, w13, w2, 2, True, impl=impl)
+        grads[impl] = torch.autograd.grad((out.float() * upstream).sum(), (x, router, w13, w2))
+    for got, want in zip(grads["grouped"], grads["loop"], strict=True):
+        assert_bitwise(got, want)
+    # ... and close to autograd's through the CPU contract (F.linear): the custom backward is right
+    out = moe.sparse_moe(x, F.linear(x, router), w13, w2, 2, True)
+    cpu_grads = torch.autograd.grad((out.float() * upstream).sum(), (x, router, w13, w2))
+    for got, want in zip(grads["grouped"], cpu_grads, strict=True):
+        assert _relative_error(got, want.double()) < 2e-2
+    print("moe interpreter checks passed", flush=True)
+
+
+def test_grouped_kernel_equals_the_loop_under_the_triton_interpreter():
+    """The grouped Triton kernel and the per-expert batch-invariant kernel under the interpreter:
+    the same bits as each other, a token's bits alone == in a shuffled batch of 150 (an expert over
+    two tiles, partial N and K tiles, poisoned outputs), spare tiles, and the same gradients."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(
+        os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", "")
+    )
+    code = "from tests.test_moe_contract import _interpreter_checks; _interpreter_checks()"
+    proc = subprocess.run(
+        [sys.executable, "-W", "ignore", "-c", code],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=root,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-8000:]
+    assert "moe interpreter checks passed" in proc.stdout

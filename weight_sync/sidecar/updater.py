@@ -112,7 +112,6 @@ class Staged:
         return [(t.name, self.buffer[t.start : t.end].view(t.dtype).view(t.shape)) for t in self.tensors]
 
 
-
 def handoff_payload(staged: Staged) -> str:
     """SGLang's ``update_weights_from_tensor`` payload for ``staged`` (shared-memory handles on CPU,
     CUDA IPC handles on GPU).
@@ -129,6 +128,7 @@ def handoff_payload(staged: Staged) -> str:
         monkey_patch_torch_reductions()  # CUDA IPC handles name the device by UUID
         buffer = torch.from_dlpack(buffer)
     return serialize_named_tensors(Staged(buffer, staged.tensors, staged.version).named_tensors())
+
 
 class Updater:
     def __init__(self, settings: Settings, api: SGLangAPI | None = None):

@@ -1,0 +1,700 @@
+"""Causal attention over SGLang's paged KV cache on tensor cores, whose every row has one definition on
+the GPU: decode row == extend row == the trainer's full-sequence row, bit for bit, at any batch
+composition. The same public API and paged layout as :mod:`parity.ops.paged_attention` (switch by
+changing the import); unlike it, no plain-PyTorch code reproduces these bits (tensor-core accumulation
+is not IEEE), so its guarantee is GPU == GPU (and interpreter == interpreter), not GPU == CPU.
+
+The definition (what decode and extend both compute)
+----------------------------------------------------
+For a query row at position ``p`` of a request (keys ``0 .. p``), query head ``h`` with kv head
+``h // G`` (``G = Hq / Hkv``), head dim ``D``, ``C = CONTRACT_CHUNK`` (64) and
+``qk_scale = fp32(scale * log2(e))``:
+
+1. The keys are cut into chunks of a **fixed size** ``C``: chunk ``j`` holds positions
+   ``jC .. jC + C - 1``; the row uses chunks ``0 .. p // C`` (lanes ``> p`` invalid). Chunk boundaries
+   depend on positions only, never on the batch, the split count or the number of query rows.
+2. Per chunk, one **tile** of ``BLOCK_M = 64`` query rows x ``D`` (bf16/fp16), ``MMA_NUM_WARPS = 4``:
+
+   - ``s = tl.dot(q_tile, kT_chunk) * qk_scale`` (tensor cores, fp32 accumulate; then one fp32
+     multiply); invalid lanes ``-inf``;
+   - ``m = max_n s + 0.0`` (the row max; ``+ 0.0``: never ``-0.0``); ``m_ref = m``, or ``0`` for a row
+     with no valid lane (``-inf``: no ``inf - inf``);
+   - ``p = exp2(s - m_ref)`` (``tl.exp2``: ``ex2.approx``; invalid lanes exactly ``+0``);
+     ``l = tl.sum(p, 1)``; ``acc = tl.dot(p.to(v.dtype), v_chunk)``: its own dot (fresh fp32
+     accumulator), never accumulated into a running sum.
+
+3. The chunk partials ``(m_j, l_j, acc_j)`` are folded in increasing ``j`` from
+   ``(M, L, A) = (-inf, 0, 0)``: ``M' = max(M, m_j)``, ``r = M'`` (``0`` if ``-inf``),
+   ``a = exp2(M - r)``, ``b = exp2(m_j - r)``, ``L = L * a + l_j * b``, ``A = A * a + acc_j * b``
+   (each product rounded, then the sum: kernels compile with ``enable_fp_fusion=False``).
+4. ``out = div_rn(A, L) + 0.0`` (IEEE division; ``+ 0.0`` turns a ``-0.0`` into ``+0.0``), rounded
+   once to the output dtype.
+
+Why decode == extend bitwise
+----------------------------
+* **Extend** (prefill after a cached prefix, and the trainer's full sequence): a tile is up to 64
+  consecutive rows of one request and **one query head** (GQA heads are not mixed: each head of a
+  group is its own tile, the kv chunk is re-read from L2, as SGLang's extend does). One program walks
+  chunks ``0 .. max_pos // C`` of the tile, computing each partial and folding it at once; a row whose
+  position is before chunk ``j`` keeps its state (a select: chunks after a row's last are not folded).
+* **Decode**: a tile is the ``G`` query heads of one kv head of one request (rows ``G .. 63`` padded,
+  fully masked: decode is memory-bound, the idle MMA rows are free). Split-KV: programs compute the
+  partials of a few chunks each (``chunks_per_program``, a launch option) and write them in fp32; a
+  second kernel folds them in chunk order with the same ``_combine`` function.
+* **Per element, an MMA result depends only on its row of A and its column of B** (each output is a
+  dot product; the other rows of the tile never enter it), and its accumulation order depends only
+  on the instruction sequence, which ``tl.dot`` fixes from the operand shapes ([64, D] x [D, C] and
+  [64, C] x [C, D]), dtypes and warp count, all identical in both kernels (both call the same
+  ``@triton.jit`` helpers: ``_load_kv`` -> ``_chunk_partial`` -> ``_combine``). So the row's scores
+  are the same bits in a decode tile (with its padded rows) and in an extend tile (with its
+  neighbours), and so are ``acc`` (its ``p`` row is the same; invalid lanes have ``p = +0`` in both,
+  whatever V holds there: zero products do not change a non-zero sum, and the sign of a zero result
+  is normalised by the final ``+ 0.0``).
+* The reductions ``max`` and ``sum`` over the 64 lanes run on the same register layout (the MMA
+  output layout of the [64, C] score tile), with the same code, so in the same order. ``max`` is exact
+  anyway; ``sum`` is order-sensitive, hence the shared helper.
+* Everything after the reductions is element-wise fp32 (``max``, ``-``, ``exp2``, ``*``, ``+``,
+  ``div_rn``): the same ops on the same values give the same bits in any layout and in any kernel,
+  and a partial stored to memory in fp32 and reloaded is exact. Fusion into fma is disabled.
+* Launch options (chunks per decode program, ``num_stages`` pipelining) change the schedule, never
+  the instruction sequence of a chunk's arithmetic: they do not change the bits. ``BLOCK_M``, ``C``
+  and ``MMA_NUM_WARPS`` are part of the definition (``num_warps`` other than 4 is refused).
+
+Checked without a GPU: ``tests/test_paged_attention_mma_interpreter.py`` compiles both kernels for
+sm_90 (H100/H200) and asserts that every copy of the chunk arithmetic (first dot .. second dot: wgmma
+m64n64k16 / m64n128k16, the row max and sum on one MMA register layout, exp2, casts) is one TTGIR in
+the extend kernel's two loops and in the decode kernel at any ``num_stages``, and that the PTX has no
+fma (``num_warps = 8`` would change the layout: the check catches it). On the GPU
+(``tests/test_paged_attention_mma_gpu.py``): decode == extend at every position and split, a row's bits
+unchanged when the other rows of its tile change, random batches to 32k context. Two assumptions about
+the hardware rest on those GPU tests: an MMA output element depends only on its row and column, and
+zero products of either sign (an extend row's lanes past its position hold real V, a decode row's
+hold 0) do not change a non-zero accumulation.
+
+The bits belong to a GPU architecture and a Triton version (the MMA instructions they select): run
+the trainer and the rollout server on the same kind of GPU and the same Triton. Not the same bits as
+:mod:`parity.ops.paged_attention` (CUDA-core trees, CPU-reproducible), nor as SGLang's kernels or flash
+attention. ``tl.exp2`` is ``ex2.approx.ftz.f32``: ~2 ulp, deterministic. Inputs with NaN/inf are
+outside the definition.
+
+Under ``TRITON_INTERPRET=1`` (CPU tests) the same kernels run with numpy: ``tl.dot`` of bf16 is broken
+there (Triton 3.6 multiplies the raw uint16 bits), so the interpreter path upcasts the dot operands to
+fp32 (the products are exact; numpy's sgemm accumulates) and rounds ``p`` and the bf16 output to
+nearest even on the bits (the interpreter's own casts truncate). decode == extend holds there by the
+same argument (the sgemm of a [64, K] tile is row-independent), with other bits than the GPU's.
+
+Trade-offs
+----------
+* Tensor cores for both products: extend runs at flash-attention-like speed (two [64, 64]-ish MMAs per
+  chunk and tile) instead of the CUDA-core trees. The price over SGLang's extend: a fixed 64-row tile
+  (SGLang uses 128 on Hopper), the un-fused ``A * a + acc * b`` fold ([64, D] extra multiplies per
+  chunk) and no fma.
+* Decode writes ``D + 2`` fp32 per chunk and query head (~6% of the KV bytes at ``G = 4``, D = 128,
+  read once more) and folds them in order in a second kernel: a serial chain of ``ceil(len / 64)``
+  steps per row (unrolled by 4 so that the exp2 of later chunks overlap it; it shows at batch 1 and
+  long context, not when the batch fills the GPU).
+* The extend kernel uses ~255 registers per thread at D = 128 (no spills on sm_90): 2 programs per SM.
+* ``out`` may be passed as a float32 tensor: the unrounded ``A / L`` (tests use it to see every bit).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from parity.ops.paged_attention import _attention_fp32, _check, _full_sequence_rows, _store_rows
+from parity.ops.paged_attention import extend_rows as extend_rows  # same helper, re-exported
+from parity.ops.policy_loss import _interpreting
+
+CONTRACT_CHUNK = 64  # keys per chunk (part of the definition: changes the bits)
+BLOCK_M = 64  # query rows per MMA tile, decode and extend (part of the definition)
+MMA_NUM_WARPS = 4  # warps of every kernel that runs the tile's dots (part of the definition)
+
+# Launch options (never change the bits).
+DECODE_NUM_STAGES = 2
+EXTEND_NUM_STAGES = 2
+COMBINE_NUM_STAGES = 2
+COMBINE_UNROLL = 4  # decode fold: steps unrolled (independent max/exp2 of later chunks overlap the chain)
+SEARCH_BLOCK = 256  # segments scanned per step when a tile looks up its request
+
+_LOG2E = 1.4426950408889634
+
+# Output allocator (tests swap it for one that poisons, to check that every element is written).
+_empty = torch.empty
+
+_SUPPORTED = (torch.bfloat16, torch.float16)
+
+
+# ====================================================================================================
+# Triton: the per-chunk arithmetic, shared by the decode and extend kernels
+# ====================================================================================================
+@triton.jit
+def _round_to(x, dtype: tl.constexpr, INTERP: tl.constexpr):
+    """fp32 ``x`` rounded to ``dtype`` (nearest even) as a dot operand. On the GPU: the cast (cvt.rn).
+    Under the interpreter: kept as fp32 holding the rounded values (its bf16 cast truncates and its
+    bf16 dot is broken)."""
+    if INTERP:
+        if dtype == tl.bfloat16:
+            bits = x.to(tl.int32, bitcast=True)
+            r = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
+            return r.to(tl.float32, bitcast=True)
+        else:
+            return x.to(dtype).to(tl.float32)
+    else:
+        return x.to(dtype)
+
+
+@triton.jit
+def _operand(x, INTERP: tl.constexpr):
+    """A loaded bf16/fp16 tile as a dot operand (fp32 under the interpreter: exact upcast)."""
+    if INTERP:
+        return x.to(tl.float32)
+    else:
+        return x
+
+
+@triton.jit
+def _load_kv(
+    R2T, pool, stride_r, j, lim, K, V, sk_t, sk_h, sv_t, sv_h, kvh, C: tl.constexpr, D: tl.constexpr
+):
+    """Chunk j's keys as kT [D, C] and values v [C, D] (positions jC ..; those >= lim read 0)."""
+    pos = j * C + tl.arange(0, C)
+    inb = pos < lim
+    slot = tl.load(R2T + pool * stride_r + pos, mask=inb, other=0).to(tl.int64)
+    offs_d = tl.arange(0, D)
+    kT = tl.load(K + slot[None, :] * sk_t + kvh * sk_h + offs_d[:, None], mask=inb[None, :], other=0.0)
+    v = tl.load(V + slot[:, None] * sv_t + kvh * sv_h + offs_d[None, :], mask=inb[:, None], other=0.0)
+    return kT, v
+
+
+@triton.jit
+def _chunk_partial(q, kT, v, row_lim, j, qk_scale, C: tl.constexpr, INTERP: tl.constexpr):
+    """(m, l, acc) of chunk j for the tile's rows: q [BLOCK_M, D], kT [D, C], v [C, D]; row i attends
+    to positions < row_lim[i]. One code path for decode and extend (module docstring)."""
+    s = tl.dot(_operand(q, INTERP), _operand(kT, INTERP))  # [BLOCK_M, C], fp32 accumulate
+    s = s * qk_scale
+    lane = j * C + tl.arange(0, C)
+    s = tl.where(lane[None, :] < row_lim[:, None], s, float("-inf"))
+    m = tl.max(s, 1) + 0.0
+    m_ref = tl.where(m == float("-inf"), 0.0, m)  # a row without valid lanes: p = exp2(-inf) = 0
+    p = tl.exp2(s - m_ref[:, None])
+    l_sum = tl.sum(p, 1)
+    acc = tl.dot(_round_to(p, v.dtype, INTERP), _operand(v, INTERP))  # its own dot: fresh accumulator
+    return m, l_sum, acc
+
+
+@triton.jit
+def _combine(M, L, A, m, l_sum, acc):
+    """Fold one chunk's partial into the running (M, L, A): element-wise, products rounded first."""
+    m_new = tl.maximum(M, m)
+    r = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that saw no valid lane yet: no inf - inf
+    a = tl.exp2(M - r)
+    b = tl.exp2(m - r)
+    L = L * a + l_sum * b
+    A = A * a[:, None] + acc * b[:, None]
+    return m_new, L, A
+
+
+@triton.jit
+def _extend_step(
+    q, R2T, pool, stride_r, j, lim, K, V, sk_t, sk_h, sv_t, sv_h, kvh, row_lim, qk_scale, M, L, A, pos,
+    GUARD: tl.constexpr, C: tl.constexpr, D: tl.constexpr, INTERP: tl.constexpr,
+):  # fmt: skip
+    """Chunk j of an extend tile: its partial (decode's code) folded at once (decode's fold). With
+    GUARD, rows whose position is before the chunk keep their state (they do not use chunk j)."""
+    kT, v = _load_kv(R2T, pool, stride_r, j, lim, K, V, sk_t, sk_h, sv_t, sv_h, kvh, C, D)
+    m, l_sum, acc = _chunk_partial(q, kT, v, row_lim, j, qk_scale, C, INTERP)
+    M2, L2, A2 = _combine(M, L, A, m, l_sum, acc)
+    if GUARD:
+        use = j * C <= pos
+        M2 = tl.where(use, M2, M)
+        L2 = tl.where(use, L2, L)
+        A2 = tl.where(use[:, None], A2, A)
+    return M2, L2, A2
+
+
+@triton.jit
+def _finish(A, L):
+    """out = A / L (IEEE division), + 0.0 (no -0.0): still fp32, rounded by the store."""
+    return tl.math.div_rn(A, L[:, None]) + 0.0
+
+
+# ====================================================================================================
+# Triton: kernels
+# ====================================================================================================
+@triton.jit
+def _extend_kernel(
+    Q, sq_t, sq_h,
+    K, sk_t, sk_h, V, sv_t, sv_h,
+    R2T, stride_r,
+    SEG, S, ROW_POS, n_tiles,
+    OUT, so_t, so_h,
+    qk_scale,
+    G: tl.constexpr, D: tl.constexpr, C: tl.constexpr, BLOCK_M: tl.constexpr, SEARCH: tl.constexpr,
+    HAS_ROW_POS: tl.constexpr, INTERP: tl.constexpr, OUT_BF16_INTERP: tl.constexpr,
+):  # fmt: skip
+    """Extend / full sequence: one program per (row tile, query head). SEG [5, S] (int32) describes
+    the segments (runs of rows of one request): first row, rows, pool row, position of the first row,
+    cumulative tile count. Tiles are taken longest-last-first (reverse order)."""
+    t = n_tiles - 1 - tl.program_id(0)
+    h = tl.program_id(1)
+    # the segment of tile t: how many segments end (in tiles) at or before t
+    s = 0
+    s0 = 0
+    while s0 < S:  # (a while loop: the interpreter cannot range() over a scalar argument)
+        offs = s0 + tl.arange(0, SEARCH)
+        ends = tl.load(SEG + 4 * S + offs, mask=offs < S, other=2147483647)
+        s += tl.sum((ends <= t).to(tl.int32), 0)
+        s0 += SEARCH
+    if s >= S:  # a spare grid slot (the grid is an upper bound, no host sync)
+        return
+    before = tl.load(SEG + 4 * S + s - 1, mask=s > 0, other=0)
+    start = tl.load(SEG + s)
+    nrows = tl.load(SEG + S + s)
+    pool = tl.load(SEG + 2 * S + s).to(tl.int64)
+    local = (t - before) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = local < nrows
+    rows = (start + local).to(tl.int64)
+    if HAS_ROW_POS:
+        pos = tl.load(ROW_POS + rows, mask=rmask, other=0).to(tl.int32)
+    else:
+        pos = tl.load(SEG + 3 * S + s) + local
+    pos = tl.where(rmask, pos, -1)
+    row_lim = pos + 1  # padded rows: 0 (no valid lane)
+    p_max = tl.max(pos, 0)
+    p_min = tl.min(tl.where(rmask, pos, 2147483647), 0)
+    kvh = h // G
+    offs_d = tl.arange(0, D)
+    q = tl.load(Q + rows[:, None] * sq_t + h * sq_h + offs_d[None, :], mask=rmask[:, None], other=0.0)
+    M = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    L = tl.zeros([BLOCK_M], tl.float32)
+    A = tl.zeros([BLOCK_M, D], tl.float32)
+    lim = p_max + 1
+    n_all = p_max // C + 1  # chunks of the last row
+    n_full = p_min // C + 1  # chunks every row of the tile uses (no row guard)
+    if INTERP:  # the interpreter cannot run range() to a loaded bound: the same steps in while loops
+        j = 0
+        while j < n_full:
+            M, L, A = _extend_step(q, R2T, pool, stride_r, j, lim, K, V, sk_t, sk_h, sv_t, sv_h, kvh,
+                                   row_lim, qk_scale, M, L, A, pos, False, C, D, INTERP)  # fmt: skip
+            j += 1
+        while j < n_all:
+            M, L, A = _extend_step(q, R2T, pool, stride_r, j, lim, K, V, sk_t, sk_h, sv_t, sv_h, kvh,
+                                   row_lim, qk_scale, M, L, A, pos, True, C, D, INTERP)  # fmt: skip
+            j += 1
+    else:
+        for j in range(0, n_full):
+            M, L, A = _extend_step(q, R2T, pool, stride_r, j, lim, K, V, sk_t, sk_h, sv_t, sv_h, kvh,
+                                   row_lim, qk_scale, M, L, A, pos, False, C, D, INTERP)  # fmt: skip
+        for j in range(n_full, n_all):
+            M, L, A = _extend_step(q, R2T, pool, stride_r, j, lim, K, V, sk_t, sk_h, sv_t, sv_h, kvh,
+                                   row_lim, qk_scale, M, L, A, pos, True, C, D, INTERP)  # fmt: skip
+    o = _finish(A, L)
+    _store_rows(OUT + rows[:, None] * so_t + h * so_h + offs_d[None, :], o, rmask[:, None], OUT_BF16_INTERP)
+
+
+@triton.jit
+def _decode_partial_step(
+    q, R2T, pool, stride_r, j, seq, K, V, sk_t, sk_h, sv_t, sv_h, kvh, row_lim, qk_scale,
+    MID, MM, ML, base, g, gmask, G: tl.constexpr, C: tl.constexpr, D: tl.constexpr, INTERP: tl.constexpr,
+):  # fmt: skip
+    """Decode stage 1: chunk j's partial for the G heads (the extend's code), written in fp32."""
+    kT, v = _load_kv(R2T, pool, stride_r, j, seq, K, V, sk_t, sk_h, sv_t, sv_h, kvh, C, D)
+    m, l_sum, acc = _chunk_partial(q, kT, v, row_lim, j, qk_scale, C, INTERP)
+    off = (base + j) * G + g  # partials laid out [B, Hkv, chunks, G, (D)]
+    tl.store(MM + off, m, mask=gmask)
+    tl.store(ML + off, l_sum, mask=gmask)
+    tl.store(MID + off[:, None] * D + tl.arange(0, D)[None, :], acc, mask=gmask[:, None])
+
+
+@triton.jit
+def _decode_partials_kernel(
+    Q, sq_b, sq_h,
+    K, sk_t, sk_h, V, sv_t, sv_h,
+    R2T, stride_r, POOL, SEQ,
+    MID, MM, ML, max_chunks, cpp,
+    qk_scale,
+    G: tl.constexpr, D: tl.constexpr, C: tl.constexpr, BLOCK_M: tl.constexpr, INTERP: tl.constexpr,
+):  # fmt: skip
+    """Decode stage 1: one program per (block of ``cpp`` chunks, kv head, request); the tile's rows
+    are the kv head's G query heads (padded to BLOCK_M with rows that attend to nothing)."""
+    blk = tl.program_id(0)
+    kvh = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    seq = tl.load(SEQ + b).to(tl.int32)
+    n_chunks = (seq + C - 1) // C
+    j0 = blk * cpp
+    if j0 >= n_chunks:  # past this request's last chunk (the grid covers the longest request)
+        return
+    j1 = tl.minimum(j0 + cpp, n_chunks)
+    g = tl.arange(0, BLOCK_M)
+    gmask = g < G
+    offs_d = tl.arange(0, D)
+    q = tl.load(
+        Q + b * sq_b + (kvh * G + g)[:, None] * sq_h + offs_d[None, :], mask=gmask[:, None], other=0.0
+    )
+    row_lim = tl.where(gmask, seq, 0)
+    pool = tl.load(POOL + b).to(tl.int64)
+    base = (b * tl.num_programs(1) + kvh) * max_chunks
+    if INTERP:
+        j = j0
+        while j < j1:
+            _decode_partial_step(q, R2T, pool, stride_r, j, seq, K, V, sk_t, sk_h, sv_t, sv_h, kvh, row_lim,
+                                 qk_scale, MID, MM, ML, base, g, gmask, G, C, D, INTERP)  # fmt: skip
+            j += 1
+    else:
+        for j in range(j0, j1):
+            _decode_partial_step(q, R2T, pool, stride_r, j, seq, K, V, sk_t, sk_h, sv_t, sv_h, kvh, row_lim,
+                                 qk_scale, MID, MM, ML, base, g, gmask, G, C, D, INTERP)  # fmt: skip
+
+
+@triton.jit
+def _combine_step(MID, MM, ML, off, gmask, M, L, A, D: tl.constexpr):
+    """Decode stage 2: load one chunk's partial and fold it in (the extend's fold)."""
+    m = tl.load(MM + off, mask=gmask, other=float("-inf"))
+    l_sum = tl.load(ML + off, mask=gmask, other=0.0)
+    acc = tl.load(MID + off[:, None] * D + tl.arange(0, D)[None, :], mask=gmask[:, None], other=0.0)
+    return _combine(M, L, A, m, l_sum, acc)
+
+
+@triton.jit
+def _decode_combine_kernel(
+    MID, MM, ML, max_chunks,
+    SEQ, OUT, so_b, so_h,
+    G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, C: tl.constexpr, STAGES: tl.constexpr,
+    UNROLL: tl.constexpr, INTERP: tl.constexpr, OUT_BF16_INTERP: tl.constexpr,
+):  # fmt: skip
+    """Decode stage 2: one program per (kv head, request) folds the G heads' partials in chunk order."""
+    kvh = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    g = tl.arange(0, GP)
+    gmask = g < G
+    seq = tl.load(SEQ + b).to(tl.int32)
+    n_chunks = (seq + C - 1) // C
+    base = (b * tl.num_programs(0) + kvh) * max_chunks
+    M = tl.full([GP], float("-inf"), tl.float32)
+    L = tl.zeros([GP], tl.float32)
+    A = tl.zeros([GP, D], tl.float32)
+    if INTERP:
+        j = 0
+        while j < n_chunks:
+            M, L, A = _combine_step(MID, MM, ML, (base + j) * G + g, gmask, M, L, A, D)
+            j += 1
+    else:
+        for j in tl.range(0, n_chunks, num_stages=STAGES, loop_unroll_factor=UNROLL):
+            M, L, A = _combine_step(MID, MM, ML, (base + j) * G + g, gmask, M, L, A, D)
+    o = _finish(A, L)
+    offs_d = tl.arange(0, D)
+    _store_rows(OUT + b * so_b + (kvh * G + g)[:, None] * so_h + offs_d[None, :], o, gmask[:, None],
+                OUT_BF16_INTERP)  # fmt: skip
+
+
+@triton.jit
+def _segments_kernel(LENS, PREFIX, POOLS, S, SEG, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr):
+    """SEG [5, S] int32 from per-request (rows, position of the first row, pool row): first row,
+    rows, pool row, first position, cumulative tile count (one program: prefix sums in blocks)."""
+    row_carry = 0
+    tile_carry = 0
+    s0 = 0
+    while s0 < S:
+        offs = s0 + tl.arange(0, BLOCK)
+        mask = offs < S
+        n = tl.load(LENS + offs, mask=mask, other=0).to(tl.int32)
+        tiles = (n + BLOCK_M - 1) // BLOCK_M
+        rows_end = tl.cumsum(n, 0) + row_carry
+        tiles_end = tl.cumsum(tiles, 0) + tile_carry
+        tl.store(SEG + offs, rows_end - n, mask=mask)
+        tl.store(SEG + S + offs, n, mask=mask)
+        tl.store(SEG + 2 * S + offs, tl.load(POOLS + offs, mask=mask, other=0).to(tl.int32), mask=mask)
+        tl.store(SEG + 3 * S + offs, tl.load(PREFIX + offs, mask=mask, other=0).to(tl.int32), mask=mask)
+        tl.store(SEG + 4 * S + offs, tiles_end, mask=mask)
+        row_carry += tl.sum(n, 0)
+        tile_carry += tl.sum(tiles, 0)
+        s0 += BLOCK
+
+
+# ====================================================================================================
+# Launchers
+# ====================================================================================================
+def _qk_scale(scale: float) -> float:
+    """fp32(scale * log2(e)): the one fp32 scalar both kernels multiply the scores by."""
+    return float(torch.tensor(float(scale) * _LOG2E, dtype=torch.float32))
+
+
+def _checked(q, k_buffer, v_buffer, chunk, out, num_warps):
+    if not (q.is_cuda or _interpreting()):
+        raise NotImplementedError(
+            "paged_attention_mma runs on CUDA tensors (or under TRITON_INTERPRET=1); the CPU definition "
+            "is parity.ops.paged_attention"
+        )
+    if q.dtype not in _SUPPORTED:
+        raise NotImplementedError(
+            f"paged_attention_mma: {q.dtype} inputs (bf16 or fp16 only: the tensor-core dots take "
+            "16-bit operands; fp32 attention is parity.ops.paged_attention)"
+        )
+    hq, hkv, d = _check(q, k_buffer, v_buffer, chunk, kernel=False)
+    if not 16 <= d <= 256 or not 16 <= chunk <= 128:
+        raise NotImplementedError(f"paged_attention_mma: head_dim {d}, chunk {chunk} (16 .. 256, 16 .. 128)")
+    if hq // hkv > BLOCK_M:
+        raise NotImplementedError(f"paged_attention_mma: {hq // hkv} query heads per kv head (<= {BLOCK_M})")
+    if num_warps not in (None, MMA_NUM_WARPS):
+        raise ValueError(
+            f"num_warps is part of the definition (the MMA instruction sequence): {MMA_NUM_WARPS}"
+        )
+    if out is not None:
+        if out.dtype not in (q.dtype, torch.float32) or out.shape != q.shape or out.stride(-1) != 1:
+            raise ValueError(
+                f"out must be {tuple(q.shape)} of {q.dtype} or float32 with a unit last stride: "
+                f"{tuple(out.shape)} {out.dtype}"
+            )
+    return hq, hkv, d
+
+
+def _inner_unit(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _launch_extend(q, k_buffer, v_buffer, req_to_token, seg, n_tiles, row_pos, scale, out, chunk, num_stages):
+    """Run the extend kernel over segments ``seg`` ([5, S] int32) and at most ``n_tiles`` tiles."""
+    hq, hkv, d = q.shape[1], k_buffer.shape[1], q.shape[2]
+    if n_tiles == 0 or q.shape[0] == 0:
+        return out
+    interp = _interpreting()
+    _extend_kernel[(n_tiles, hq)](
+        q, q.stride(0), q.stride(1),
+        k_buffer, k_buffer.stride(0), k_buffer.stride(1), v_buffer, v_buffer.stride(0), v_buffer.stride(1),
+        req_to_token, req_to_token.stride(0),
+        seg, seg.shape[1], row_pos if row_pos is not None else seg, n_tiles,
+        out, out.stride(0), out.stride(1),
+        _qk_scale(scale),
+        G=hq // hkv, D=d, C=chunk, BLOCK_M=BLOCK_M, SEARCH=SEARCH_BLOCK, HAS_ROW_POS=row_pos is not None,
+        INTERP=interp, OUT_BF16_INTERP=interp and out.dtype == torch.bfloat16,
+        num_warps=MMA_NUM_WARPS, num_stages=num_stages or EXTEND_NUM_STAGES, enable_fp_fusion=False,
+    )  # fmt: skip
+    return out
+
+
+def _segments(lens: torch.Tensor, first_pos: torch.Tensor, pools: torch.Tensor) -> torch.Tensor:
+    s = lens.shape[0]
+    seg = torch.empty((5, s), dtype=torch.int32, device=lens.device)
+    if s:
+        _segments_kernel[(1,)](lens, first_pos, pools, s, seg, BLOCK=256, BLOCK_M=BLOCK_M)
+    return seg
+
+
+def paged_attention_rows(
+    q: torch.Tensor,
+    k_buffer: torch.Tensor,
+    v_buffer: torch.Tensor,
+    req_to_token: torch.Tensor,
+    row_pool: torch.Tensor,
+    row_pos: torch.Tensor,
+    scale: float,
+    *,
+    out: torch.Tensor | None = None,
+    chunk: int = CONTRACT_CHUNK,
+    heads_per_program: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+) -> torch.Tensor:
+    """The extend kernel on explicit rows: row i is query ``q[i]`` ([N, Hq, D]) at position
+    ``row_pos[i]`` of the request whose KV slots are ``req_to_token[row_pool[i], :]``; it attends to
+    positions ``0 .. row_pos[i]``. Returns [N, Hq, D]. Consecutive rows of one pool row share tiles
+    (best when their positions are consecutive, as in an extend). Finding those runs costs one host
+    sync: :func:`paged_attention_extend` and :func:`full_sequence_attention` have none.
+    ``heads_per_program`` is accepted for API compatibility and ignored (a tile is one head)."""
+    del heads_per_program
+    _checked(q, k_buffer, v_buffer, chunk, out, num_warps)
+    n = q.shape[0]
+    if out is None:
+        out = _empty(q.shape, dtype=q.dtype, device=q.device)
+    if n == 0:
+        return out
+    dev = q.device
+    pool = row_pool.to(dev).long()
+    new = torch.ones(n, dtype=torch.bool, device=dev)
+    new[1:] = pool[1:] != pool[:-1]
+    starts = torch.nonzero(new).squeeze(1)  # host sync
+    lens = torch.diff(starts, append=torch.tensor([n], device=dev))
+    seg = _segments(lens, torch.zeros_like(lens), pool[starts])
+    n_tiles = int(seg[4, -1])
+    return _launch_extend(
+        _inner_unit(q), k_buffer, v_buffer, _inner_unit(req_to_token), seg, n_tiles,
+        row_pos.to(dev).contiguous(), scale, out, chunk, num_stages,
+    )  # fmt: skip
+
+
+def paged_attention_extend(
+    q: torch.Tensor,
+    k_buffer: torch.Tensor,
+    v_buffer: torch.Tensor,
+    req_to_token: torch.Tensor,
+    req_pool_indices: torch.Tensor,
+    extend_prefix_lens: torch.Tensor,
+    extend_seq_lens: torch.Tensor,
+    scale: float,
+    *,
+    out: torch.Tensor | None = None,
+    chunk: int = CONTRACT_CHUNK,
+    heads_per_program: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+) -> torch.Tensor:
+    """SGLang's extend batch: ``q`` [T, Hq, D] packs each request's new rows after its cached prefix
+    (the new rows' KV already written to the buffers). Returns [T, Hq, D]. No host sync (the grid is
+    ``T // 64 + B`` tiles, an upper bound; spare programs exit)."""
+    del heads_per_program
+    _checked(q, k_buffer, v_buffer, chunk, out, num_warps)
+    if out is None:
+        out = _empty(q.shape, dtype=q.dtype, device=q.device)
+    dev = q.device
+    seg = _segments(
+        extend_seq_lens.to(dev).contiguous(), extend_prefix_lens.to(dev).contiguous(),
+        req_pool_indices.to(dev).contiguous(),
+    )  # fmt: skip
+    n_tiles = q.shape[0] // BLOCK_M + extend_seq_lens.shape[0]
+    return _launch_extend(
+        _inner_unit(q), k_buffer, v_buffer, _inner_unit(req_to_token), seg, n_tiles, None, scale, out,
+        chunk, num_stages,
+    )  # fmt: skip
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _chunks_per_program(work_chunks: int, device: torch.device) -> int:
+    """Chunks per decode program (a launch option): at least ~8 programs per SM, at most 16 chunks."""
+    if device.type != "cuda":
+        return 1
+    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return max(1, min(16, work_chunks // (sms * 8)))
+
+
+def paged_attention_decode(
+    q: torch.Tensor,
+    k_buffer: torch.Tensor,
+    v_buffer: torch.Tensor,
+    req_to_token: torch.Tensor,
+    req_pool_indices: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    *,
+    out: torch.Tensor | None = None,
+    chunk: int = CONTRACT_CHUNK,
+    max_chunks: int | None = None,
+    heads_per_program: int | None = None,
+    num_warps: int | None = None,
+    chunks_per_program: int | None = None,
+    num_stages: int | None = None,
+) -> torch.Tensor:
+    """One query row per request (``q`` [B, Hq, D]) at position ``seq_lens[b] - 1`` (its own KV already
+    written). Split-KV over fixed chunks, then a fold in chunk order. ``max_chunks`` bounds
+    ``ceil(max(seq_lens) / chunk)`` (computed with a host sync when None; give it from
+    ``seq_lens_cpu``, or from the context length under CUDA-graph capture). ``chunks_per_program``
+    and ``num_stages`` are launch options (the bits do not depend on them)."""
+    del heads_per_program
+    hq, hkv, d = _checked(q, k_buffer, v_buffer, chunk, out, num_warps)
+    bsz = q.shape[0]
+    if out is None:
+        out = _empty(q.shape, dtype=q.dtype, device=q.device)
+    if bsz == 0:
+        return out
+    if max_chunks is None:
+        max_chunks = -(-int(seq_lens.max()) // chunk)
+    max_chunks = max(1, max_chunks)
+    g = hq // hkv
+    q = _inner_unit(q)
+    req_to_token = _inner_unit(req_to_token)
+    seq_lens = seq_lens.to(q.device).contiguous()
+    # chunk partials (through _empty too: poisoned in tests, so reading an unwritten one would show)
+    mid = _empty((bsz, hkv, max_chunks, g, d), dtype=torch.float32, device=q.device)
+    mm = _empty((bsz, hkv, max_chunks, g), dtype=torch.float32, device=q.device)
+    ml = _empty((bsz, hkv, max_chunks, g), dtype=torch.float32, device=q.device)
+    cpp = chunks_per_program or _chunks_per_program(bsz * hkv * max_chunks, q.device)
+    interp = _interpreting()
+    _decode_partials_kernel[(-(-max_chunks // cpp), hkv, bsz)](
+        q, q.stride(0), q.stride(1),
+        k_buffer, k_buffer.stride(0), k_buffer.stride(1), v_buffer, v_buffer.stride(0), v_buffer.stride(1),
+        req_to_token, req_to_token.stride(0), req_pool_indices.to(q.device).contiguous(), seq_lens,
+        mid, mm, ml, max_chunks, cpp,
+        _qk_scale(scale),
+        G=g, D=d, C=chunk, BLOCK_M=BLOCK_M, INTERP=interp,
+        num_warps=MMA_NUM_WARPS, num_stages=num_stages or DECODE_NUM_STAGES, enable_fp_fusion=False,
+    )  # fmt: skip
+    _decode_combine_kernel[(hkv, bsz)](
+        mid, mm, ml, max_chunks,
+        seq_lens, out, out.stride(0), out.stride(1),
+        G=g, GP=triton.next_power_of_2(g), D=d, C=chunk, STAGES=COMBINE_NUM_STAGES, UNROLL=COMBINE_UNROLL,
+        INTERP=interp,
+        OUT_BF16_INTERP=interp and out.dtype == torch.bfloat16,
+        num_warps=4, enable_fp_fusion=False,
+    )  # fmt: skip
+    return out
+
+
+# ====================================================================================================
+# The trainer's full sequence (HF AttentionInterface), with a backward
+# ====================================================================================================
+def _full_sequence_forward(query, key, value, scale, chunk, out_dtype=None):
+    bsz, hq, t, d = query.shape
+    s = key.shape[2]
+    q_rows, k_buf, v_buf, req_to_token, _, _ = _full_sequence_rows(query, key, value)
+    _checked(q_rows, k_buf, v_buf, chunk, None, None)
+    dev = query.device
+    seg = _segments(
+        torch.full((bsz,), t, dtype=torch.int32, device=dev),
+        torch.full((bsz,), s - t, dtype=torch.int32, device=dev),
+        torch.arange(bsz, dtype=torch.int32, device=dev),
+    )
+    out = _empty(q_rows.shape, dtype=out_dtype or q_rows.dtype, device=dev)
+    _launch_extend(
+        q_rows, k_buf, v_buf, req_to_token, seg, bsz * -(-t // BLOCK_M), None, scale, out, chunk, None
+    )
+    return out.view(bsz, t, hq, d)
+
+
+class _FullSequenceAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, query, key, value, scale, chunk):
+        out = _full_sequence_forward(query, key, value, scale, chunk)
+        ctx.save_for_backward(query, key, value)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        # Gradients are not part of the definition: recompute through a standard differentiable path.
+        query, key, value = ctx.saved_tensors
+        with torch.enable_grad():
+            qd, kd, vd = (x.detach().requires_grad_(True) for x in (query, key, value))
+            y = _attention_fp32(qd, kd, vd, ctx.scale).transpose(1, 2)  # [B, T, Hq, D]
+            gq, gk, gv = torch.autograd.grad(y, (qd, kd, vd), grad_out.float())
+        return gq.to(query.dtype), gk.to(key.dtype), gv.to(value.dtype), None, None
+
+
+def full_sequence_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float, chunk: int = CONTRACT_CHUNK
+) -> torch.Tensor:
+    """Causal attention of whole sequences: query [B, Hq, T, D], key/value [B, Hkv, S, D] (S >= T: the
+    query rows are the last T positions) -> [B, T, Hq, D] (HF's attention-output layout). Row t is
+    bitwise the server's decode or extend row at position S - T + t (this module's kernels).
+    Differentiable: the backward recomputes the attention in fp32 autograd (gradients are not part of
+    the definition)."""
+    return _FullSequenceAttention.apply(query, key, value, float(scale), chunk)
+
+
+__all__ = [
+    "BLOCK_M",
+    "CONTRACT_CHUNK",
+    "MMA_NUM_WARPS",
+    "extend_rows",
+    "full_sequence_attention",
+    "paged_attention_decode",
+    "paged_attention_extend",
+    "paged_attention_rows",
+]

@@ -1,0 +1,394 @@
+"""parity.ops.paged_attention_mma on the CPU: its Triton kernels under the Triton interpreter. decode row
+== extend row == the trainer's full-sequence row bitwise (at any batch composition, prefix hit, chunked
+prefill, launch option), every output written, results close to float64 attention, and negative
+controls (another chunk size changes the bits).
+
+The interpreter must be chosen before triton.jit decorates the kernels, so the kernel checks run in a
+child Python with ``TRITON_INTERPRET=1`` (this file's ``__main__``). There ``tl.dot`` runs as numpy
+sgemm on fp32-upcast operands (the module docstring says why), so the bits are not the GPU's; the
+properties checked are the same (tests/test_paged_attention_mma_gpu.py checks them on the device).
+Shapes are tiny (contexts up to ~200 keys: several 64-key chunks and 64-row tiles) to keep the child
+well under a minute on two cores.
+
+In this process, without a GPU: both kernels compiled for sm_90 (Triton's passes and bundled ptxas),
+and their chunk arithmetic compared op for op (the premise of decode == extend on H100/H200).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    t = t.detach().contiguous()
+    return t.view({2: torch.int16, 4: torch.int32}[t.element_size()])
+
+
+def assert_bitwise(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
+    assert got.shape == want.shape, (what, tuple(got.shape), tuple(want.shape))
+    if not torch.equal(_bits(got), _bits(want)):
+        diff = (got.double() - want.double()).abs()
+        n = int((_bits(got) != _bits(want)).sum())
+        raise AssertionError(
+            f"{what}: not bitwise: max |Δ| = {diff.max().item():.3e}, {n} of {got.numel()} differ"
+        )
+
+
+def count_differing(a: torch.Tensor, b: torch.Tensor) -> int:
+    return int((_bits(a) != _bits(b)).sum())
+
+
+class Cache:
+    """A toy SGLang KV pool: [slots, Hkv, D] buffers, req_to_token rows of permuted slots (pool row
+    i + 1 is request i; row 0 unused, as in SGLang), queries ``q[pos, req]``."""
+
+    def __init__(self, seed, lengths, hq, hkv, d, dtype=torch.bfloat16):
+        g = torch.Generator().manual_seed(seed)
+        total = sum(lengths) + 7
+        self.k = (torch.randn(total, hkv, d, generator=g) * 1.5).to(dtype)
+        self.v = torch.randn(total, hkv, d, generator=g).to(dtype)
+        perm = torch.randperm(total, generator=g)
+        self.req_to_token = torch.zeros(len(lengths) + 1, max(lengths) + 5, dtype=torch.int32)
+        start = 0
+        for i, n in enumerate(lengths):
+            self.req_to_token[i + 1, :n] = perm[start : start + n].int()
+            start += n
+        self.q = (torch.randn(max(lengths), len(lengths), hq, d, generator=g) * 1.5).to(dtype)
+        self.lengths, self.hq, self.hkv, self.d = lengths, hq, hkv, d
+        self.pools = torch.arange(1, len(lengths) + 1)
+
+    def extend(self, pam, spans, scale, **kw):
+        """spans [(req, prefix, new)] as one SGLang extend batch."""
+        q = torch.cat([self.q[p : p + n, r] for r, p, n in spans])
+        return pam.paged_attention_extend(
+            q, self.k, self.v, self.req_to_token, self.pools[[r for r, _, _ in spans]],
+            torch.tensor([p for _, p, _ in spans]), torch.tensor([n for _, _, n in spans]), scale, **kw,
+        )  # fmt: skip
+
+    def decode(self, pam, rows, scale, **kw):
+        """rows [(req, pos)] as one decode batch (each request's KV up to pos)."""
+        q = torch.stack([self.q[p, r] for r, p in rows])
+        return pam.paged_attention_decode(
+            q, self.k, self.v, self.req_to_token, self.pools[[r for r, _ in rows]],
+            torch.tensor([p + 1 for _, p in rows]), scale, **kw,
+        )  # fmt: skip
+
+    def float64(self, req, pos, scale):
+        """Attention of request ``req``'s row at ``pos`` in float64: [Hq, D]."""
+        slots = self.req_to_token[req + 1, : pos + 1].long()
+        group = self.hq // self.hkv
+        k = self.k[slots].double().repeat_interleave(group, 1)  # [n, Hq, D]
+        v = self.v[slots].double().repeat_interleave(group, 1)
+        s = torch.einsum("hd,nhd->hn", self.q[pos, req].double(), k) * scale
+        return torch.einsum("hn,nhd->hd", torch.softmax(s, -1), v)
+
+    def full_kv(self, req, n):
+        """Request ``req``'s first n keys/values in HF's layout [1, Hkv, n, D]."""
+        slots = self.req_to_token[req + 1, :n].long()
+        return self.k[slots].permute(1, 0, 2)[None], self.v[slots].permute(1, 0, 2)[None]
+
+
+# ---------------------------------------------------------------------------------------------------
+# The kernels under the interpreter (child process)
+# ---------------------------------------------------------------------------------------------------
+def test_mma_kernels_under_the_triton_interpreter():
+    env = dict(
+        os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")
+    )
+    proc = subprocess.run(
+        [sys.executable, "-W", "ignore", __file__],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-8000:]
+    assert "interpreter checks passed" in proc.stdout
+    print(proc.stdout)
+
+
+def _poison_empty(*args, **kwargs):
+    t = torch.empty(*args, **kwargs)
+    return t.fill_(math.nan) if t.is_floating_point() else t
+
+
+def _check_decode_equals_extend(pam):
+    """Three requests (200, 70, 131 keys; Hq 4, Hkv 2, D 64): the extend rows of a mixed batch with
+    prefix hits, the decode rows of other batches, chunked prefill, launch options: one set of bits."""
+    lengths = [200, 70, 131]
+    c = Cache(1, lengths, 4, 2, 64)
+    scale = 0.125
+    for out_dtype in (torch.bfloat16, torch.float32):
+        tag = f"{out_dtype} out"
+
+        def kw(q_rows, _dt=out_dtype):
+            return {} if _dt == torch.bfloat16 else {"out": torch.full((q_rows, 4, 64), math.nan)}
+
+        # request 0 prefilled from scratch, request 1 after a 5-token prefix hit, request 2 after 100
+        ext = c.extend(pam, [(0, 0, 200), (1, 5, 65), (2, 100, 31)], scale, **kw(296))
+        assert not torch.isnan(ext.float()).any(), f"{tag}: unwritten (poisoned) extend outputs"
+        want0 = ext[:200]
+        if out_dtype == torch.bfloat16:
+            ext_bf16 = ext
+        else:  # the bf16 output is the fp32 one rounded once (nearest even)
+            assert_bitwise(ext_bf16, ext.bfloat16(), "bf16 out vs fp32 out rounded")
+        # the same rows as chunked prefill (15 + 50 + 70 + 65, other requests in the batches)
+        parts = [
+            c.extend(pam, [(0, 0, 15)], scale, **kw(15)),
+            c.extend(pam, [(2, 0, 3), (0, 15, 50)], scale, **kw(53))[3:],
+            c.extend(pam, [(0, 65, 70), (1, 0, 9)], scale, **kw(79))[:70],
+            c.extend(pam, [(1, 60, 10), (0, 135, 65)], scale, **kw(75))[10:],
+        ]
+        assert_bitwise(torch.cat(parts), want0, f"chunked prefill 15 + 50 + 70 + 65 vs prefill ({tag})")
+        # decode rows: alone, batched, with spare grid chunks and other launch options
+        rows = [(0, 199), (1, 69), (2, 130), (0, 63), (0, 64), (0, 127), (0, 128), (0, 0), (1, 5)]
+        ref = {
+            (0, 199): ext[199], (1, 69): ext[264], (2, 130): ext[295], (0, 63): ext[63], (0, 64): ext[64],
+            (0, 127): ext[127], (0, 128): ext[128], (0, 0): ext[0], (1, 5): ext[200],
+        }  # fmt: skip
+        batch = c.decode(pam, rows, scale, **kw(len(rows)))
+        assert not torch.isnan(batch.float()).any(), f"{tag}: unwritten (poisoned) decode outputs"
+        for i, row in enumerate(rows):
+            assert_bitwise(batch[i], ref[row], f"decode {row} in a batch of {len(rows)} vs extend ({tag})")
+        for cpp, max_chunks in ((1, None), (3, 5), (2, 9)):
+            alone = c.decode(pam, [(0, 199)], scale, chunks_per_program=cpp, max_chunks=max_chunks, **kw(1))
+            assert_bitwise(alone[0], ref[(0, 199)], f"decode alone, {cpp} chunks/program ({tag})")
+        sub = c.decode(pam, [(2, 130), (0, 128)], scale, chunks_per_program=2, **kw(2))
+        assert_bitwise(sub, torch.stack([ref[(2, 130)], ref[(0, 128)]]), f"decode sub-batch ({tag})")
+        # explicit rows in any order (paged_attention_rows): the same bits
+        order = torch.tensor([7, 3, 199, 64, 65, 0, 150])
+        got = pam.paged_attention_rows(
+            c.q[order, 0].contiguous(), c.k, c.v, c.req_to_token, torch.ones(7, dtype=torch.long), order,
+            scale, **kw(7),
+        )  # fmt: skip
+        assert_bitwise(got, want0[order], f"explicit rows in another order vs extend ({tag})")
+        print(f"decode == extend == chunked prefill == explicit rows, any batch ({tag})", flush=True)
+        if out_dtype == torch.float32:
+            for r, p in ((0, 199), (0, 64), (1, 69), (2, 130), (0, 0)):
+                err = (ref[(r, p)].double() - c.float64(r, p, scale)).abs().max().item()
+                assert err < 3e-3, (r, p, err)
+            print("fp32 outputs within 3e-3 of float64 attention", flush=True)
+    for r, p, i in ((0, 199, 199), (1, 30, 225), (2, 110, 275)):
+        err = (ext_bf16[i].double() - c.float64(r, p, scale)).abs().max().item()
+        assert err < 2e-2, (r, p, err)
+    print("bf16 outputs within 2e-2 of float64 attention", flush=True)
+    return c, ext_bf16[:200]
+
+
+def _check_trainer_full_sequence(pam, c, want0):
+    """The trainer's full-sequence attention (HF layout) gives the server's rows, and its backward is
+    the gradient of attention."""
+    k, v = c.full_kv(0, 200)
+    q = c.q[:200, 0].permute(1, 0, 2)[None]  # [1, Hq, 200, D]
+    out = pam.full_sequence_attention(q, k, v, 0.125)  # [1, 200, Hq, D]
+    assert_bitwise(out[0], want0, "trainer full sequence vs server rows")
+    tail = pam.full_sequence_attention(q[:, :, 150:], k, v, 0.125)  # the last 50 rows, all keys
+    assert_bitwise(tail[0], want0[150:], "trainer rows 150..199 against the 200 keys")
+    # two sequences in one batch (B = 2): each is its own request
+    k2, v2 = c.full_kv(2, 131)
+    q2 = c.q[:131, 2].permute(1, 0, 2)[None]
+    both = pam.full_sequence_attention(
+        torch.cat([q[:, :, 69:200], q2]), torch.cat([k[:, :, 69:200], k2]), torch.cat([v[:, :, 69:200], v2]),
+        0.125,
+    )  # fmt: skip
+    alone = pam.full_sequence_attention(q2, k2, v2, 0.125)
+    assert_bitwise(both[1], alone[0], "trainer batch of 2 vs alone")
+    print("trainer full sequence == server rows (any batch)", flush=True)
+    # backward: the fp32 recomputation's gradients against float64 autograd
+    g = torch.Generator().manual_seed(3)
+    qg = torch.randn(2, 4, 13, 64, generator=g).bfloat16().requires_grad_(True)
+    kg = torch.randn(2, 2, 13, 64, generator=g).bfloat16().requires_grad_(True)
+    vg = torch.randn(2, 2, 13, 64, generator=g).bfloat16().requires_grad_(True)
+    w = torch.randn(2, 13, 4, 64, generator=g)
+    (pam.full_sequence_attention(qg, kg, vg, 0.125).float() * w).sum().backward()
+    q64, k64, v64 = (x.detach().double().requires_grad_(True) for x in (qg, kg, vg))
+    (pam._attention_fp32(q64, k64, v64, 0.125).transpose(1, 2) * w.double()).sum().backward()
+    for name, got, want in (("q", qg.grad, q64.grad), ("k", kg.grad, k64.grad), ("v", vg.grad, v64.grad)):
+        err = ((got.double() - want).norm() / want.norm()).item()
+        assert err < 1e-2, (name, err)  # bf16 gradients
+    print("full_sequence_attention backward == float64 attention gradients (bf16 rounding)", flush=True)
+
+
+def _check_shapes(pam):
+    """Other GQA groups, D = 128, fp16: decode == extend; MHA (G = 1) and a whole group of 4."""
+    for hq, hkv, d, dtype in ((2, 2, 128, torch.bfloat16), (4, 1, 64, torch.float16)):
+        c = Cache(hq * d, [90, 66], hq, hkv, d, dtype)
+        scale = d**-0.5
+        ext = c.extend(pam, [(0, 10, 80), (1, 0, 66)], scale)
+        dec = c.decode(pam, [(1, 65), (0, 89), (0, 64)], scale)
+        assert not torch.isnan(dec.float()).any() and not torch.isnan(ext.float()).any()
+        tag = f"Hq {hq} Hkv {hkv} D {d} {dtype}"
+        assert_bitwise(dec, torch.stack([ext[-1], ext[79], ext[54]]), f"decode vs extend, {tag}")
+        err = (dec[1].double() - c.float64(0, 89, scale)).abs().max().item()
+        assert err < 2e-2, (tag, err)
+        print(f"decode == extend, close to float64: {tag}", flush=True)
+
+
+def _check_negative_control(pam):
+    """What the fixed chunk buys: a decode with 32- or 128-key chunks (another split of the keys, as
+    SGLang's length-dependent splits give) is not the extend row (fp32 outputs show every bit)."""
+    c = Cache(6, [200], 4, 2, 64)
+    rows = [(0, 199), (0, 150), (0, 100)]
+    want = c.extend(pam, [(0, 0, 200)], 0.125, out=torch.empty(200, 4, 64))
+    want = want[[199, 150, 100]]
+    same = c.decode(pam, rows, 0.125, out=torch.empty(3, 4, 64))
+    assert_bitwise(same, want, "decode vs extend, both chunk 64 (fp32 out)")
+    for chunk in (32, 128):
+        other = c.decode(pam, rows, 0.125, chunk=chunk, out=torch.empty(3, 4, 64))
+        n = count_differing(other, want)
+        assert n > 0, f"a decode with chunk {chunk} should not equal the extend rows (chunk 64)"
+        for i, (r, p) in enumerate(rows):  # other bits, still attention
+            assert (other[i].double() - c.float64(r, p, 0.125)).abs().max().item() < 3e-3
+        print(
+            f"negative control: decode with chunk {chunk} vs extend with chunk 64: "
+            f"{n} of {want.numel()} differ"
+        )
+
+
+def _check_refusals(pam):
+    c = Cache(7, [10], 4, 2, 64, torch.float32)
+    for call, what in (
+        (lambda: c.decode(pam, [(0, 9)], 0.1), "fp32 inputs"),
+        (lambda: Cache(8, [10], 4, 2, 64).decode(pam, [(0, 9)], 0.1, num_warps=8), "num_warps 8"),
+    ):
+        try:
+            call()
+        except (NotImplementedError, ValueError) as exc:
+            print(f"refused {what}: {exc}", flush=True)
+        else:
+            raise AssertionError(f"{what} should be refused")
+
+
+def _checks():
+    import time
+
+    from parity.ops import paged_attention_mma as pam
+
+    pam._empty = _poison_empty
+    t0 = time.monotonic()
+    c, want0 = _check_decode_equals_extend(pam)
+    print(f"  {time.monotonic() - t0:.0f} s", flush=True)
+    _check_trainer_full_sequence(pam, c, want0)
+    print(f"  {time.monotonic() - t0:.0f} s", flush=True)
+    _check_shapes(pam)
+    _check_negative_control(pam)
+    _check_refusals(pam)
+    print(f"  {time.monotonic() - t0:.0f} s", flush=True)
+    print("interpreter checks passed")
+
+
+# ---------------------------------------------------------------------------------------------------
+# This process (no interpreter)
+# ---------------------------------------------------------------------------------------------------
+def _compile_sm90(fn, types: dict, consts: dict, num_stages: int):
+    """Compile a kernel for sm_90 (H100/H200) without a GPU: Triton's own passes and bundled ptxas."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    sig = {n: "constexpr" if n in consts else types[n] for n in fn.arg_names}
+    # as a real launch specializes them: 16-byte aligned pointers, strides that are multiples of 16
+    strides = {"sq_t", "sq_b", "sq_h", "sk_t", "sk_h", "sv_t", "sv_h", "so_t", "so_h", "stride_r"}
+    aligned = [n for n in sig if n in strides or sig[n].startswith("*")]
+    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
+    opts = dict(num_warps=4, num_stages=num_stages, enable_fp_fusion=False)
+    src = ASTSource(fn, sig, constexprs=consts, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
+
+
+def _tile_arithmetic(ttgir: str) -> list[list[str]]:
+    """Each copy of the chunk arithmetic in a TTGIR module: the ops from a first tensor-core dot to the
+    wait of the second (scores, row max, exp2, row sum, p @ v), SSA names and locations dropped, layout
+    aliases replaced by their definitions (so layouts compare by value)."""
+    import re
+
+    aliases = dict(re.findall(r"^(#\w+) = (#[^\n]*?)(?: loc\(.*\))?$", ttgir, re.M))
+    copies, cur, waits = [], None, 0
+    for line in ttgir.splitlines():
+        if "ttng.warp_group_dot " in line and cur is None:
+            cur, waits = [], 0
+        if cur is None:
+            continue
+        line = re.sub(r"%[\w#]+", "%", re.sub(r"loc\(.*\)", "", line)).replace(", mutable", "").strip()
+        for a in sorted(aliases, key=len, reverse=True):
+            line = re.sub(re.escape(a) + r"\b", aliases[a], line)
+        if "fence_async_shared" not in line:  # a memory fence (pipelining), no arithmetic
+            cur.append(line)
+        if "warp_group_dot_wait" in line:
+            waits += 1
+            if waits == 2:
+                copies.append(cur)
+                cur = None
+    return copies
+
+
+def test_decode_and_extend_compile_to_the_same_tile_arithmetic_on_sm90():
+    """The premise of decode == extend, checked on the compiler's output (no GPU needed): compiled for
+    sm_90, every copy of the chunk arithmetic in the extend kernel (two loops) and in the decode kernel,
+    under other launch options and specializations, is the same TTGIR: wgmma (MMA v3) of the same
+    instruction shapes and warps, the row max and sum on the same register layout, the same
+    element-wise ops. And no fma in the PTX (fusion disabled: every product rounded before its sum)."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("compiles with the real Triton JIT")
+    from parity.ops import paged_attention_mma as pam
+
+    common = dict(Q="*bf16", K="*bf16", V="*bf16", sk_t="i32", sk_h="i32", sv_t="i32", sv_h="i32", R2T="*i32")
+    common.update(stride_r="i32", qk_scale="fp32", sq_h="i32")
+    ext_types = dict(common, sq_t="i32", SEG="*i32", S="i32", ROW_POS="*i64", n_tiles="i32")
+    ext_types.update(OUT="*bf16", so_t="i32", so_h="i32")
+    dec_types = dict(common, sq_b="i32", POOL="*i64", SEQ="*i64", MID="*fp32", MM="*fp32", ML="*fp32")
+    dec_types.update(max_chunks="i32", cpp="i32")
+    shape = dict(G=4, D=128, C=pam.CONTRACT_CHUNK, BLOCK_M=pam.BLOCK_M, INTERP=False)
+    ext_consts = dict(shape, SEARCH=pam.SEARCH_BLOCK, HAS_ROW_POS=False, OUT_BF16_INTERP=False)
+    # the variants a real launch compiles (an int argument equal to 1 becomes a constant) and options
+    kernels = {
+        "extend": _compile_sm90(pam._extend_kernel, ext_types, ext_consts, pam.EXTEND_NUM_STAGES),
+        "extend, one request": _compile_sm90(pam._extend_kernel, ext_types, dict(ext_consts, S=1), 1),
+        "decode, 1 stage": _compile_sm90(pam._decode_partials_kernel, dec_types, shape, 1),
+        "decode, 2 stages": _compile_sm90(pam._decode_partials_kernel, dec_types, shape, 2),
+        "decode, 1 chunk/program": _compile_sm90(
+            pam._decode_partials_kernel, dec_types, dict(shape, cpp=1), 3
+        ),
+    }
+    copies = {name: _tile_arithmetic(k.asm["ttgir"]) for name, k in kernels.items()}
+    assert [len(c) for c in copies.values()] == [2, 2, 1, 1, 1], {k: len(c) for k, c in copies.items()}
+    ref = copies["extend"][0]
+    assert any("tt.reduce" in line for line in ref) and any("math.exp2" in line for line in ref)
+    for name, cs in copies.items():
+        for i, c in enumerate(cs):
+            assert c == ref, (
+                f"{name} (copy {i}): the chunk arithmetic differs from the extend's:\n"
+                + "\n".join(f"{a}  |  {b}" for a, b in zip(c, ref, strict=False) if a != b)
+            )
+    for k in kernels.values():
+        ptx = k.asm["ptx"]
+        assert "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16" in ptx
+        assert "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16" in ptx
+        assert "fma.rn.f32" not in ptx, "an fma in the PTX: fusion must be off"
+    n = sum(len(c) for c in copies.values())
+    print(f"sm_90: {n} copies of the chunk arithmetic, one TTGIR ({len(ref)} ops)")
+
+
+def test_mma_refuses_cpu_tensors_without_the_interpreter():
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("this process runs the interpreter")
+    from parity.ops import paged_attention_mma as pam
+
+    c = Cache(9, [10], 4, 2, 64)
+    with pytest.raises(NotImplementedError, match="CUDA tensors"):
+        c.decode(pam, [(0, 9)], 0.125)
+
+
+if __name__ == "__main__":
+    assert os.environ.get("TRITON_INTERPRET") == "1", "run through the pytest test above"
+    _checks()
