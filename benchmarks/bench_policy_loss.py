@@ -14,10 +14,21 @@ Per vocabulary size, with bf16 logits [N, V] (temperature 1, k3 KL against refer
 * at V = 151936 also ``T=0.7``, ``+entropy`` and ``T=0.7+entropy`` (with an entropy bonus in the loss)
   for ours and for plain PyTorch (what RL trainers compute: the division and the entropy add passes).
 
-``--sweep`` first times forward launch configurations (contract tile, warps, unroll; each checked
-bitwise against the plain-PyTorch contract) and backward blocks, and uses the fastest for the table.
-Measured on an H100 (2 runs of 2026-11): tile 2048 / 4 warps / unroll 1, backward block 16384 /
-16 warps -- the defaults of parity/ops/policy_loss.py.
+``--sweep`` first times, at every ``--vocab``, the forward launch configurations of
+``policy_loss.FWD_CANDIDATES`` (warps, unroll, pipelined tile loop, rows per program; the contract tile
+is fixed) and the backward's ``BWD_CANDIDATES``. Each forward configuration's five per-token outputs
+are compared bit for bit with the original launch's (one row per program, 4 warps), whose logprobs are
+compared with the plain-PyTorch contract on all N rows. Per vocabulary class (``policy_loss.v_class``)
+it picks the bitwise configuration with the best worst-case fraction of the copy, uses it for the
+table, and prints ``FWD_LAUNCH`` / ``BWD_LAUNCH`` lines to paste into parity/ops/policy_loss.py.
+Before: 4 warps / unroll 1 / one row per program everywhere (swept at V = 151936 only): forward 0.85 of
+the copy at V = 32768, 0.90 at 151936, 0.94 at 262144; backward block 16384 / 16 warps, 0.95.
+
+The summary's ``bound@copy`` column is the physical limit of "x plain PyTorch": plain PyTorch's
+measured fwd+bwd time over the time of 3*N*V*2 bytes at the copy's bandwidth (a fused forward reads
+N*V*2 bytes, a fused backward reads and writes N*V*2 bytes each).
+
+``--out DIR`` (default ``$OUT`` or .) gets ``bench_policy_loss.json`` and ``bench_policy_loss.txt``.
 
 Times are medians of ``triton.testing.do_bench``; "x copy" is achieved bytes/s over the copy's
 (forward: N*V*2 bytes read; backward: read + write). Peak scratch is the rise of
@@ -42,6 +53,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from parity.ops import policy_loss as pl  # noqa: E402
 from parity.ppo_loss import ppo_loss  # noqa: E402
+
+
+class Tee:
+    """stdout that also goes to a file (the --out directory's text copy of the run)."""
+
+    def __init__(self, stream, path):
+        self.stream, self.file = stream, open(path, "w")  # noqa: SIM115 (open for the whole run)
+
+    def write(self, text):
+        self.stream.write(text)
+        self.file.write(text)
+        self.file.flush()  # what a killed run printed is kept
+
+    def flush(self):
+        self.stream.flush()
+        self.file.flush()
 
 
 def ms(fn, rep=80):
@@ -87,60 +114,137 @@ def make_inputs(n, v, seed=0):
     return x, ids, lp, old, ref_lp, adv
 
 
-def check_bits(x, ids, tile, fma, rows=64):
-    got = pl._forward(x[:rows], ids[:rows], None, None, None, None, 1.0, 0, False, tile, fma)[0]
+def check_bits(x, ids, tile, fma, rows=None, launch=None):
+    """The forward's logprobs (``rows`` first rows, default all) == the plain-PyTorch contract, bitwise."""
+    rows = rows or x.shape[0]
+    got = pl._forward(x[:rows], ids[:rows], None, None, None, None, 1.0, 0, False, tile, fma, launch)[0]
     want = pl.logprobs_reference(x[:rows], ids[:rows], 1.0, tile=tile, fma=fma)
     return bool(torch.equal(got, want))
 
 
-def sweep(n, v, copy_bw, results):
-    """Forward/backward launch configurations (none changes the forward's bits; TILE is the contract's)."""
+def compiled(kernel) -> dict:
+    out = {}
+    for cache in getattr(kernel, "device_caches", {}).values():
+        out.update({id(k): k for k in cache[0].values()})
+    return out
+
+
+def regs_of(kernel, before) -> str:
+    new = [k for key, k in compiled(kernel).items() if key not in before]
+    if not new:
+        return "-"
+    k = new[0]
+    return f"{getattr(k, 'n_regs', '?')}/{getattr(k, 'n_spills', '?')}/{getattr(k.metadata, 'shared', '?')}"
+
+
+def same(a, b) -> bool:
+    return all(
+        (x is None and y is None)
+        or (x is not None and y is not None and torch.equal(x.view(torch.int32), y.view(torch.int32)))
+        for x, y in zip(a, b, strict=True)
+    )
+
+
+def sweep_vocab(n, v, copy_bw, results):
+    """Forward and backward launch configurations at one V (none changes a forward bit: each one's five
+    outputs are compared with the original launch's, whose logprobs are compared with the contract)."""
     x, ids, lp, old, ref_lp, adv = make_inputs(n, v, seed=1)
     nbytes = x.numel() * x.element_size()
-    print(f"\n# sweep N={n} V={v}: forward (TILE, FMA, UNROLL, warps) and backward (BLOCK, warps)")
-    best = None
-    for tile, fma, unroll, nw in [
-        (4096, True, 1, 4), (4096, True, 2, 4), (4096, True, 2, 8), (4096, True, 1, 2),
-        (2048, True, 1, 4), (2048, True, 2, 4), (2048, True, 1, 2), (2048, True, 2, 2), (2048, True, 1, 1),
-        (1024, True, 1, 1), (1024, True, 1, 2), (4096, False, 1, 4),
-    ]:  # fmt: skip
-        pl.FWD_UNROLL, pl.FWD_NUM_WARPS = unroll, nw
-        t = ms(
-            lambda tile=tile, fma=fma: pl._forward(x, ids, old, None, None, ref_lp, 1.0, 3, False, tile, fma)
-        )
-        ok = check_bits(x, ids, tile, fma)
-        tbs = nbytes / t / 1e9
-        print(f"fwd tile={tile} fma={int(fma)} unroll={unroll} warps={nw:2d}: {t:.3f} ms {tbs:.2f} TB/s "
-              f"({tbs / copy_bw:.2f}x copy) bitwise={ok}")  # fmt: skip
-        results["sweep_fwd"].append(dict(tile=tile, fma=fma, unroll=unroll, warps=nw, ms=t, bitwise=ok))
-        if fma == pl.CONTRACT_FMA and ok and (best is None or t < best[0]):
-            best = (t, unroll, nw, tile)
-    pl.FWD_UNROLL, pl.FWD_NUM_WARPS, pl.CONTRACT_TILE = best[1], best[2], best[3]
-    logp, ratio, kl, ent, lse, _r = pl._forward(
-        x, ids, old, None, None, ref_lp, 1.0, 3, False, pl.CONTRACT_TILE, True
-    )
-    g = torch.randn(n, device="cuda")
-    bbest = None
-    for block, nw in [(4096, 8), (8192, 8), (8192, 16), (16384, 16)]:
-        pl.BWD_BLOCK, pl.BWD_NUM_WARPS = block, nw
-        t = ms(
-            lambda: pl._backward(
-                x, ids, None, lse, logp, ratio, ref_lp, ent, None, g, g, None, 1.0, 3, False, True
-            )
-        )
-        tbs = 2 * nbytes / t / 1e9
-        print(f"bwd block={block:5d} warps={nw:2d}: {t:.3f} ms {tbs:.2f} TB/s ({tbs / copy_bw:.2f}x copy)")
-        results["sweep_bwd"].append(dict(block=block, warps=nw, ms=t))
-        if bbest is None or t < bbest[0]:
-            bbest = (t, block, nw)
-    pl.BWD_BLOCK, pl.BWD_NUM_WARPS = bbest[1], bbest[2]
+    tile = pl.CONTRACT_TILE
     print(
-        f"chosen: forward tile={best[3]} unroll={best[1]} warps={best[2]}; "
-        f"backward block={bbest[1]} warps={bbest[2]}"
+        f"\n# sweep N={n} V={v} ({pl.v_class(v)}): forward (warps, unroll, stages, rows per program)",
+        flush=True,
     )
-    results["chosen"] = dict(
-        tile=best[3], fwd_unroll=best[1], fwd_warps=best[2], bwd_block=bbest[1], bwd_warps=bbest[2]
-    )
+    base = pl._forward(x, ids, old, None, None, ref_lp, 1.0, 3, False, tile, True, pl.FwdLaunch())
+    contract_ok = check_bits(x, ids, tile, True, launch=pl.FwdLaunch())
+    print(f"original launch w4u1s1r1: logprobs bitwise the contract on all {n} rows: {contract_ok}")
+    fwd = {}
+    for cfg in pl.FWD_CANDIDATES:
+        try:
+            before = compiled(pl._policy_fwd_kernel)
+            out = pl._forward(x, ids, old, None, None, ref_lp, 1.0, 3, False, tile, True, cfg)
+            torch.cuda.synchronize()
+            info = regs_of(pl._policy_fwd_kernel, before)
+            ok = contract_ok and same(out[:5], base[:5])
+            t = ms(
+                lambda cfg=cfg: pl._forward(x, ids, old, None, None, ref_lp, 1.0, 3, False, tile, True, cfg)
+            )
+        except Exception as exc:  # report and go on
+            print(f"fwd {cfg.name}: failed {exc!r}"[:300])
+            continue
+        tbs = nbytes / t / 1e9
+        fwd[cfg.name] = dict(ms=t, x_copy=tbs / copy_bw, bitwise=ok)
+        print(f"fwd {cfg.name:>10} regs/spills/smem {info:>12}: {t:.3f} ms {tbs:.2f} TB/s "
+              f"({tbs / copy_bw:.3f}x copy) bitwise={ok}", flush=True)  # fmt: skip
+        results["sweep_fwd"].append(
+            dict(V=v, launch=cfg.name, regs=info, ms=t, x_copy=tbs / copy_bw, bitwise=ok)
+        )
+    logp, ratio, kl, ent, lse, _r = base
+    g = torch.randn(n, device="cuda")
+    bwd = {}
+    dx0 = None
+    for cfg in pl.BWD_CANDIDATES:
+
+        def run(cfg=cfg):
+            return pl._backward(
+                x, ids, None, lse, logp, ratio, ref_lp, ent, None, g, g, None, 1.0, 3, False, True, cfg
+            )
+
+        try:
+            dx = run()
+            if dx0 is None:
+                dx0 = dx
+            ok = bool(torch.equal(dx.view(torch.int16), dx0.view(torch.int16)))
+            del dx
+            t = ms(run)
+        except Exception as exc:
+            print(f"bwd {cfg.name}: failed {exc!r}"[:300])
+            continue
+        tbs = 2 * nbytes / t / 1e9
+        bwd[cfg.name] = dict(ms=t, x_copy=tbs / copy_bw, same_as_first=ok)
+        print(f"bwd {cfg.name:>10}: {t:.3f} ms {tbs:.2f} TB/s ({tbs / copy_bw:.3f}x copy) same dlogits={ok}")
+        results["sweep_bwd"].append(dict(V=v, launch=cfg.name, ms=t, x_copy=tbs / copy_bw, same=ok))
+    return fwd, bwd
+
+
+def choose(per_v: dict, cls_of, candidates, key_ok: str):
+    """Per class, the configuration with the best worst-case fraction of the copy over the class's V."""
+    chosen = {}
+    by_name = {c.name: c for c in candidates}
+    for cls in ("small", "large"):
+        vs = [v for v in per_v if cls_of(v) == cls]
+        if not vs:
+            continue
+        names = [c for c in by_name if all(c in per_v[v] and per_v[v][c].get(key_ok, True) for v in vs)]
+        if names:
+            best = max(names, key=lambda c: min(per_v[v][c]["x_copy"] for v in vs))
+            chosen[cls] = by_name[best]
+            worst = min(per_v[v][best]["x_copy"] for v in vs)
+            print(f"{cls} (V in {vs}): {best}, worst-case {worst:.3f}x copy")
+    return chosen
+
+
+def sweep(n, vocabs, copy_bw, results):
+    fwd_all, bwd_all = {}, {}
+    for v in vocabs:
+        try:
+            fwd_all[v], bwd_all[v] = sweep_vocab(n, v, copy_bw, results)
+        except Exception:
+            traceback.print_exc()
+        torch.cuda.empty_cache()
+    print("\n# sweep: forward choice per vocabulary class (bitwise configurations only)")
+    fwd_choice = choose(fwd_all, pl.v_class, pl.FWD_CANDIDATES, "bitwise")
+    print("# sweep: backward choice per vocabulary class")
+    bwd_choice = choose(bwd_all, pl.v_class, pl.BWD_CANDIDATES, "same_as_first")
+    pl.FWD_LAUNCH.update(fwd_choice)
+    pl.BWD_LAUNCH.update(bwd_choice)
+    print("suggested (parity/ops/policy_loss.py):")
+    print("FWD_LAUNCH = {" + ", ".join(f'"{k}": {c!r}' for k, c in pl.FWD_LAUNCH.items()) + "}")
+    print("BWD_LAUNCH = {" + ", ".join(f'"{k}": {c!r}' for k, c in pl.BWD_LAUNCH.items()) + "}")
+    results["chosen"] = {
+        "fwd": {k: c.name for k, c in pl.FWD_LAUNCH.items()},
+        "bwd": {k: c.name for k, c in pl.BWD_LAUNCH.items()},
+    }
 
 
 def bench_liger(liger_fn, x, ids, old, ref_lp, adv, n, v, nbytes):
@@ -242,7 +346,7 @@ def run_vocab(n, v, liger_fn, copy_bw, rows, results):
         (out.ratio * adv + out.kl).sum().backward()
         return xg.grad
 
-    res["ours"] = dict(fwd=tf, bwd=tb, peak=peak_gb(ours_step), fwd_bytes=nbytes, bitwise=bits)
+    res["ours"] = dict(fwd=tf, bwd=tb, peak=peak_gb(ours_step), fwd_bytes=nbytes, bitwise=bits, nbytes=nbytes)
 
     def ppo_step():
         xg = x.detach().requires_grad_(True)
@@ -306,8 +410,11 @@ def run_vocab(n, v, liger_fn, copy_bw, rows, results):
             row["bwd_x_copy"] = 2 * nbytes / r["bwd"] / 1e9 / copy_bw
         rows.append(row)
     t_ref = res["torch"]["fwd"] + res["torch"]["bwd"]
+    fl, bl = pl.FWD_LAUNCH[pl.v_class(v)].name, pl.BWD_LAUNCH[pl.v_class(v)].name
     print(
-        f"V={v}: ours fwd {tf:.3f} ms bwd {tb:.3f} ms ({t_ref / (tf + tb):.1f}x torch) bitwise={bits}",
+        f"V={v}: ours fwd {tf:.3f} ms ({nbytes / tf / 1e9 / copy_bw:.3f}x copy, {fl}) "
+        f"bwd {tb:.3f} ms ({2 * nbytes / tb / 1e9 / copy_bw:.3f}x copy, {bl}) "
+        f"({t_ref / (tf + tb):.1f}x torch) bitwise={bits}",
         flush=True,
     )
 
@@ -319,6 +426,8 @@ def main():
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    sys.stdout = Tee(sys.stdout, Path(args.out) / "bench_policy_loss.txt")
     props = torch.cuda.get_device_properties(0)
     print(f"{props.name}, {props.multi_processor_count} SMs; torch {torch.__version__}")
     results = {"device": props.name, "sweep_fwd": [], "sweep_bwd": [], "rows": []}
@@ -334,7 +443,7 @@ def main():
 
     if args.sweep:
         try:
-            sweep(args.n, 151936, copy_bw, results)
+            sweep(args.n, args.vocab, copy_bw, results)
         except Exception:
             traceback.print_exc()
     liger_fn = load_liger()
@@ -346,26 +455,52 @@ def main():
         torch.cuda.empty_cache()
 
     print(f"\n## N={args.n}, bf16, T=1, k3 vs reference logprobs; copy {copy_bw:.2f} TB/s; {props.name}")
-    print(f"contract tile {pl.CONTRACT_TILE}, forward warps {pl.FWD_NUM_WARPS} unroll {pl.FWD_UNROLL}")
-    print("| V | op | fwd ms | bwd ms | fwd+bwd ms | fwd x copy | bwd x copy | vs torch | peak scratch GB |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    launches = ", ".join(
+        f"V {'<=' if cls == 'small' else '>'} {pl.SMALL_V_MAX}: "
+        f"fwd {pl.FWD_LAUNCH[cls].name} bwd {pl.BWD_LAUNCH[cls].name}"
+        for cls in ("small", "large")
+    )
+    print(f"contract tile {pl.CONTRACT_TILE}; launch ({launches})")
+    print(
+        "| V | op | fwd ms | bwd ms | fwd+bwd ms | fwd x copy | bwd x copy | vs torch | bound@copy "
+        "| peak scratch GB |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
     torch_t = {(r["V"], r.get("group")): r["fwdbwd"] for r in results["rows"] if r["op"].startswith("torch")}
+    # The physical bound of "x plain PyTorch": a fused forward (reads N V 2 bytes) and backward (reads and
+    # writes N V 2 bytes) both at the copy's bandwidth take 3 N V 2 bytes / copy TB/s; plain PyTorch's
+    # measured fwd+bwd over that time is the most any fused kernel pair could reach.
+    ideal = {r["V"]: 3 * r["nbytes"] / (copy_bw * 1e9) for r in results["rows"] if "nbytes" in r}
+    bound = {key: t / ideal[key[0]] for key, t in torch_t.items() if t and key[0] in ideal}
+    results["bound_at_copy"] = {f"{v}/{grp or 'T=1'}": b for (v, grp), b in bound.items()}
 
     def f(val, fmt):
         return format(val, fmt) if isinstance(val, (int, float)) else "-"
 
     for r in results["rows"]:
-        base = torch_t.get((r["V"], r.get("group")))
+        key = (r["V"], r.get("group"))
+        base = torch_t.get(key)
         speed = base / r["fwdbwd"] if r.get("fwdbwd") and base else None
         cells = [r["V"], r["op"], f(r.get("fwd"), ".3f"), f(r.get("bwd"), ".3f"), f(r.get("fwdbwd"), ".3f")]
         cells += [
             f(r.get("fwd_x_copy"), ".2f"),
             f(r.get("bwd_x_copy"), ".2f"),
             f(speed, ".1f"),
+            f(bound.get(key) if r.get("fwdbwd") else None, ".1f"),
             f(r.get("peak"), ".2f"),
         ]
         print("| " + " | ".join(str(c) for c in cells) + " |")
-    Path(args.out).mkdir(parents=True, exist_ok=True)
+    print("bound@copy: plain PyTorch's fwd+bwd over 3*N*V*2 bytes at the copy's bandwidth (fused forward")
+    print("reads N*V*2 bytes, fused backward reads and writes N*V*2 each): the largest 'x torch' any fused")
+    print("forward + backward can reach.")
+    for r in results["rows"]:
+        if r["op"] == "ours" and (r["V"], None) in bound:
+            b = bound[(r["V"], None)]
+            speed = torch_t[(r["V"], None)] / r["fwdbwd"]
+            print(
+                f"V={r['V']}: ours {speed:.1f}x plain PyTorch (fwd+bwd, T=1); "
+                f"bound at copy bandwidth: {b:.1f}x (ours is {speed / b:.0%} of it)"
+            )
     (Path(args.out) / "bench_policy_loss.json").write_text(json.dumps(results, indent=1, default=str))
 
 

@@ -12,13 +12,18 @@ import torch
 
 from weight_sync.fp8 import (
     BLOCK,
+    CANDIDATE_CONFIGS,
+    DEFAULT_CONFIGS,
     EPS,
     FP8_MAX,
     NonFiniteWeightError,
     fp8_block_dequant,
     fp8_block_quant,
     fp8_block_quant_torch,
+    fp8_block_quant_triton,
+    launch_config,
     scale_shape,
+    shape_class,
 )
 
 FP8 = torch.float8_e4m3fn
@@ -301,6 +306,22 @@ def test_dispatch_on_cpu_uses_reference_and_fills_given_outputs():
     assert mismatch("dispatch", q, s, want_q, want_s) is None
 
 
+def test_launch_config_is_a_fixed_table_by_shape_class():
+    assert shape_class(4096, 4096) == shape_class(8192, 4096) == "small"  # <= 2048 blocks
+    assert shape_class(8193, 4096) == "large"
+    assert shape_class(8192, 8192) == shape_class(151936, 4096) == "large"
+    assert launch_config(4096, 4096) == DEFAULT_CONFIGS["small"]
+    assert launch_config(28672, 8192) == DEFAULT_CONFIGS["large"]
+    names = [c.name for c in CANDIDATE_CONFIGS]
+    assert len(set(names)) == len(names)  # the benchmark's table keys
+    for c in (*CANDIDATE_CONFIGS, *DEFAULT_CONFIGS.values()):
+        assert c.validate() is c
+    with pytest.raises(ValueError, match="num_stages"):
+        fp8_block_quant_triton(torch.zeros(4, 4), num_stages=3)  # pipelining needs a persistent loop
+    with pytest.raises(ValueError, match="num_warps"):
+        fp8_block_quant_triton(torch.zeros(4, 4), num_warps=3)
+
+
 def test_rejects_bad_inputs():
     with pytest.raises(ValueError, match="2-D"):
         fp8_block_quant_torch(torch.zeros(4, 4, 4))
@@ -364,14 +385,38 @@ def test_kernel_bitwise_equals_reference_adversarial(variant):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("shape", [(4096, 11008), (151936, 4096), (11008, 4096), (1000, 1000)])
-def test_kernel_bitwise_equals_reference_large(shape):
-    gen = torch.Generator(device="cuda").manual_seed(11)
+@pytest.mark.parametrize("config", CANDIDATE_CONFIGS, ids=[c.name for c in CANDIDATE_CONFIGS])
+def test_kernel_every_swept_launch_config_bitwise(config):
+    """Every configuration the benchmark may pick: the reference's bits on the adversarial cases, and
+    on weights with many more units of work than a persistent grid has programs (edges included)."""
+    gen = torch.Generator().manual_seed(14)
+    bad = []
+    for label, w in adversarial_cases(gen):
+        m = _kernel_vs_reference(w.cuda(), label, config=config)
+        if m:
+            bad.append(m)
+    for shape in [(8192, 4096), (4000, 3000)]:
+        w = _large_weight(shape, seed=15)
+        m = _kernel_vs_reference(w, f"large{shape}", config=config)
+        if m:
+            bad.append(m)
+    assert not bad, "\n".join(bad)
+
+
+def _large_weight(shape, seed):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
     w = (torch.randn(shape, generator=gen, device="cuda") * 0.02).to(torch.bfloat16)
     w[::977, ::131] = 0  # sprinkle zeros, huge values and subnormals into many blocks
     w[5::1999, 7::257] = BF16_MAX
     w[9::3001, 1::509] = 1e-39
     w[: min(128, shape[0]), : min(128, shape[1])] = 0
+    return w
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(4096, 11008), (151936, 4096), (11008, 4096), (1000, 1000)])
+def test_kernel_bitwise_equals_reference_large(shape):
+    w = _large_weight(shape, seed=11)
     m = _kernel_vs_reference(w, f"large{shape}")
     assert m is None, m
     del w

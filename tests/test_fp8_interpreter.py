@@ -18,12 +18,39 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-VARIANTS = {
-    "default": {},
-    "group3": {"group_k": 3},
-    "group3-prefetch": {"group_k": 3, "prefetch": True},
-    "reciprocal-variant": {"div_mode": 2},
-}
+
+
+def _launch_variants() -> dict[str, dict]:
+    """Every launch configuration the benchmark sweeps (CANDIDATE_CONFIGS), one per behaviour the
+    interpreter can see (which program handles which block, when it loads it, masks), plus code paths
+    no candidate takes (persistent groups of 3 in order 0, prefetching persistent groups).
+    The interpreter ignores num_warps, num_stages, maxnreg and the cache hints, which only the compiler
+    sees (the GPU tests run every candidate); persistent grids get 2 "SMs" here, so programs loop."""
+    from weight_sync.fp8.block_quant import CANDIDATE_CONFIGS
+
+    out: dict[str, dict] = {}
+    seen = set()
+    for c in CANDIDATE_CONFIGS:
+        key = (
+            c.group_k,
+            c.prefetch and (c.group_k > 1 or c.persistent > 0),
+            c.order,
+            c.persistent,
+            c.unmasked,
+        )
+        if key not in seen:
+            seen.add(key)
+            out[f"candidate-{c.name}"] = {"config": c}
+    out["persistent-group3"] = {"persistent": 1, "group_k": 3, "num_stages": 3}
+    out["persistent-prefetch-group2-order1"] = {"persistent": 1, "prefetch": True, "group_k": 2, "order": 1}
+    return out
+
+
+LAUNCH_VARIANTS = _launch_variants()
+VARIANTS = {"default": {}, "reciprocal-variant": {"div_mode": 2}, **LAUNCH_VARIANTS}
+# Launch options move blocks between programs, not values: their variants run the cases with edge
+# blocks on both axes (2x3 and 3x3 blocks) and with whole blocks only (the unmasked path).
+LAUNCH_CASES = {"randn(129, 257)x0.02", "zero-blocks", "huge-per-block"}
 
 
 def _child() -> dict:
@@ -46,7 +73,10 @@ def _child() -> dict:
     for variant, kw in VARIANTS.items():
         gen = torch.Generator().manual_seed(20)
         for label, w in adversarial_cases(gen):
-            if variant != "default" and w.numel() > 70000:
+            if variant in LAUNCH_VARIANTS:
+                if label not in LAUNCH_CASES:
+                    continue
+            elif variant != "default" and w.numel() > 70000:
                 continue  # keep the run short: the exhaustive cases once
             results["cases"][f"{variant}/{label}"] = _kernel_vs_reference(w, label, **kw)
 
@@ -104,6 +134,8 @@ def interpreted():
 def test_child_ran_under_the_interpreter(interpreted):
     assert interpreted["interpreting"] is True
     assert len(interpreted["cases"]) > 40
+    for variant in LAUNCH_VARIANTS:  # each launch variant ran every launch case
+        assert sum(k.startswith(variant + "/") for k in interpreted["cases"]) == len(LAUNCH_CASES), variant
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))

@@ -126,21 +126,25 @@ def test_grouped_kernel_equals_the_per_expert_loop(poison):
 
 def test_negative_control_the_cublas_expert_loop_depends_on_the_batch():
     """Why the op exists: ``parity.moe.experts`` (the CPU contract: per-expert ``F.linear``) on the GPU
-    gives a token other bits alone than in a batch of 4096 (cuBLAS picks its kernel by rows)."""
-    router, w13, w2 = layer_weights(4)
-    g = torch.Generator(device=DEV).manual_seed(5)
-    x = torch.randn(4096, HIDDEN, generator=g, device=DEV).to(BF16)
-    with torch.no_grad():
-        weights, ids = moe.route(me.router_linear(x, router), TOP_K, True)
-        full = moe.experts(x, weights, ids, w13, w2)
-        alone = torch.cat(
-            [moe.experts(x[i : i + 1], weights[i : i + 1], ids[i : i + 1], w13, w2) for i in range(16)]
-        )
-        contract = me.moe_experts(x[:16], weights[:16], ids[:16], w13, w2)
-    differing = count_differing(alone, full[:16])
-    print(f"cuBLAS expert loop: {differing} of {alone.numel()} elements differ alone vs in 4096 tokens")
-    print(f"cuBLAS expert loop vs the contract: {count_differing(alone, contract)} differ")
-    assert differing > 0
+    gives a token other bits alone than in a batch of 4096 (cuBLAS picks its kernel by rows). Measured
+    on an H200: at Qwen3-30B-A3B's shapes (hidden 2048, moe_intermediate 768) cuBLAS happened to give
+    the same bits for 1 and ~256 rows per expert; larger experts are checked here."""
+    total = 0
+    for hidden, inter in ((4096, 1536), (7168, 2048)):
+        router, w13, w2 = layer_weights(4, hidden=hidden, experts=16, inter=inter)
+        g = torch.Generator(device=DEV).manual_seed(5)
+        x = torch.randn(4096, hidden, generator=g, device=DEV).to(BF16)
+        with torch.no_grad():
+            weights, ids = moe.route(me.router_linear(x, router), TOP_K, True)
+            full = moe.experts(x, weights, ids, w13, w2)
+            alone = torch.cat(
+                [moe.experts(x[i : i + 1], weights[i : i + 1], ids[i : i + 1], w13, w2) for i in range(16)]
+            )
+        differing = count_differing(alone, full[:16])
+        print(f"cuBLAS expert loop, hidden {hidden} inter {inter}: {differing} of {alone.numel()} elements "
+              "differ alone vs in 4096 tokens")  # fmt: skip
+        total += differing
+    assert total > 0
 
 
 # --- server (patched SGLang) == trainer ---------------------------------------------------------------

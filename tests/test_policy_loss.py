@@ -264,6 +264,38 @@ def test_invalid_ids_raise_on_unmasked_tokens_only():
         pl.fused_policy_loss(logits, torch.zeros(4, dtype=torch.long), kl_estimator="k4")
 
 
+def test_fused_op_and_reference_reject_the_same_arguments():
+    logits = torch.randn(4, 50)
+    ids = torch.zeros(4, dtype=torch.long)
+    bad = [
+        (dict(ids=torch.zeros(3, dtype=torch.long)), "one per token"),
+        (dict(old_logprobs=torch.zeros(5)), "one per token"),
+        (dict(mask=torch.ones(2, dtype=torch.bool)), "one per token"),
+        (dict(kl_estimator="k4"), "kl_estimator"),
+        (dict(temperature=0.0), "positive"),
+        (dict(temperature=math.nan), "positive"),
+        (dict(ref_logits=torch.randn(4, 51)), "ref_logits shape"),
+        (dict(ref_logits=torch.randn(4, 50), ref_logprobs=torch.zeros(4)), "not both"),
+        (dict(ref_logprobs=torch.zeros(3)), "one per token"),
+    ]
+    for kw, msg in bad:
+        kw = {"ids": ids, **kw}
+        for fn in (pl.fused_policy_loss, pl.policy_loss_reference):
+            with pytest.raises(ValueError, match=msg):
+                fn(logits, **kw)
+
+
+def test_launch_tables_are_fixed_by_vocabulary_class():
+    assert pl.v_class(32768) == pl.v_class(65536) == "small"
+    assert pl.v_class(65537) == pl.v_class(151936) == pl.v_class(262144) == "large"
+    names = [c.name for c in pl.FWD_CANDIDATES]
+    assert len(set(names)) == len(names) and pl.FwdLaunch() in pl.FWD_CANDIDATES
+    for c in (*pl.FWD_CANDIDATES, *pl.FWD_LAUNCH.values()):
+        assert c.validate() is c
+    with pytest.raises(ValueError):
+        pl.FwdLaunch(unroll=3).validate()
+
+
 # ---------------------------------------------------------------------------------------------------
 # PPO / GRPO wrapper vs the direct formula
 # ---------------------------------------------------------------------------------------------------
@@ -341,3 +373,31 @@ def test_packed_sequences_aggregate_like_padded_rows():
         assert torch.allclose(padded, packed, rtol=1e-6, atol=0)
     with pytest.raises(ValueError, match="aggregation"):
         aggregate(per, mask, "mean")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Launch options of the forward kernel (GPU): none changes a bit
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("launch", pl.FWD_CANDIDATES, ids=[c.name for c in pl.FWD_CANDIDATES])
+@pytest.mark.parametrize("v", [4099, 151936])
+def test_every_swept_forward_launch_is_bitwise_the_contract(launch, v):
+    """Every configuration the benchmark may pick, with masked rows, reference logits, entropy, T != 1:
+    the original launch's bits (all six outputs) and the plain-PyTorch contract's."""
+    g = torch.Generator(device="cuda").manual_seed(v)
+    n = 45  # not a multiple of any rows-per-program
+    logits = (torch.randn(n, v, generator=g, device="cuda") * 3).to(torch.bfloat16)
+    ref_logits = (logits.float() + torch.randn(n, v, generator=g, device="cuda") * 0.5).to(torch.bfloat16)
+    ids = torch.randint(0, v, (n,), generator=g, device="cuda")
+    old = torch.randn(n, generator=g, device="cuda") * 0.1 - 8.0
+    mask = torch.rand(n, generator=g, device="cuda") > 0.25
+    args = (logits, ids, old, mask, ref_logits, None, 0.7, 3, True, pl.CONTRACT_TILE, True)
+    got = pl._forward(*args, launch)
+    want = pl._forward(*args, pl.FwdLaunch())  # the original launch: one row per program
+    for name, a, b in zip(("logp", "ratio", "kl", "ent", "lse", "ref_lp"), got, want, strict=True):
+        if name == "ref_lp":  # written for unmasked rows only (the backward reads no other)
+            a, b = a[mask], b[mask]
+        assert torch.equal(a.view(torch.int32), b.view(torch.int32)), name
+    ref = pl.policy_loss_reference(logits, ids, old, mask, 0.7, ref_logits=ref_logits, entropy=True)
+    for name, a, b in zip(("logp", "ratio", "kl", "entropy"), got[:4], ref, strict=True):
+        assert torch.equal(a.view(torch.int32), b.detach().view(torch.int32)), name

@@ -113,11 +113,20 @@ def _checks():
     ids = torch.randint(0, 4099, (6,), generator=g)
     # the fma-free variant of the contract and a smaller tile: still bitwise the reference
     for tile, fma, unroll in ((2048, False, 1), (4096, True, 1), (1024, True, 2)):
-        pl.FWD_UNROLL = unroll  # a launch option: two tiles' loads in flight, never other bits
-        got = pl._forward(logits, ids, None, None, None, None, 0.8, 0, False, tile, fma)[0]
+        launch = pl.FwdLaunch(unroll=unroll)  # two tiles' loads in flight, never other bits
+        got = pl._forward(logits, ids, None, None, None, None, 0.8, 0, False, tile, fma, launch)[0]
         want = pl.logprobs_reference(logits, ids, 0.8, tile=tile, fma=fma)
         assert torch.equal(got, want), (tile, fma, unroll)
-    pl.FWD_UNROLL = 1
+    # launch options never change a bit: several rows per program (a loop over rows, masked rows among
+    # them), the pipelined tile loop, two tiles per step; every output and the gradient, as the defaults
+    saved = dict(pl.FWD_LAUNCH)
+    cfg = pl.FwdLaunch(num_warps=2, unroll=2, num_stages=3, rows=2)
+    pl.FWD_LAUNCH.update(small=cfg, large=cfg)
+    print(cfg.name, _check_case(pl, 5, (5,), 4099, torch.bfloat16, 0.8, "logits", True, True, "k3"))
+    pl.FWD_LAUNCH.update(saved)
+    cfg = pl.FwdLaunch(num_stages=2, rows=4)
+    got = pl._forward(logits, ids, None, None, None, None, 1.0, 0, False, pl.CONTRACT_TILE, True, cfg)[0]
+    assert torch.equal(got, pl.logprobs_reference(logits, ids)), cfg
     # ratio == 1 exactly when the old logprobs come from the same computation (or the reference)
     lp = pl.fused_logprobs(logits, ids)
     assert torch.equal(lp, pl.logprobs_reference(logits, ids))

@@ -262,26 +262,31 @@ def test_bad_grpc_control_requests_are_refused_and_change_nothing(api):
     assert _get_version(server) == before
 
 
-def test_concurrent_scores_are_coalesced_into_batches():
+def test_concurrent_scores_are_coalesced_into_batches_with_bounded_batches_in_flight():
     async def scenario():
         gate = asyncio.Event()
         seen: list[int] = []
+        peak = [0]
 
         async def send(items):
             seen.append(len(items))
-            if len(seen) == 1:
-                await gate.wait()  # the first batch is "at the server" while more calls arrive
+            peak[0] = max(peak[0], batcher.in_flight)
+            await gate.wait()  # the batches sent so far are "at the server" while more calls arrive
             return [ScoreResult(logprobs=[float(i.start)], weight_version="v") for i in items]
 
-        batcher = ScoreBatcher(send)
-        first = asyncio.create_task(batcher.submit([ScoreItem([1, 2], 1)]))
-        await asyncio.sleep(0)
+        batcher = ScoreBatcher(send, max_in_flight=2)
+        first = [asyncio.create_task(batcher.submit([ScoreItem([1, 2], k)])) for k in (1, 2)]
+        while len(seen) < 2:  # both slots taken, one call each
+            await asyncio.sleep(0)
         rest = [asyncio.create_task(batcher.submit([ScoreItem([1, 2, 3], k)])) for k in (1, 2, 1, 2, 1)]
         await asyncio.sleep(0)
+        assert batcher.in_flight == 2 and seen == [1, 1]  # the 5 later calls wait for a free slot
         gate.set()
-        results = [await first] + [await t for t in rest]
-        return seen, results
+        results = [await t for t in first] + [await t for t in rest]
+        return seen, results, peak[0]
 
-    seen, results = asyncio.run(scenario())
-    assert seen == [1, 5]
-    assert [r[0].logprobs for r in results] == [[1.0], [1.0], [2.0], [1.0], [2.0], [1.0]]
+    seen, results, peak = asyncio.run(scenario())
+    assert seen == [1, 1, 5] and peak == 2  # one batch of the 5 waiting calls, never 3 at the server
+    assert [r[0].logprobs for r in results] == [[1.0], [2.0], [1.0], [2.0], [1.0], [2.0], [1.0]]
+    with pytest.raises(ValueError, match="max_in_flight"):
+        ScoreBatcher(lambda items: None, max_in_flight=0)

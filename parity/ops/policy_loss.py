@@ -65,11 +65,18 @@ Trade-offs
   (Liger's ``ex2.approx`` kernel: 0.91 ms), backward 1.73 ms = 0.95. Every ``a * b + c`` of the
   contract is an explicit fma or an explicit pair of roundings: the forward kernel is compiled with
   ``enable_fp_fusion=False``. The backward is not in the contract and uses the hardware ``exp2``.
-* Kernel configuration (warps, backward block) never changes the bits: only ``TILE`` does, and it is
-  part of the contract (2048 was the fastest of 1024 / 2048 / 4096 / 8192).
+* Kernel configuration never changes the bits: only ``TILE`` does, and it is part of the contract (2048
+  was the fastest of 1024 / 2048 / 4096 / 8192). The forward's launch options (:class:`FwdLaunch`:
+  warps, two tiles per step, a software-pipelined tile loop, several rows per program) only decide
+  which program runs which row and when a tile's loads are issued; each row still runs the contract's
+  steps in order, and the only reductions whose order the hardware picks are exact (a max, and the
+  sums of two of the lane tree). The defaults are a fixed table per vocabulary class
+  (``FWD_LAUNCH`` / ``BWD_LAUNCH``, :func:`v_class`), chosen by the benchmark's sweep, never tuned at
+  run time.
 * ``T != 1`` costs 3 more instructions per element (the Markstein division), entropy 3 more.
-* A row costs one program: for small V (32k) the per-row tail (lane tree, fp64 log) is visible
-  (0.85 of copy bandwidth).
+* With one row per program (the original launch), the per-row tail (lane tree, fp64 log) and the
+  load latency that nothing hides while a program reduces a tile are visible at small V (0.85 of the
+  copy bandwidth at V = 32768); the pipelined tile loop and rows-per-program options address that.
 
 KL conventions (``d = ref_logp - logp``, per sampled token, estimating KL(pi || pi_ref)):
 ``k1 = logp - ref_logp``, ``k2 = d^2 / 2``, ``k3 = exp(d) - d - 1`` (>= 0; for ``|d| < 1/2`` the
@@ -83,6 +90,7 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -157,12 +165,80 @@ KL_ESTIMATORS = {"k1": 1, "k2": 2, "k3": 3}
 # fma (GPU), 2 = exact emulation in fp64 (Triton interpreter, whose tl.fma rounds twice).
 _FMA_OFF, _FMA_NATIVE, _FMA_EMULATED = 0, 1, 2
 
-# Launch configuration (the fastest of benchmarks/bench_policy_loss.py --sweep on an H100, N = 8192,
-# V = 151936, bf16). It never changes the forward's bits (only TILE does).
-FWD_NUM_WARPS = 4
-FWD_UNROLL = 1
-BWD_BLOCK = 16384  # capped at V rounded up to a power of two
-BWD_NUM_WARPS = 16
+
+@dataclass(frozen=True)
+class FwdLaunch:
+    """Launch options of the forward kernel. None changes a bit: they decide which program handles which
+    row and when a tile's loads are issued; every row runs the contract's reduction over its tiles in
+    order, and its only order-free steps are exact (a max, sums of two).
+
+    - ``num_warps``: warps per program (one row at a time per program);
+    - ``unroll``: 2 issues the loads of two tiles before reducing them (one after the other);
+    - ``num_stages``: > 1 lets Triton software-pipeline the tile loop (``cp.async`` of the next
+      ``num_stages - 1`` tiles into shared memory while the current one is reduced);
+    - ``rows``: rows per program: the grid is ``ceil(N / rows)`` programs and program ``p`` handles rows
+      ``p, p + grid, p + 2 grid, ...`` (fewer, longer-lived programs; no per-row program launch).
+    """
+
+    num_warps: int = 4
+    unroll: int = 1
+    num_stages: int = 1
+    rows: int = 1
+
+    @property
+    def name(self) -> str:
+        return f"w{self.num_warps}u{self.unroll}s{self.num_stages}r{self.rows}"
+
+    def validate(self) -> FwdLaunch:
+        if self.num_warps not in (1, 2, 4, 8, 16) or self.unroll not in (1, 2):
+            raise ValueError(f"bad forward launch {self}")
+        if self.num_stages < 1 or self.rows < 1:
+            raise ValueError(f"bad forward launch {self}")
+        return self
+
+
+@dataclass(frozen=True)
+class BwdLaunch:
+    """Launch options of the backward kernel: columns per loop step (capped at V rounded up to a power of
+    two) and warps. The backward is not part of the contract."""
+
+    block: int = 16384
+    num_warps: int = 16
+
+    @property
+    def name(self) -> str:
+        return f"b{self.block}w{self.num_warps}"
+
+
+# Default launch per vocabulary class (a fixed table, no run-time tuning): "small" is V <= 65536, where a
+# row is at most 32 contract tiles and the per-row work (lane tree, fp64 log, per-token outputs) is a
+# visible share; "large" is everything above. `benchmarks/bench_policy_loss.py --sweep` times every
+# FWD_CANDIDATES / BWD_CANDIDATES entry per V on the GPU and prints the best bitwise entry per class as
+# these two lines. Until that run's result is pasted here, both classes hold the original launch (one
+# row per program, 4 warps; backward 16384 columns per step, 16 warps).
+SMALL_V_MAX = 65536
+FWD_LAUNCH: dict[str, FwdLaunch] = {"small": FwdLaunch(), "large": FwdLaunch()}
+BWD_LAUNCH: dict[str, BwdLaunch] = {"small": BwdLaunch(), "large": BwdLaunch()}
+# The forward configurations the benchmark sweeps (and the GPU tests check bitwise against the contract).
+FWD_CANDIDATES: tuple[FwdLaunch, ...] = tuple(
+    FwdLaunch(num_warps=w, unroll=u, num_stages=st, rows=r)
+    for w, u, st, r in [
+        (4, 1, 1, 1), (4, 2, 1, 1), (2, 1, 1, 1), (1, 1, 1, 1),  # the original launch and its neighbours
+        (4, 1, 2, 1), (4, 1, 3, 1), (4, 1, 4, 1), (2, 1, 3, 1), (2, 1, 4, 1), (1, 1, 3, 1), (8, 1, 3, 1),
+        (4, 2, 3, 1), (2, 2, 3, 1),  # pipelined tile loop
+        (4, 1, 1, 4), (2, 1, 1, 8), (4, 1, 3, 4), (4, 1, 3, 8), (2, 1, 3, 4), (2, 1, 3, 8), (1, 1, 3, 8),
+        # ^ several rows per program
+    ]
+)  # fmt: skip
+BWD_CANDIDATES: tuple[BwdLaunch, ...] = tuple(
+    BwdLaunch(b, w) for b, w in [(4096, 8), (8192, 8), (8192, 16), (16384, 16), (16384, 32), (32768, 32)]
+)
+
+
+def v_class(vocab: int) -> str:
+    """``"small"`` for V <= SMALL_V_MAX, else ``"large"`` (the key of FWD_LAUNCH / BWD_LAUNCH)."""
+    return "small" if vocab <= SMALL_V_MAX else "large"
+
 
 # Output allocator (tests swap it for one that poisons, to check that every element is written).
 _empty = torch.empty
@@ -367,10 +443,12 @@ def _row_stats(
     FMA: tl.constexpr,
     ENTROPY: tl.constexpr,
     UNROLL: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
     INTERP: tl.constexpr,
 ):
     """(M, log S in fp64, S, W) of one row under the contract. UNROLL = 2 issues the loads of two tiles
-    before reducing them (more bytes in flight); the tiles are still reduced one after the other."""
+    before reducing them (more bytes in flight); the tiles are still reduced one after the other.
+    NUM_STAGES > 1 has Triton pipeline the loop's loads (the next tiles arrive during this one's math)."""
     lanes = tl.arange(0, TILE)
     # -inf, but not a compile-time constant: with a constant, LLVM's optimizer of rows of a single tile
     # (V <= TILE) ran for minutes (Triton 3.6). temperature * 0.0 is 0.0 at run time (T > 0 finite).
@@ -380,7 +458,7 @@ def _row_stats(
     n_full: tl.constexpr = V // TILE
     if UNROLL == 2:
         n_pairs: tl.constexpr = n_full // 2
-        for it in range(0, n_pairs):  # full tiles: no bounds mask
+        for it in tl.range(0, n_pairs, num_stages=NUM_STAGES):  # full tiles: no bounds mask
             x0 = _load_scaled(row_ptr + (2 * it) * TILE + lanes, temperature, inv_t, HAS_T, FMA)
             x1 = _load_scaled(row_ptr + (2 * it + 1) * TILE + lanes, temperature, inv_t, HAS_T, FMA)
             m, s, w = _tile_update(x0, m, s, w, FMA, ENTROPY, INTERP)
@@ -389,7 +467,7 @@ def _row_stats(
             x = _load_scaled(row_ptr + (n_full - 1) * TILE + lanes, temperature, inv_t, HAS_T, FMA)
             m, s, w = _tile_update(x, m, s, w, FMA, ENTROPY, INTERP)
     else:
-        for it in range(0, n_full):
+        for it in tl.range(0, n_full, num_stages=NUM_STAGES):
             x = _load_scaled(row_ptr + it * TILE + lanes, temperature, inv_t, HAS_T, FMA)
             m, s, w = _tile_update(x, m, s, w, FMA, ENTROPY, INTERP)
     if n_full * TILE < V:  # the last, partial tile: padding is -inf (contributes exp_c(-86) ~ 0)
@@ -419,17 +497,15 @@ def _row_logp(row_ptr, tok, m, log_s, temperature, inv_t, HAS_T: tl.constexpr, F
 # Triton: kernels
 # ====================================================================================================
 @triton.jit
-def _policy_fwd_kernel(
-    X, x_sb, x_sl,  # policy logits and the strides (elements) of their [B, L, V] view
-    R, r_sb, r_sl,  # reference logits (REF_MODE == 1)
-    IDS, OLD, REF_LP, MASK,  # per-token inputs [N]
-    LOGP, RATIO, KL, ENT, LSE,  # per-token outputs [N] (fp32)
+def _policy_fwd_row(
+    row,  # int64
+    X, x_sb, x_sl, R, r_sb, r_sl, IDS, OLD, REF_LP, MASK, LOGP, RATIO, KL, ENT, LSE,
     L, V: tl.constexpr, temperature, inv_t,
     HAS_T: tl.constexpr, HAS_OLD: tl.constexpr, HAS_MASK: tl.constexpr, REF_MODE: tl.constexpr,
     KL_MODE: tl.constexpr, ENTROPY: tl.constexpr, TILE: tl.constexpr, LOG2_TILE: tl.constexpr,
-    FMA: tl.constexpr, UNROLL: tl.constexpr, INTERP: tl.constexpr,
+    FMA: tl.constexpr, UNROLL: tl.constexpr, NUM_STAGES: tl.constexpr, INTERP: tl.constexpr,
 ):  # fmt: skip
-    row = tl.program_id(0).to(tl.int64)
+    """Every output of one row."""
     if HAS_MASK:
         if tl.load(MASK + row) == 0:  # neutral outputs; the action id is not read
             tl.store(LOGP + row, 0.0)
@@ -437,13 +513,35 @@ def _policy_fwd_kernel(
             tl.store(KL + row, 0.0)
             tl.store(ENT + row, 0.0)
             tl.store(LSE + row, 0.0)
-            return
+        else:
+            _policy_fwd_live_row(
+                row, X, x_sb, x_sl, R, r_sb, r_sl, IDS, OLD, REF_LP, LOGP, RATIO, KL, ENT, LSE,
+                L, V, temperature, inv_t, HAS_T, HAS_OLD, REF_MODE, KL_MODE, ENTROPY, TILE, LOG2_TILE,
+                FMA, UNROLL, NUM_STAGES, INTERP,
+            )  # fmt: skip
+    else:
+        _policy_fwd_live_row(
+            row, X, x_sb, x_sl, R, r_sb, r_sl, IDS, OLD, REF_LP, LOGP, RATIO, KL, ENT, LSE,
+            L, V, temperature, inv_t, HAS_T, HAS_OLD, REF_MODE, KL_MODE, ENTROPY, TILE, LOG2_TILE,
+            FMA, UNROLL, NUM_STAGES, INTERP,
+        )  # fmt: skip
+
+
+@triton.jit
+def _policy_fwd_live_row(
+    row,
+    X, x_sb, x_sl, R, r_sb, r_sl, IDS, OLD, REF_LP, LOGP, RATIO, KL, ENT, LSE,
+    L, V: tl.constexpr, temperature, inv_t,
+    HAS_T: tl.constexpr, HAS_OLD: tl.constexpr, REF_MODE: tl.constexpr,
+    KL_MODE: tl.constexpr, ENTROPY: tl.constexpr, TILE: tl.constexpr, LOG2_TILE: tl.constexpr,
+    FMA: tl.constexpr, UNROLL: tl.constexpr, NUM_STAGES: tl.constexpr, INTERP: tl.constexpr,
+):  # fmt: skip
     b = row // L
     li = row - b * L
     tok = tl.load(IDS + row)  # int64, validated on the host
     x_row = X + (b * x_sb + li * x_sl)  # int64 offsets: N * V may exceed 2^31
     m, log_s, s_tot, w_tot = _row_stats(
-        x_row, V, temperature, inv_t, HAS_T, TILE, LOG2_TILE, FMA, ENTROPY, UNROLL, INTERP
+        x_row, V, temperature, inv_t, HAS_T, TILE, LOG2_TILE, FMA, ENTROPY, UNROLL, NUM_STAGES, INTERP
     )
     logp, ok = _row_logp(x_row, tok, m, log_s, temperature, inv_t, HAS_T, FMA)
     tl.store(LOGP + row, logp)
@@ -457,7 +555,7 @@ def _policy_fwd_kernel(
         if REF_MODE == 1:
             r_row = R + (b * r_sb + li * r_sl)
             rm, rlog_s, _rs, _rw = _row_stats(
-                r_row, V, temperature, inv_t, HAS_T, TILE, LOG2_TILE, FMA, False, UNROLL, INTERP
+                r_row, V, temperature, inv_t, HAS_T, TILE, LOG2_TILE, FMA, False, UNROLL, NUM_STAGES, INTERP
             )
             ref, _rok = _row_logp(r_row, tok, rm, rlog_s, temperature, inv_t, HAS_T, FMA)
             tl.store(REF_LP + row, ref)  # saved for the backward
@@ -479,6 +577,49 @@ def _policy_fwd_kernel(
         tl.store(ENT + row, tl.where(ok, ent, float("nan")))
     else:
         tl.store(ENT + row, 0.0)
+
+
+@triton.jit
+def _policy_fwd_kernel(
+    X, x_sb, x_sl,  # policy logits and the strides (elements) of their [B, L, V] view
+    R, r_sb, r_sl,  # reference logits (REF_MODE == 1)
+    IDS, OLD, REF_LP, MASK,  # per-token inputs [N]
+    LOGP, RATIO, KL, ENT, LSE,  # per-token outputs [N] (fp32)
+    N, L, V: tl.constexpr, temperature, inv_t,
+    HAS_T: tl.constexpr, HAS_OLD: tl.constexpr, HAS_MASK: tl.constexpr, REF_MODE: tl.constexpr,
+    KL_MODE: tl.constexpr, ENTROPY: tl.constexpr, TILE: tl.constexpr, LOG2_TILE: tl.constexpr,
+    FMA: tl.constexpr, UNROLL: tl.constexpr, NUM_STAGES: tl.constexpr,
+    ROWS_LOOP: tl.constexpr,  # program p handles rows p, p + grid, ... (else: row p only)
+    N_ITERS: tl.constexpr,  # ROWS_LOOP under the interpreter: ceil(N / grid) (else 0)
+    INTERP: tl.constexpr,
+):  # fmt: skip
+    if ROWS_LOOP:
+        pid = tl.program_id(0)
+        nprog = tl.num_programs(0)
+        if INTERP:  # its scalars cannot bound a range() (numpy 2): the same rows, counted loop
+            for i in range(0, N_ITERS):
+                if pid + i * nprog < N:
+                    _policy_fwd_row(
+                        (pid + i * nprog).to(tl.int64),
+                        X, x_sb, x_sl, R, r_sb, r_sl, IDS, OLD, REF_LP, MASK, LOGP, RATIO, KL, ENT, LSE,
+                        L, V, temperature, inv_t, HAS_T, HAS_OLD, HAS_MASK, REF_MODE, KL_MODE, ENTROPY,
+                        TILE, LOG2_TILE, FMA, UNROLL, NUM_STAGES, INTERP,
+                    )  # fmt: skip
+        else:
+            for row in range(pid, N, nprog):
+                _policy_fwd_row(
+                    row.to(tl.int64),
+                    X, x_sb, x_sl, R, r_sb, r_sl, IDS, OLD, REF_LP, MASK, LOGP, RATIO, KL, ENT, LSE,
+                    L, V, temperature, inv_t, HAS_T, HAS_OLD, HAS_MASK, REF_MODE, KL_MODE, ENTROPY,
+                    TILE, LOG2_TILE, FMA, UNROLL, NUM_STAGES, INTERP,
+                )  # fmt: skip
+    else:
+        _policy_fwd_row(
+            tl.program_id(0).to(tl.int64),
+            X, x_sb, x_sl, R, r_sb, r_sl, IDS, OLD, REF_LP, MASK, LOGP, RATIO, KL, ENT, LSE,
+            L, V, temperature, inv_t, HAS_T, HAS_OLD, HAS_MASK, REF_MODE, KL_MODE, ENTROPY,
+            TILE, LOG2_TILE, FMA, UNROLL, NUM_STAGES, INTERP,
+        )  # fmt: skip
 
 
 @triton.jit
@@ -629,8 +770,12 @@ def _check_tile(tile: int) -> int:
     return log2
 
 
-def _forward(logits, ids, old, mask, ref_logits, ref_lp, temperature, kl_mode, entropy, tile, fma):
-    """Launch the forward kernel. Returns (logp, ratio, kl, ent, lse, ref_lp), each [N] fp32."""
+def _forward(
+    logits, ids, old, mask, ref_logits, ref_lp, temperature, kl_mode, entropy, tile, fma, launch=None
+):
+    """Launch the forward kernel. Returns (logp, ratio, kl, ent, lse, ref_lp), each [N] fp32.
+
+    ``launch``: a :class:`FwdLaunch` (default: ``FWD_LAUNCH[v_class(V)]``); it never changes a bit."""
     x, L, x_sb, x_sl = _rows(logits)
     V = x.shape[-1]
     n = ids.numel()
@@ -647,22 +792,26 @@ def _forward(logits, ids, old, mask, ref_logits, ref_lp, temperature, kl_mode, e
         return logp, ratio, kl, ent, lse, ref_lp
     t32 = _fp32_scalar(temperature)
     dummy = logp
-    _policy_fwd_kernel[(n,)](
+    cfg = (launch if launch is not None else FWD_LAUNCH[v_class(V)]).validate()
+    grid = triton.cdiv(n, cfg.rows)
+    _policy_fwd_kernel[(grid,)](
         x, x_sb, x_sl, r, r_sb, r_sl,
         ids, old if old is not None else dummy, ref_lp if ref_lp is not None else dummy,
         mask.view(torch.uint8) if mask is not None else dummy,
         logp, ratio, kl, ent, lse,
-        L, V, t32, _fp32_inverse(t32),
+        n, L, V, t32, _fp32_inverse(t32),
         HAS_T=t32 != 1.0, HAS_OLD=old is not None, HAS_MASK=mask is not None, REF_MODE=ref_mode,
         KL_MODE=kl_mode, ENTROPY=bool(entropy),
         TILE=tile, LOG2_TILE=_check_tile(tile), FMA=_fma_mode(fma),
-        UNROLL=FWD_UNROLL, INTERP=_interpreting(), num_warps=FWD_NUM_WARPS, enable_fp_fusion=False,
+        UNROLL=cfg.unroll, NUM_STAGES=cfg.num_stages, ROWS_LOOP=grid < n,
+        N_ITERS=triton.cdiv(n, grid) if grid < n and _interpreting() else 0,
+        INTERP=_interpreting(), num_warps=cfg.num_warps, enable_fp_fusion=False,
     )  # fmt: skip
     return logp, ratio, kl, ent, lse, ref_lp
 
 
 def _backward(logits, ids, mask, lse, logp, ratio, ref_lp, ent, g_logp, g_ratio, g_kl, g_ent, temperature,
-              kl_mode, inplace, fma):  # fmt: skip
+              kl_mode, inplace, fma, launch=None):  # fmt: skip
     x, L, x_sb, x_sl = _rows(logits)
     V = x.shape[-1]
     n = ids.numel()
@@ -679,6 +828,7 @@ def _backward(logits, ids, mask, lse, logp, ratio, ref_lp, ent, g_logp, g_ratio,
     def grad(g):
         return g.reshape(n).float().contiguous() if g is not None else lse
 
+    cfg = launch if launch is not None else BWD_LAUNCH[v_class(V)]
     _policy_bwd_kernel[(n,)](
         x, x_sb, x_sl, dx, dx_sb, dx_sl,
         ids, mask.view(torch.uint8) if mask is not None else lse, lse, logp, ratio,
@@ -687,8 +837,8 @@ def _backward(logits, ids, mask, lse, logp, ratio, ref_lp, ent, g_logp, g_ratio,
         L, V, _fp32_inverse(t32),
         HAS_T=t32 != 1.0, HAS_MASK=mask is not None, HAS_G_LOGP=g_logp is not None,
         HAS_G_RATIO=g_ratio is not None, HAS_G_KL=g_kl is not None and kl_mode != 0, KL_MODE=max(kl_mode, 1),
-        HAS_G_ENT=g_ent is not None, BLOCK=min(BWD_BLOCK, triton.next_power_of_2(V)), FMA=_fma_mode(fma),
-        num_warps=BWD_NUM_WARPS,
+        HAS_G_ENT=g_ent is not None, BLOCK=min(cfg.block, triton.next_power_of_2(V)), FMA=_fma_mode(fma),
+        num_warps=cfg.num_warps,
     )  # fmt: skip
     return out
 
@@ -725,6 +875,30 @@ class _FusedPolicyLoss(torch.autograd.Function):
 # ====================================================================================================
 # Public API
 # ====================================================================================================
+def _check_args(logits, ids, old_logprobs, mask, temperature, ref_logits, ref_logprobs, kl_estimator):
+    """The argument checks of :func:`fused_policy_loss` and :func:`policy_loss_reference` (the same
+    errors from both). Returns ``(lead shape, V, N)``."""
+    if ref_logits is not None and ref_logprobs is not None:
+        raise ValueError("give ref_logits or ref_logprobs, not both")
+    if kl_estimator not in KL_ESTIMATORS:
+        raise ValueError(f"kl_estimator must be one of {sorted(KL_ESTIMATORS)}, got {kl_estimator!r}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    if ref_logits is not None and ref_logits.shape != logits.shape:
+        raise ValueError(f"ref_logits shape {tuple(ref_logits.shape)} != logits {tuple(logits.shape)}")
+    lead = logits.shape[:-1]
+    n = math.prod(lead)
+    for name, t in (
+        ("ids", ids),
+        ("old_logprobs", old_logprobs),
+        ("mask", mask),
+        ("ref_logprobs", ref_logprobs),
+    ):
+        if t is not None and t.numel() != n:
+            raise ValueError(f"{name} has {t.numel()} elements, expected one per token ({n})")
+    return lead, logits.shape[-1], n
+
+
 def fused_policy_loss(
     logits: torch.Tensor,
     ids: torch.Tensor,
@@ -750,17 +924,9 @@ def fused_policy_loss(
     destroyed). On CUDA (or under ``TRITON_INTERPRET=1``) this runs the Triton kernels, elsewhere the
     plain-PyTorch :func:`policy_loss_reference`; both give the contract's bits.
     """
-    if ref_logits is not None and ref_logprobs is not None:
-        raise ValueError("give ref_logits or ref_logprobs, not both")
-    if kl_estimator not in KL_ESTIMATORS:
-        raise ValueError(f"kl_estimator must be one of {sorted(KL_ESTIMATORS)}, got {kl_estimator!r}")
-    if temperature <= 0:
-        raise ValueError(f"temperature must be positive, got {temperature}")
-    if ref_logits is not None and ref_logits.shape != logits.shape:
-        raise ValueError(f"ref_logits shape {tuple(ref_logits.shape)} != logits {tuple(logits.shape)}")
-    lead = logits.shape[:-1]
-    V = logits.shape[-1]
-    n = math.prod(lead)
+    lead, V, n = _check_args(
+        logits, ids, old_logprobs, mask, temperature, ref_logits, ref_logprobs, kl_estimator
+    )
     ids_f = _flat(ids, n, "ids", torch.int64)
     mask_f = _flat(mask, n, "mask", torch.bool)
     if validate_ids:
@@ -1019,9 +1185,9 @@ def policy_loss_reference(
     ``value + (g - g.detach())``), so they are exact math up to fp32 rounding. Materialises
     ``[N, V]`` fp32 tensors: for the CPU and for tests.
     """
-    V = logits.shape[-1]
-    lead = logits.shape[:-1]
-    n = math.prod(lead)
+    lead, V, n = _check_args(
+        logits, ids, old_logprobs, mask, temperature, ref_logits, ref_logprobs, kl_estimator
+    )
     idx = ids.reshape(n).long()
     active = (
         mask.reshape(n).bool() if mask is not None else torch.ones(n, dtype=torch.bool, device=idx.device)

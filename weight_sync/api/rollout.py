@@ -72,6 +72,9 @@ def limits_for(model_path: str) -> Limits:
     return Limits(vocab_size=config.vocab_size, context_length=config.max_position_embeddings)
 
 
+SCORE_BATCHES_IN_FLIGHT = 4  # see ScoreBatcher
+
+
 def _token_versions(meta: dict, count: int) -> list[str]:
     """Per output token, the weight version that computed it (the plugin's ``weight_version_per_token``
     patch; SGLang's own ``meta_info["weight_version"]`` is read when the chunk is processed, which can
@@ -87,42 +90,62 @@ def _token_versions(meta: dict, count: int) -> list[str]:
 
 
 class ScoreBatcher:
-    """Coalesce concurrent score calls into batches, sending the next batch when the last returns."""
+    """Coalesce concurrent score calls into batches, with up to ``max_in_flight`` batches at the server.
 
-    def __init__(self, send: Callable[[list[ScoreItem]], Awaitable[list[ScoreResult]]]) -> None:
+    A call is sent at once while a slot is free; calls that arrive while every slot is taken wait and
+    go out together in the next free slot. One slot alone would leave SGLang idle between a batch's
+    reply and the next send (the reply's trip, parsing, the next request's trip): measured on an H200,
+    a single slot scored at 0.89 of calling SGLang directly."""
+
+    def __init__(
+        self,
+        send: Callable[[list[ScoreItem]], Awaitable[list[ScoreResult]]],
+        max_in_flight: int = SCORE_BATCHES_IN_FLIGHT,
+    ) -> None:
+        if max_in_flight < 1:
+            raise ValueError(f"max_in_flight must be >= 1, got {max_in_flight}")
         self._send = send
+        self.max_in_flight = max_in_flight
         self._pending: list[tuple[list[ScoreItem], asyncio.Future]] = []
-        self._draining = False
+        self._tasks: set[asyncio.Task] = set()  # the batches at the server (strong references)
         self.batches_sent = 0
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._tasks)
 
     async def submit(self, items: list[ScoreItem]) -> list[ScoreResult]:
         future = asyncio.get_running_loop().create_future()
         self._pending.append((items, future))
-        if not self._draining:
-            self._draining = True
-            asyncio.create_task(self._drain())
+        self._launch()
         return await future
 
-    async def _drain(self) -> None:
+    def _launch(self) -> None:
+        while self._pending and len(self._tasks) < self.max_in_flight:
+            batch, self._pending = self._pending, []
+            self.batches_sent += 1
+            task = asyncio.create_task(self._run(batch))
+            self._tasks.add(task)
+            task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        self._launch()
+
+    async def _run(self, batch: list[tuple[list[ScoreItem], asyncio.Future]]) -> None:
+        flat = [item for items, _ in batch for item in items]
         try:
-            while self._pending:
-                batch, self._pending = self._pending, []
-                flat = [item for items, _ in batch for item in items]
-                self.batches_sent += 1
-                try:
-                    results = await self._send(flat)
-                except Exception as exc:  # each caller gets the failure of its batch
-                    for _, future in batch:
-                        if not future.done():
-                            future.set_exception(exc)
-                    continue
-                offset = 0
-                for items, future in batch:
-                    if not future.done():
-                        future.set_result(results[offset : offset + len(items)])
-                    offset += len(items)
-        finally:
-            self._draining = False
+            results = await self._send(flat)
+        except Exception as exc:  # each caller gets the failure of its batch
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        offset = 0
+        for items, future in batch:
+            if not future.done():
+                future.set_result(results[offset : offset + len(items)])
+            offset += len(items)
 
 
 def _check_ids(ids: Sequence[int], vocab_size: int, what: str) -> None:
@@ -137,6 +160,7 @@ class RolloutCore:
         sglang_url: str,
         limits: Callable[[], Limits],
         client: httpx.AsyncClient | None = None,
+        score_batches_in_flight: int = SCORE_BATCHES_IN_FLIGHT,
     ) -> None:
         """``limits`` is called once, on the first request that needs them (the served model may
         not be known when the process starts); it raises ``ApiError`` while it cannot say."""
@@ -144,7 +168,7 @@ class RolloutCore:
         self._limits_source = limits
         self._limits: Limits | None = None
         self._client = client or httpx.AsyncClient(timeout=httpx.Timeout(600.0, connect=10.0))
-        self.batcher = ScoreBatcher(self._score_batch)
+        self.batcher = ScoreBatcher(self._score_batch, score_batches_in_flight)
 
     @property
     def limits(self) -> Limits:

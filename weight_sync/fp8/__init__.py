@@ -8,25 +8,33 @@
 
 from weight_sync.fp8.block_quant import (
     BLOCK,
+    CANDIDATE_CONFIGS,
+    DEFAULT_CONFIGS,
     EPS,
     FP8_MAX,
+    Fp8LaunchConfig,
     NonFiniteWeightError,
     check_finite_scales,
     fp8_block_dequant,
     fp8_block_quant,
     fp8_block_quant_torch,
     fp8_block_quant_triton,
+    launch_config,
     scale_shape,
+    shape_class,
 )
 from weight_sync.fp8.bucket import BucketEntry, BucketPlan, bucket_view, fill_bucket, plan_bucket
 from weight_sync.fp8.policy import DEFAULT_POLICY, Fp8BlockPolicy, TensorSpec, sglang_shape_problems
 
 __all__ = [
     "BLOCK",
+    "CANDIDATE_CONFIGS",
+    "DEFAULT_CONFIGS",
     "DEFAULT_POLICY",
     "EPS",
     "FP8_MAX",
     "BucketEntry",
+    "Fp8LaunchConfig",
     "BucketPlan",
     "Fp8BlockPolicy",
     "NonFiniteWeightError",
@@ -38,7 +46,9 @@ __all__ = [
     "fp8_block_quant",
     "fp8_block_quant_torch",
     "fp8_block_quant_triton",
+    "launch_config",
     "plan_bucket",
     "scale_shape",
     "sglang_shape_problems",
+    "shape_class",
 ]

@@ -61,7 +61,11 @@ def build_grpc_server(updater: Updater, core: RolloutCore, settings: Settings):
 
 async def serve(settings: Settings, log_level: str) -> None:
     updater = Updater(settings)
-    core = RolloutCore(settings.sglang_url, lambda: served_limits(updater))
+    core = RolloutCore(
+        settings.sglang_url,
+        lambda: served_limits(updater),
+        score_batches_in_flight=settings.score_batches_in_flight,
+    )
     grpc_server, health_servicer = build_grpc_server(updater, core, settings)
     config = uvicorn.Config(
         build_http_app(updater, core),

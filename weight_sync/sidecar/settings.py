@@ -13,6 +13,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from weight_sync.api.rollout import SCORE_BATCHES_IN_FLIGHT
+
 TOKEN_ENV = "TRUEPOLICY_SIDECAR_TOKEN"
 SGLANG_KEY_ENV = "TRUEPOLICY_SGLANG_API_KEY"
 # Test-only fault injection (see updater.FAULT_POINTS); never set in production.
@@ -48,6 +50,7 @@ class Settings:
         "default"  # the version tag of the checkpoint on disk (SGLang's --weight-version)
     )
     allow_stale_prefix_cache: bool = False  # apply even if SGLang could not flush its prefix cache
+    score_batches_in_flight: int = SCORE_BATCHES_IN_FLIGHT  # coalesced Score batches at SGLang at once
     fault: str | None = None  # test-only fault injection point
 
     @property
@@ -103,6 +106,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="apply an update even when SGLang could not flush its prefix cache (off-policy prefixes!)",
     )
+    parser.add_argument(
+        "--score-batches-in-flight",
+        type=int,
+        default=SCORE_BATCHES_IN_FLIGHT,
+        help="coalesced Score batches sent to SGLang at once (later calls wait and are batched)",
+    )
     parser.add_argument("--max-request-mib", type=float, default=16.0, help="largest HTTP body accepted")
     parser.add_argument("--max-tensors", type=int, default=200_000)
     parser.add_argument("--max-bucket-mib", type=float, default=2048.0)
@@ -130,6 +139,8 @@ def from_args(opts: argparse.Namespace, environ: dict[str, str] | None = None) -
     for flag, port in (("--http-port", opts.http_port), ("--grpc-port", opts.grpc_port)):
         if not 1 <= port <= 65535:
             raise SettingsError(f"bad {flag} {port}")
+    if opts.score_batches_in_flight < 1:
+        raise SettingsError(f"--score-batches-in-flight must be >= 1, got {opts.score_batches_in_flight}")
     if opts.http_port == opts.grpc_port:
         raise SettingsError(f"--http-port and --grpc-port are both {opts.http_port}")
     return Settings(
@@ -150,5 +161,6 @@ def from_args(opts: argparse.Namespace, environ: dict[str, str] | None = None) -
         keep_previous=opts.keep_previous,
         checkpoint_version=opts.checkpoint_version,
         allow_stale_prefix_cache=opts.allow_stale_prefix_cache,
+        score_batches_in_flight=opts.score_batches_in_flight,
         fault=environ.get(FAULT_ENV) or None,
     )
