@@ -41,7 +41,7 @@ def _launch_variants() -> dict[str, dict]:
         if key not in seen:
             seen.add(key)
             out[f"candidate-{c.name}"] = {"config": c}
-    out["persistent-group3"] = {"persistent": 1, "group_k": 3, "num_stages": 3}
+    out["persistent-group3"] = {"persistent": 1, "group_k": 3, "num_stages": 3, "prefetch": False}
     out["persistent-prefetch-group2-order1"] = {"persistent": 1, "prefetch": True, "group_k": 2, "order": 1}
     return out
 
