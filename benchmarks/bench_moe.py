@@ -76,6 +76,17 @@ def sglang_fused_experts(x, weights, ids, logits, w13, w2):
     except Exception as exc:  # no sgl_kernel on this host, ...
         print(f"sglang fused_experts not importable: {type(exc).__name__}: {exc}", flush=True)
         return None
+    # fused_experts reads SGLang's global server args (a CUDA server's, for a tiny local MoE checkpoint).
+    import tempfile
+    from pathlib import Path
+
+    from sglang.srt.server_args import ServerArgs, set_global_server_args_for_scheduler
+
+    from parity.tiny_models import build_tiny_model
+
+    path = build_tiny_model("qwen3_moe", cache_dir=Path(tempfile.gettempdir()) / "truepolicy-bench-models")
+    server_args = ServerArgs(model_path=str(path), device="cuda", skip_tokenizer_init=True)
+    set_global_server_args_for_scheduler(server_args)
     config = MoeRunnerConfig(
         num_experts=EXPERTS, num_local_experts=EXPERTS, hidden_size=HIDDEN,
         intermediate_size_per_partition=INTER, top_k=TOP_K, params_dtype=torch.bfloat16,

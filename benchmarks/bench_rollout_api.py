@@ -14,6 +14,12 @@ every (round, mode) scores fresh random sequences, so no pass is helped by SGLan
 The table gives the median scored tokens/s of ``--rounds`` rounds and the ratio to ``direct``.
 Overhead goal: API >= 0.95 of direct.
 
+Measured (2026-11-27): H200, tiny Qwen3 (4 layers, hidden 1024), 512-token sequences, with the
+earlier one-batch-at-a-time Score batcher: gRPC 0.892, HTTP 0.887 (SGLang idled between a batch's
+reply and the next send; the batcher now keeps up to 4 batches at the server). 2-core CPU, tiny
+Qwen3, 256-token sequences, 5 rounds, current batcher: gRPC 1.003, HTTP 1.019 (min-max spread of
+the rounds about +-10 %).
+
     python benchmarks/bench_rollout_api.py [--device cpu|cuda] [--model-path DIR] [--length 512] ...
 """
 

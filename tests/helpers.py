@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import torch
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def hf_greedy(model: torch.nn.Module, prompt: list[int], max_new_tokens: int) -> list[int]:
@@ -88,3 +95,24 @@ def use_mma_attention(model):
     AttentionMaskInterface.register(MMA_ATTENTION_NAME, sdpa_mask)
     model.set_attn_implementation(MMA_ATTENTION_NAME)
     return model
+
+
+def run_under_triton_interpreter(script: str | Path, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run ``script`` (a test file's ``__main__``) in a child Python with ``TRITON_INTERPRET=1``.
+
+    Triton reads the variable when a kernel is decorated, i.e. when its module is first imported, so
+    the interpreted kernels need a fresh process. Fails the calling test with the child's output
+    unless it exits 0; returns the finished process."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    proc = subprocess.run(
+        [sys.executable, "-W", "ignore", str(script)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-8000:]
+    return proc

@@ -10,14 +10,11 @@ that this path and the hardware conversion give the same bits.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import run_under_triton_interpreter
 
 
 def _launch_variants() -> dict[str, dict]:
@@ -116,18 +113,7 @@ def _child() -> dict:
 
 @pytest.fixture(scope="module")
 def interpreted():
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
-    env.pop("CUDA_VISIBLE_DEVICES", None)
-    proc = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve())],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    proc = run_under_triton_interpreter(Path(__file__).resolve())
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 

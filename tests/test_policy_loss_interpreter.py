@@ -10,28 +10,14 @@ from __future__ import annotations
 
 import math
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import run_under_triton_interpreter
 
 
 def test_kernels_under_the_triton_interpreter():
-    env = dict(
-        os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")
-    )
-    proc = subprocess.run(
-        [sys.executable, "-W", "ignore", __file__],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-        cwd=ROOT,
-    )
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-8000:]
+    proc = run_under_triton_interpreter(__file__, timeout=900)
     assert "interpreter checks passed" in proc.stdout
 
 

@@ -31,6 +31,7 @@ from parity.tiny_models import load_hf_model
 from parity.trainer import prepare_model
 from server_patches.serving import WEIGHT_VERSION_KEY
 from tests.conftest import SERVER_ARGS
+from tests.fault_proxy import FaultProxy
 from truepolicy.sglang_process import free_port, log_tail, running_server
 
 pytestmark = pytest.mark.server
@@ -38,7 +39,6 @@ pytestmark = pytest.mark.server
 TOKEN = "test-token-7f3a"
 NOISE = 0.05
 SIDECAR_READY_S = 180.0
-FAULT_VERSION = "v-fault"
 
 
 # ---- versions: the checkpoint + seeded noise, computed identically in every process -------------
@@ -215,8 +215,15 @@ def server_a(tiny_qwen3, logs):
 
 
 @pytest.fixture(scope="module")
-def sidecar_a(server_a, logs):
-    sidecar = Sidecar(server_a.url, logs, env={"TRUEPOLICY_SIDECAR_FAULT": f"after_load:{FAULT_VERSION}"})
+def proxy_a(server_a):
+    """The sidecar reaches SGLang through a fault-injecting proxy (a pass-through unless armed)."""
+    with FaultProxy(server_a.url) as proxy:
+        yield proxy
+
+
+@pytest.fixture(scope="module")
+def sidecar_a(proxy_a, logs):
+    sidecar = Sidecar(proxy_a.url, logs)
     sidecar.start()
     yield sidecar
     sidecar.stop()
@@ -373,10 +380,12 @@ def test_bad_inputs_are_refused_with_4xx_and_change_nothing(server_a, sidecar_a,
     assert_pushed(trainer_a.push(seed=306, version="v306"), "v306")  # the next push works
 
 
-def test_failed_apply_restores_the_previous_version(server_a, sidecar_a, trainer_a, model_of):
+def test_failed_apply_restores_the_previous_version(server_a, proxy_a, sidecar_a, trainer_a, model_of):
     assert_pushed(trainer_a.push(seed=404, version="v404"), "v404")
-    # The sidecar injects a failure right after SGLang loaded this version (test-only switch).
-    status, payload = trainer_a.push(seed=405, version=FAULT_VERSION)
+    # SGLang loads v405, then its prefix-cache flush fails (HTTP 500, injected by the proxy).
+    proxy_a.fail_next("/flush_cache")
+    status, payload = trainer_a.push(seed=405, version="v405")
+    assert proxy_a.injected == ["/flush_cache"]
     assert status == "error" and payload["type"] == "PushFailed", payload
     (r,) = payload["responses"]
     assert r["status"] == 502 and r["stage"] == "apply" and r["restored"] is True, r

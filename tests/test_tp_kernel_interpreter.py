@@ -10,7 +10,6 @@ symmetric-memory buffers) and must equal the unfused reference path bit for bit.
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from parity.ops.fused_allreduce_rmsnorm import (
     rms_norm_pairwise,
 )
 from parity.tp import rank_order_sum
+from tests.helpers import run_under_triton_interpreter
 
 ROOT = Path(__file__).resolve().parents[1]
 BF16 = torch.bfloat16
@@ -75,18 +75,7 @@ def test_pairwise_rms_norm_differs_from_torch_mean_only_rarely():
 
 
 def test_kernel_under_the_triton_interpreter():
-    env = dict(
-        os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")
-    )
-    proc = subprocess.run(
-        [sys.executable, "-W", "ignore", __file__],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=ROOT,
-    )
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-8000:]
+    proc = run_under_triton_interpreter(__file__, timeout=600)
     assert "interpreter checks passed" in proc.stdout, proc.stdout[-4000:]
 
 

@@ -17,8 +17,6 @@ from weight_sync.api.rollout import SCORE_BATCHES_IN_FLIGHT
 
 TOKEN_ENV = "TRUEPOLICY_SIDECAR_TOKEN"
 SGLANG_KEY_ENV = "TRUEPOLICY_SGLANG_API_KEY"
-# Test-only fault injection (see updater.FAULT_POINTS); never set in production.
-FAULT_ENV = "TRUEPOLICY_SIDECAR_FAULT"
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -51,7 +49,6 @@ class Settings:
     )
     allow_stale_prefix_cache: bool = False  # apply even if SGLang could not flush its prefix cache
     score_batches_in_flight: int = SCORE_BATCHES_IN_FLIGHT  # coalesced Score batches at SGLang at once
-    fault: str | None = None  # test-only fault injection point
 
     @property
     def auth_required(self) -> bool:
@@ -162,5 +159,4 @@ def from_args(opts: argparse.Namespace, environ: dict[str, str] | None = None) -
         checkpoint_version=opts.checkpoint_version,
         allow_stale_prefix_cache=opts.allow_stale_prefix_cache,
         score_batches_in_flight=opts.score_batches_in_flight,
-        fault=environ.get(FAULT_ENV) or None,
     )

@@ -81,8 +81,6 @@ from weight_sync.sidecar.wire import (
 log = logging.getLogger("truepolicy.sidecar")
 
 PREPARED, RECEIVING, APPLYING, DONE, FAILED = "prepared", "receiving", "applying", "done", "failed"
-# Test-only fault injection (settings.fault, "$TRUEPOLICY_SIDECAR_FAULT"): "<point>" or "<point>:<version>".
-FAULT_POINTS = ("after_load",)
 KEEP_RESULTS = 32
 
 
@@ -416,14 +414,6 @@ class Updater:
             raise
         return Staged(staging, plan.staged, t.version), stats
 
-    def _fault(self, point: str, version: str) -> None:
-        fault = self.settings.fault
-        if not fault:
-            return
-        name, _, only = fault.partition(":")
-        if name == point and (not only or only == version):
-            raise SGLangCallError(point, f"injected fault {fault!r} (test only)")
-
     def _apply(self, staged: Staged, timings: Timings) -> bool:
         """Pause → load (+ version tag) → flush → continue; restore the previous version on failure."""
         facts = self._facts
@@ -438,7 +428,6 @@ class Updater:
                 t1 = time.perf_counter()
                 timings.pause_s = t1 - t0
                 self.api.load_tensors(handoff_payload(staged), facts.tp_size, staged.version)
-                self._fault("after_load", staged.version)
                 t2 = time.perf_counter()
                 timings.load_s = t2 - t1
                 flushed = self.api.flush_cache()
