@@ -26,9 +26,12 @@ kernel) and leaves the linear layers to ``F.linear`` (row-invariant in bf16 on t
 the GPU contract's attention without a GPU. The CPU *server* (torch_native backend) computes the CPU
 contract (``parity.contract.attention``), not this one: pair ``device`` with the server's device.
 
-``parity.prepare_model(model, server_device="cuda")`` calls :func:`prepare_model`. ``tp_size > 1`` on
-CUDA needs the rank-order row-parallel emulation (``parity.tp``) to run its per-rank partial products
-through the batch-invariant kernel as well, which is not done yet: refused.
+``parity.prepare_model(model, server_device="cuda")`` calls :func:`prepare_model`. ``tp_size > 1``: the
+row-parallel layers (``o_proj``, ``down_proj``) compute as on a TP server (``parity.tp``): each rank's
+partial product over its contiguous K shard by the batch-invariant kernel (the server's patched
+linear on that shard), summed in fp32 in rank order and rounded once -- for two ranks exactly what
+NCCL's (or SGLang's custom) bf16 all-reduce of two partials computes (measured on 2x H200,
+issue 11). Three or more ranks need the server to all-reduce in rank order too (not patched on GPU).
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from __future__ import annotations
 import types
 
 import torch
+import torch.nn.functional as F
 
 from parity import moe, trainer
 from parity.ops import moe_experts
@@ -46,6 +50,7 @@ from parity.ops.paged_attention import (
     full_sequence_attention,
     paged_attention_decode,
 )
+from parity.tp import emulate_tensor_parallel
 
 ATTENTION_NAME = "truepolicy_paged"
 
@@ -107,8 +112,10 @@ def prepare_model(model: torch.nn.Module, tp_size: int = 1, device: str = "cuda"
     """Route ``model`` through the GPU contract (in place); return the model. See the module docstring."""
     if device not in ("cuda", "cpu"):
         raise ValueError(f"device must be 'cuda' or 'cpu', got {device!r}")
-    if tp_size != 1:
-        raise trainer.UnsupportedModelError("tp_size > 1 is not wired into the GPU contract yet")
+    if device == "cuda" and tp_size > 2:
+        raise trainer.UnsupportedModelError(
+            f"tp_size {tp_size} on the GPU: the server's all-reduce of 3+ partials is not in rank order"
+        )
     trainer.prepare_model(model)  # RMSNorm through the contract (and the CPU attention, replaced next)
     register_attention()
     model.set_attn_implementation(ATTENTION_NAME)
@@ -117,4 +124,6 @@ def prepare_model(model: torch.nn.Module, tp_size: int = 1, device: str = "cuda"
             if isinstance(module, torch.nn.Linear):
                 module.forward = types.MethodType(_linear_forward, module)
         prepare_moe_blocks_cuda(model)
+    if tp_size > 1:  # row-parallel layers: per-rank partials by the server's matmul, rank-order sum
+        emulate_tensor_parallel(model, tp_size, batch_invariant_linear if device == "cuda" else F.linear)
     return model

@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import re
 import types
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -54,6 +54,8 @@ import torch.nn.functional as F
 # Row-parallel projections of a dense decoder layer, as HF names them (Qwen2/Qwen3/Llama).
 _ROW_PARALLEL = re.compile(r"(^|\.)layers\.\d+\.(self_attn\.o_proj|mlp\.down_proj)$")
 _TP_ATTR = "_truepolicy_tp_size"
+_LINEAR_ATTR = "_truepolicy_tp_linear"
+Linear = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 
 
 class UnsupportedTensorParallelError(ValueError):
@@ -80,27 +82,29 @@ def shard_bounds(k_dim: int, tp_size: int) -> list[tuple[int, int]]:
 
 
 def row_parallel_partials(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, tp_size: int
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, tp_size: int, linear: Linear = F.linear
 ) -> list[torch.Tensor]:
-    """Each rank's output of a row-parallel linear: ``F.linear`` on its K chunk (contiguous, as the
-    server holds it), rounded to the input dtype; rank 0 adds the bias."""
+    """Each rank's output of a row-parallel linear: ``linear`` (the server's matmul: ``F.linear`` on
+    the CPU, the batch-invariant kernel on the GPU) on its K chunk (contiguous, as the server holds
+    it), rounded to the input dtype; rank 0 adds the bias."""
     return [
-        F.linear(x[..., a:b].contiguous(), weight[:, a:b].contiguous(), bias if r == 0 else None)
+        linear(x[..., a:b].contiguous(), weight[:, a:b].contiguous(), bias if r == 0 else None)
         for r, (a, b) in enumerate(shard_bounds(weight.shape[1], tp_size))
     ]
 
 
 def row_parallel_linear(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, tp_size: int
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, tp_size: int, linear: Linear = F.linear
 ) -> torch.Tensor:
-    """``F.linear(x, weight, bias)`` computed the way a TP=``tp_size`` server computes it."""
+    """``linear(x, weight, bias)`` computed the way a TP=``tp_size`` server computes it."""
     if tp_size == 1:
-        return F.linear(x, weight, bias)
-    return rank_order_sum(row_parallel_partials(x, weight, bias, tp_size))
+        return linear(x, weight, bias)
+    return rank_order_sum(row_parallel_partials(x, weight, bias, tp_size, linear))
 
 
 def _row_parallel_forward(self, x):
-    return row_parallel_linear(x, self.weight, self.bias, getattr(self, _TP_ATTR))
+    tp_size, linear = getattr(self, _TP_ATTR), getattr(self, _LINEAR_ATTR)
+    return row_parallel_linear(x, self.weight, self.bias, tp_size, linear)
 
 
 def _check_model(model: torch.nn.Module, tp_size: int) -> None:
@@ -118,10 +122,14 @@ def _check_model(model: torch.nn.Module, tp_size: int) -> None:
         raise UnsupportedTensorParallelError(f"intermediate size {inter} does not split over {tp_size} ranks")
 
 
-def emulate_tensor_parallel(model: torch.nn.Module, tp_size: int) -> torch.nn.Module:
-    """Make ``model``'s row-parallel layers compute as on a TP=``tp_size`` server (in place).
+def emulate_tensor_parallel(
+    model: torch.nn.Module, tp_size: int, linear: Linear = F.linear
+) -> torch.nn.Module:
+    """Make ``model``'s row-parallel layers compute as on a TP=``tp_size`` server (in place), each
+    rank's partial product by ``linear`` (the server's per-rank matmul: ``F.linear`` on the CPU,
+    ``batch_invariant_linear`` for the GPU contract).
 
-    ``tp_size=1`` restores the single-pass ``nn.Linear``. Returns the model.
+    ``tp_size=1`` with ``F.linear`` restores the single-pass ``nn.Linear``. Returns the model.
     """
     if not isinstance(tp_size, int) or tp_size < 1:
         raise ValueError(f"tp_size must be a positive int, not {tp_size!r}")
@@ -138,11 +146,13 @@ def emulate_tensor_parallel(model: torch.nn.Module, tp_size: int) -> torch.nn.Mo
     for _, module in layers:
         shard_bounds(module.in_features, tp_size)  # every layer must split before any is switched
     for _, module in layers:
-        if tp_size == 1:
+        if tp_size == 1 and linear is F.linear:
             module.__dict__.pop("forward", None)
             module.__dict__.pop(_TP_ATTR, None)
+            module.__dict__.pop(_LINEAR_ATTR, None)
         else:
             setattr(module, _TP_ATTR, tp_size)
+            setattr(module, _LINEAR_ATTR, linear)
             module.forward = types.MethodType(_row_parallel_forward, module)
     model.__dict__[_TP_ATTR] = tp_size
     return model

@@ -8,6 +8,9 @@ requests, prompt lengths around the 64-token prefill chunk, greedy and sampled),
 token with the trainer side on the same GPU (``prepare_model(model, server_device="cuda")``) and print
 ``train_rollout_logprob_abs_diff``; then the same against a server without the plugin (the drift).
 Exit status 1 unless every on-policy run is exactly 0.0 and every plugin-off run differs.
+
+Options after the archs: ``--on-only`` (skip the plugin-off controls), ``--tp2`` (issue 11: the server
+with ``--tp-size 2`` on two GPUs, the trainer emulating its rank-order row-parallel sums).
 """
 
 from __future__ import annotations
@@ -48,15 +51,15 @@ class Tee:
             s.flush()
 
 
-def run_one(arch: str, out_dir: Path, on_policy: bool) -> float:
+def run_one(arch: str, out_dir: Path, on_policy: bool, tp_size: int = 1) -> float:
     model_path = build_tiny_model(arch, cache_dir=out_dir / "models", overrides=SIZE | HEAD_DIM[arch])
-    tag = f"{arch}-{'on' if on_policy else 'off'}"
+    tag = f"{arch}-{'on' if on_policy else 'off'}" + (f"-tp{tp_size}" if tp_size > 1 else "")
     t0 = time.monotonic()
     # Without the plugin the launcher adds nothing: the same triton backend for a like-for-like drift.
     plain = [] if on_policy else ["--attention-backend", "triton", "--disable-cuda-graph"]
     with running_server(
         model_path, out_dir / f"server-{tag}.log", device="cuda", on_policy=on_policy,
-        extra_args=[*SERVER_ARGS, *plain],
+        extra_args=[*SERVER_ARGS, *plain, "--tp-size", str(tp_size)],
     ) as server:  # fmt: skip
         print(f"[{tag}] server ready in {time.monotonic() - t0:.0f} s")
         if on_policy:
@@ -68,7 +71,7 @@ def run_one(arch: str, out_dir: Path, on_policy: bool) -> float:
         model = load_hf_model(model_path, device="cuda")
         requests_ = mixed_requests(16, model.config.vocab_size, max_new_tokens=48, seed=0, max_prompt=150)
         rollouts = collect(server.url, requests_)
-    trainer = prepare_model(model, server_device="cuda")
+    trainer = prepare_model(model, tp_size=tp_size, server_device="cuda")
     recomputed = recompute(trainer, rollouts)
     result = compare(rollouts, recomputed)
     print(f"[{tag}] " + format_report(rollouts, result).replace("\n", f"\n[{tag}] "))
@@ -82,17 +85,17 @@ def run_one(arch: str, out_dir: Path, on_policy: bool) -> float:
     return result.train_rollout_logprob_abs_diff
 
 
-def main(out_dir: Path, archs: list[str], with_off: bool = True) -> int:
+def main(out_dir: Path, archs: list[str], with_off: bool = True, tp_size: int = 1) -> int:
     # Everything printed also goes to OUT/report.txt (the device call returns files, and only a tail).
     out_dir.mkdir(parents=True, exist_ok=True)
     sys.stdout = Tee(sys.stdout, open(out_dir / "report.txt", "w"))  # noqa: SIM115 (lives to exit)
     ok = True
-    on = {arch: run_one(arch, out_dir, on_policy=True) for arch in archs}  # the headline first
+    on = {arch: run_one(arch, out_dir, on_policy=True, tp_size=tp_size) for arch in archs}  # headline first
     if not with_off:
         print("plugin on:", on)
         return 0 if all(v == 0.0 for v in on.values()) else 1
     for arch in archs:
-        off = run_one(arch, out_dir, on_policy=False)
+        off = run_one(arch, out_dir, on_policy=False, tp_size=tp_size)
         print(f"{arch}: plugin on {on[arch]!r}, plugin off {off!r}")
         ok &= on[arch] == 0.0 and off > 0.0
     print("HEADLINE:", "bitwise on-policy on the GPU" if ok else "NOT bitwise")
@@ -100,5 +103,7 @@ def main(out_dir: Path, archs: list[str], with_off: bool = True) -> int:
 
 
 if __name__ == "__main__":
-    args = [a for a in sys.argv[2:] if a != "--on-only"]  # --on-only: skip the plugin-off controls
-    sys.exit(main(Path(sys.argv[1]), args or ["qwen3", "qwen2"], with_off="--on-only" not in sys.argv))
+    # --on-only: skip the plugin-off controls; --tp2: the server on 2 GPUs (--tp-size 2), issue 11
+    args = [a for a in sys.argv[2:] if a not in ("--on-only", "--tp2")]
+    tp = 2 if "--tp2" in sys.argv else 1
+    sys.exit(main(Path(sys.argv[1]), args or ["qwen3", "qwen2"], "--on-only" not in sys.argv, tp))

@@ -147,3 +147,41 @@ def test_prepare_model_takes_the_servers_tp_size(hf_qwen3):
     assert torch.equal(logits(model, ids), logits(twin, ids))
     with pytest.raises(ValueError, match="tp_size"):
         prepare_model(copy.deepcopy(hf_qwen3), tp_size=0)
+
+
+def _row_parallel_layers(model):
+    return [m for n, m in model.named_modules() if n.endswith(("self_attn.o_proj", "mlp.down_proj"))]
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_gpu_contract_row_parallel_layers_take_the_servers_matmul_per_rank(hf_qwen3, device):
+    """``gpu_contract.prepare_model(tp_size=2)``: each rank's partial by the server's matmul (the
+    batch-invariant kernel on CUDA, ``F.linear`` for the CPU stand-in), summed in rank order."""
+    from parity import gpu_contract
+    from parity.ops.batch_invariant_matmul import batch_invariant_linear
+
+    model = gpu_contract.prepare_model(copy.deepcopy(hf_qwen3).to(device), tp_size=2, device=device)
+    linear = batch_invariant_linear if device == "cuda" else F.linear
+    g = torch.Generator().manual_seed(3)
+    layers = _row_parallel_layers(model)
+    assert layers and all(emulated_tp_size(model) == 2 for _ in layers)
+    differs = 0
+    for layer in layers:
+        x = torch.randn(7, layer.in_features, generator=g).to(BF16).to(device)
+        with torch.no_grad():
+            got = layer(x)
+            parts = [linear(x[:, a:e].contiguous(), layer.weight[:, a:e].contiguous(), None)
+                     for a, e in shard_bounds(layer.in_features, 2)]  # fmt: skip
+            single = linear(x, layer.weight, layer.bias)
+        want = rank_order_sum(parts)
+        assert torch.equal(got, want), describe_mismatch(got, want)
+        differs += int((got != single).sum())
+    assert differs > 0  # negative control: one pass over K (TP=1) rounds differently
+
+
+def test_gpu_contract_refuses_tp_above_two_on_the_gpu(hf_qwen3):
+    from parity import gpu_contract
+    from parity.trainer import UnsupportedModelError
+
+    with pytest.raises(UnsupportedModelError, match="rank order"):
+        gpu_contract.prepare_model(copy.deepcopy(hf_qwen3), tp_size=4, device="cuda")
