@@ -26,6 +26,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="the server's --tp-size: the trainer emulates its rank-order row-parallel reductions",
     )  # fmt: skip
     parser.add_argument(
+        "--gpu-attention", choices=["exact", "mma"], default="exact",
+        help="the server's --gpu-attention (with --server-device cuda): the attention kernel family",
+    )  # fmt: skip
+    parser.add_argument(
         "--prepare", action=argparse.BooleanOptionalAction, default=True,
         help="compute with parity.prepare_model (--no-prepare: plain HF transformers)",
     )  # fmt: skip
@@ -34,7 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(opts: argparse.Namespace) -> int:
     model = load_hf_model(opts.model_path, device=opts.device)
     if opts.prepare:
-        prepare_model(model, tp_size=opts.tp_size, server_device=opts.server_device)
+        prepare_model(
+            model, tp_size=opts.tp_size, server_device=opts.server_device, gpu_attention=opts.gpu_attention
+        )
     requests_ = mixed_requests(opts.requests, model.config.vocab_size, opts.max_new_tokens, opts.seed)
     rollouts = collect(opts.url, requests_)
     report = compare(rollouts, recompute(model, rollouts))

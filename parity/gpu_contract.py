@@ -42,45 +42,60 @@ import torch
 import torch.nn.functional as F
 
 from parity import moe, trainer
-from parity.ops import moe_experts
+from parity.ops import moe_experts, paged_attention, paged_attention_mma
 from parity.ops.batch_invariant_matmul import batch_invariant_linear
-from parity.ops.paged_attention import (
-    CONTRACT_CHUNK,
-    _full_sequence_rows,
-    full_sequence_attention,
-    paged_attention_decode,
-)
+from parity.ops.paged_attention import _full_sequence_rows
 from parity.tp import emulate_tensor_parallel
 
-ATTENTION_NAME = "truepolicy_paged"
+# The attention kernel families (server_patches.gpu_patches.ATTENTION_KERNELS, the same modules): "exact"
+# (fp32 CUDA-core arithmetic, reproduced by a plain-PyTorch reference) and "mma" (tensor cores).
+ATTENTION_KERNELS = {"exact": paged_attention, "mma": paged_attention_mma}
+ATTENTION_NAMES = {"exact": "truepolicy_paged", "mma": "truepolicy_paged_mma"}
+ATTENTION_NAME = ATTENTION_NAMES["exact"]
 
 
-def paged_attention_interface(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """transformers ``AttentionInterface`` entry: query [B, Hq, T, D], key/value [B, Hkv, S, D] (S >= T,
-    the query rows being the last T positions); returns ([B, T, Hq, D], None)."""
-    if dropout:
-        raise trainer.UnsupportedModelError("truepolicy attention has no dropout")
-    if not getattr(module, "is_causal", True):
-        raise trainer.UnsupportedModelError("truepolicy attention is causal only")
-    q_len, k_len = query.shape[2], key.shape[2]
-    trainer._check_causal_mask(attention_mask, q_len, k_len)
-    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    if q_len == 1 and not torch.is_grad_enabled():
-        # a decode step over HF's KV cache: the server's split-KV decode kernel (bitwise the extend row)
-        bsz, hq, _, d = query.shape
-        q_rows, k_buf, v_buf, req_to_token, row_pool, row_pos = _full_sequence_rows(query, key, value)
-        seq_lens = torch.full((bsz,), k_len, dtype=torch.long, device=query.device)
-        out = paged_attention_decode(q_rows, k_buf, v_buf, req_to_token, row_pool, seq_lens, scale)
-        return out.view(bsz, 1, hq, d), None
-    return full_sequence_attention(query, key, value, scale, CONTRACT_CHUNK), None
+def _attention_interface(kernels):
+    """A transformers ``AttentionInterface`` entry running the ``kernels`` family."""
+
+    def interface(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        """query [B, Hq, T, D], key/value [B, Hkv, S, D] (S >= T, the query rows being the last T
+        positions); returns ([B, T, Hq, D], None)."""
+        if dropout:
+            raise trainer.UnsupportedModelError("truepolicy attention has no dropout")
+        if not getattr(module, "is_causal", True):
+            raise trainer.UnsupportedModelError("truepolicy attention is causal only")
+        q_len, k_len = query.shape[2], key.shape[2]
+        trainer._check_causal_mask(attention_mask, q_len, k_len)
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        if q_len == 1 and not torch.is_grad_enabled():
+            # a decode step over HF's KV cache: the server's split-KV decode kernel (bitwise the extend row)
+            bsz, hq, _, d = query.shape
+            q_rows, k_buf, v_buf, req_to_token, row_pool, _ = _full_sequence_rows(query, key, value)
+            seq_lens = torch.full((bsz,), k_len, dtype=torch.long, device=query.device)
+            max_chunks = -(-k_len // kernels.CONTRACT_CHUNK)
+            out = kernels.paged_attention_decode(
+                q_rows, k_buf, v_buf, req_to_token, row_pool, seq_lens, scale, max_chunks=max_chunks
+            )
+            return out.view(bsz, 1, hq, d), None
+        return kernels.full_sequence_attention(query, key, value, scale, kernels.CONTRACT_CHUNK), None
+
+    return interface
 
 
-def register_attention() -> None:
+paged_attention_interface = _attention_interface(paged_attention)
+
+
+def register_attention(kind: str = "exact") -> str:
+    """Register the ``kind`` attention with transformers; returns its implementation name."""
     from transformers import AttentionInterface, AttentionMaskInterface
     from transformers.masking_utils import sdpa_mask
 
-    AttentionInterface.register(ATTENTION_NAME, paged_attention_interface)
-    AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
+    if kind not in ATTENTION_KERNELS:
+        raise ValueError(f"GPU attention kernels must be one of {sorted(ATTENTION_KERNELS)}, got {kind!r}")
+    name = ATTENTION_NAMES[kind]
+    AttentionInterface.register(name, _attention_interface(ATTENTION_KERNELS[kind]))
+    AttentionMaskInterface.register(name, sdpa_mask)
+    return name
 
 
 def _linear_forward(self, x):
@@ -108,7 +123,9 @@ def prepare_moe_blocks_cuda(model: torch.nn.Module) -> int:
     return len(blocks)
 
 
-def prepare_model(model: torch.nn.Module, tp_size: int = 1, device: str = "cuda") -> torch.nn.Module:
+def prepare_model(
+    model: torch.nn.Module, tp_size: int = 1, device: str = "cuda", attention: str = "exact"
+) -> torch.nn.Module:
     """Route ``model`` through the GPU contract (in place); return the model. See the module docstring."""
     if device not in ("cuda", "cpu"):
         raise ValueError(f"device must be 'cuda' or 'cpu', got {device!r}")
@@ -117,8 +134,7 @@ def prepare_model(model: torch.nn.Module, tp_size: int = 1, device: str = "cuda"
             f"tp_size {tp_size} on the GPU: the server's all-reduce of 3+ partials is not in rank order"
         )
     trainer.prepare_model(model)  # RMSNorm through the contract (and the CPU attention, replaced next)
-    register_attention()
-    model.set_attn_implementation(ATTENTION_NAME)
+    model.set_attn_implementation(register_attention(attention))
     if device == "cuda":
         for module in model.modules():
             if isinstance(module, torch.nn.Linear):

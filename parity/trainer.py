@@ -68,12 +68,16 @@ def _rms_norm_forward(self, hidden_states):
     return contract.rms_norm(hidden_states, self.weight, self.variance_epsilon)
 
 
-def prepare_model(model: torch.nn.Module, tp_size: int = 1, server_device: str = "cpu") -> torch.nn.Module:
+def prepare_model(
+    model: torch.nn.Module, tp_size: int = 1, server_device: str = "cpu", gpu_attention: str = "exact"
+) -> torch.nn.Module:
     """Route ``model``'s numerics through ``parity.contract`` (in place); return the model.
 
     ``server_device``: where the SGLang server runs. ``"cpu"``: the CPU contract (this module).
     ``"cuda"``: the GPU contract (``parity.gpu_contract``: the paged-attention and batch-invariant
     matmul kernels the server's GPU patches run); the two contracts give different bits.
+    ``gpu_attention`` ("exact" or "mma"): the GPU attention kernel family, as the server's
+    ``truepolicy server --gpu-attention`` (different bits: they must match).
 
     ``tp_size`` > 1: the server runs tensor-parallel; the trainer then computes the row-parallel
     projections as that many partial sums reduced in rank order (``parity.tp``), as the server does.
@@ -85,7 +89,7 @@ def prepare_model(model: torch.nn.Module, tp_size: int = 1, server_device: str =
     if server_device == "cuda":
         from parity import gpu_contract
 
-        return gpu_contract.prepare_model(model, tp_size=tp_size)
+        return gpu_contract.prepare_model(model, tp_size=tp_size, attention=gpu_attention)
     if server_device != "cpu":
         raise ValueError(f"server_device must be 'cpu' or 'cuda', got {server_device!r}")
     from parity.moe import prepare_moe_blocks

@@ -10,7 +10,8 @@ token with the trainer side on the same GPU (``prepare_model(model, server_devic
 Exit status 1 unless every on-policy run is exactly 0.0 and every plugin-off run differs.
 
 Options after the archs: ``--on-only`` (skip the plugin-off controls), ``--tp2`` (issue 11: the server
-with ``--tp-size 2`` on two GPUs, the trainer emulating its rank-order row-parallel sums).
+with ``--tp-size 2`` on two GPUs, the trainer emulating its rank-order row-parallel sums), ``--mma``
+(both sides on the tensor-core attention kernels, ``--gpu-attention mma``).
 """
 
 from __future__ import annotations
@@ -51,15 +52,17 @@ class Tee:
             s.flush()
 
 
-def run_one(arch: str, out_dir: Path, on_policy: bool, tp_size: int = 1) -> float:
+def run_one(arch: str, out_dir: Path, on_policy: bool, tp_size: int = 1, attention: str = "exact") -> float:
     model_path = build_tiny_model(arch, cache_dir=out_dir / "models", overrides=SIZE | HEAD_DIM[arch])
     tag = f"{arch}-{'on' if on_policy else 'off'}" + (f"-tp{tp_size}" if tp_size > 1 else "")
+    tag += f"-{attention}" if on_policy and attention != "exact" else ""
+    ours = ["--gpu-attention", attention] if on_policy else []
     t0 = time.monotonic()
     # Without the plugin the launcher adds nothing: the same triton backend for a like-for-like drift.
     plain = [] if on_policy else ["--attention-backend", "triton", "--disable-cuda-graph"]
     with running_server(
         model_path, out_dir / f"server-{tag}.log", device="cuda", on_policy=on_policy,
-        extra_args=[*SERVER_ARGS, *plain, "--tp-size", str(tp_size)],
+        extra_args=[*ours, *SERVER_ARGS, *plain, "--tp-size", str(tp_size)],
     ) as server:  # fmt: skip
         print(f"[{tag}] server ready in {time.monotonic() - t0:.0f} s")
         if on_policy:
@@ -71,7 +74,7 @@ def run_one(arch: str, out_dir: Path, on_policy: bool, tp_size: int = 1) -> floa
         model = load_hf_model(model_path, device="cuda")
         requests_ = mixed_requests(16, model.config.vocab_size, max_new_tokens=48, seed=0, max_prompt=150)
         rollouts = collect(server.url, requests_)
-    trainer = prepare_model(model, tp_size=tp_size, server_device="cuda")
+    trainer = prepare_model(model, tp_size=tp_size, server_device="cuda", gpu_attention=attention)
     recomputed = recompute(trainer, rollouts)
     result = compare(rollouts, recomputed)
     print(f"[{tag}] " + format_report(rollouts, result).replace("\n", f"\n[{tag}] "))
@@ -85,12 +88,14 @@ def run_one(arch: str, out_dir: Path, on_policy: bool, tp_size: int = 1) -> floa
     return result.train_rollout_logprob_abs_diff
 
 
-def main(out_dir: Path, archs: list[str], with_off: bool = True, tp_size: int = 1) -> int:
+def main(
+    out_dir: Path, archs: list[str], with_off: bool = True, tp_size: int = 1, attention: str = "exact"
+) -> int:
     # Everything printed also goes to OUT/report.txt (the device call returns files, and only a tail).
     out_dir.mkdir(parents=True, exist_ok=True)
     sys.stdout = Tee(sys.stdout, open(out_dir / "report.txt", "w"))  # noqa: SIM115 (lives to exit)
     ok = True
-    on = {arch: run_one(arch, out_dir, on_policy=True, tp_size=tp_size) for arch in archs}  # headline first
+    on = {arch: run_one(arch, out_dir, True, tp_size, attention) for arch in archs}  # the headline first
     if not with_off:
         print("plugin on:", on)
         return 0 if all(v == 0.0 for v in on.values()) else 1
@@ -103,7 +108,9 @@ def main(out_dir: Path, archs: list[str], with_off: bool = True, tp_size: int = 
 
 
 if __name__ == "__main__":
-    # --on-only: skip the plugin-off controls; --tp2: the server on 2 GPUs (--tp-size 2), issue 11
-    args = [a for a in sys.argv[2:] if a not in ("--on-only", "--tp2")]
+    # --on-only: skip the plugin-off controls; --tp2: the server on 2 GPUs (--tp-size 2), issue 11;
+    # --mma: the tensor-core attention kernels on both sides (--gpu-attention mma)
+    args = [a for a in sys.argv[2:] if a not in ("--on-only", "--tp2", "--mma")]
     tp = 2 if "--tp2" in sys.argv else 1
-    sys.exit(main(Path(sys.argv[1]), args or ["qwen3", "qwen2"], "--on-only" not in sys.argv, tp))
+    attention = "mma" if "--mma" in sys.argv else "exact"
+    sys.exit(main(Path(sys.argv[1]), args or ["qwen3", "qwen2"], "--on-only" not in sys.argv, tp, attention))

@@ -30,13 +30,30 @@ from __future__ import annotations
 
 import torch
 
+from parity.ops import paged_attention, paged_attention_mma
 from parity.ops.batch_invariant_matmul import batch_invariant_linear
-from parity.ops.paged_attention import CONTRACT_CHUNK, paged_attention_decode, paged_attention_extend
 from server_patches import numerics
 from server_patches.moe_patches import MOE_GPU_PATCHES
 from server_patches.patch import Patch
 
 _TRITON = "sglang.srt.layers.attention.triton_backend.TritonAttnBackend"
+
+# The attention kernel family the triton-backend hooks run: "exact" (parity.ops.paged_attention: fp32
+# CUDA-core arithmetic, reproduced bit for bit by a plain-PyTorch reference) or "mma"
+# (parity.ops.paged_attention_mma: the same chunk contract on tensor cores). The trainer must use the
+# same family (parity.prepare_model(..., gpu_attention=...)). Chosen once per process by the plugin.
+ATTENTION_KERNELS = {"exact": paged_attention, "mma": paged_attention_mma}
+_attention = paged_attention
+
+
+def select_attention(kind: str) -> None:
+    """Make the attention hooks run the ``kind`` kernel family (before the server runs a batch)."""
+    global _attention
+    if kind not in ATTENTION_KERNELS:
+        raise ValueError(f"GPU attention kernels must be one of {sorted(ATTENTION_KERNELS)}, got {kind!r}")
+    _attention = ATTENTION_KERNELS[kind]
+
+
 _GPU_TESTS = "tests/test_paged_attention_gpu.py"
 _OP_TESTS = "tests/test_gpu_op_patches.py"
 _BACKEND_PARAMS = ("self", "q", "k", "v", "layer", "forward_batch", "save_kv_cache", "sinks")
@@ -94,7 +111,7 @@ def triton_forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=Tru
         _write_kv(self, forward_batch, layer, k, v)  # the kernel reads every key from the cache
     heads, dim = layer.tp_q_head_num, layer.qk_head_dim
     o = torch.empty((q.shape[0], heads * dim), dtype=q.dtype, device=q.device)
-    paged_attention_extend(
+    _attention.paged_attention_extend(
         q.reshape(-1, heads, dim),
         self.token_to_kv_pool.get_key_buffer(layer.layer_id),
         self.token_to_kv_pool.get_value_buffer(layer.layer_id),
@@ -119,8 +136,9 @@ def triton_forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=Tru
     if save_kv_cache:
         _write_kv(self, forward_batch, layer, k, v)
     seq_cpu = getattr(forward_batch, "seq_lens_cpu", None)
-    max_chunks = -(-int(seq_cpu.max()) // CONTRACT_CHUNK) if seq_cpu is not None and seq_cpu.numel() else None
-    paged_attention_decode(
+    chunk = _attention.CONTRACT_CHUNK
+    max_chunks = -(-int(seq_cpu.max()) // chunk) if seq_cpu is not None and seq_cpu.numel() else None
+    _attention.paged_attention_decode(
         q.view(-1, heads, dim),
         self.token_to_kv_pool.get_key_buffer(layer.layer_id),
         self.token_to_kv_pool.get_value_buffer(layer.layer_id),

@@ -33,7 +33,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from server_patches.plugin import DEVICE_ENV, ENABLE_ENV
+from server_patches.plugin import DEVICE_ENV, ENABLE_ENV, GPU_ATTENTION_ENV
 
 CPU_RUNTIME_DIR = Path(__file__).resolve().parent / "cpu_runtime"
 PLUGIN_NAME = "truepolicy"
@@ -57,6 +57,13 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
         choices=["cpu", "cuda"],
         default=None,
         help="cuda if a GPU is visible, else cpu",
+    )
+    parser.add_argument(
+        "--gpu-attention",
+        choices=["exact", "mma"],
+        default="exact",
+        help="GPU attention kernels: exact (fp32, CPU-reproducible) or mma (tensor cores); the trainer "
+        "must use the same (parity.prepare_model(..., gpu_attention=...))",
     )
     parser.add_argument(
         "--on-policy",
@@ -101,12 +108,17 @@ def cpu_thread_groups(tp_size: int, cpus: list[int]) -> str:
     return "|".join(",".join(map(str, g)) for g in groups)
 
 
-def runtime_env(device: str, on_policy: bool, base_env: dict[str, str], tp_size: int = 1) -> dict[str, str]:
+def runtime_env(
+    device: str, on_policy: bool, base_env: dict[str, str], tp_size: int = 1, gpu_attention: str = "exact"
+) -> dict[str, str]:
     """The environment of SGLang's processes: plugin switch, CPU engine, sgl_kernel stand-in."""
     env = dict(base_env)
+    env.pop(GPU_ATTENTION_ENV, None)
     if on_policy:
         env[ENABLE_ENV] = "1"
         env[DEVICE_ENV] = device
+        if device == "cuda":
+            env[GPU_ATTENTION_ENV] = gpu_attention
         allowed = env.get("SGLANG_PLUGINS")
         if allowed and PLUGIN_NAME not in [x.strip() for x in allowed.split(",")]:
             env["SGLANG_PLUGINS"] = f"{allowed},{PLUGIN_NAME}"
@@ -133,7 +145,7 @@ def plan_launch(opts: argparse.Namespace, sglang_args: list[str], base_env: dict
     if device == "cuda" and opts.on_policy:
         args += _gpu_on_policy_args(sglang_args)
     tp_size = int(flag_value(sglang_args, "--tp-size", "--tp") or 1)
-    env = runtime_env(device, opts.on_policy, base_env, tp_size)
+    env = runtime_env(device, opts.on_policy, base_env, tp_size, opts.gpu_attention)
     return LaunchPlan(argv=[sys.executable, "-m", "sglang.launch_server", *args], env=env)
 
 

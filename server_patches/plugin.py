@@ -27,6 +27,7 @@ from server_patches.targets import expect_signature, resolve
 
 ENABLE_ENV = "TRUEPOLICY_ON_POLICY"
 DEVICE_ENV = "TRUEPOLICY_DEVICE"
+GPU_ATTENTION_ENV = "TRUEPOLICY_GPU_ATTENTION"  # "exact" (default) or "mma": server_patches.gpu_patches
 STATE_KEY = "truepolicy"
 INTROSPECTION_TARGET = "sglang.srt.managers.scheduler.Scheduler.get_internal_state"
 
@@ -43,8 +44,13 @@ def active_patches() -> tuple[Patch, ...]:
     if device == "cpu":
         return PATCHES
     if device == "cuda":
-        from server_patches.gpu_patches import GPU_PATCHES
+        from server_patches.gpu_patches import GPU_PATCHES, select_attention
 
+        kind = os.environ.get(GPU_ATTENTION_ENV, "exact")
+        try:
+            select_attention(kind)
+        except ValueError as exc:
+            raise SystemExit(f"truepolicy: refusing to start: {GPU_ATTENTION_ENV}: {exc}") from exc
         return (*PATCHES, *GPU_PATCHES)
     raise SystemExit(f"truepolicy: refusing to start: {DEVICE_ENV}={device!r} (cpu or cuda)")
 
@@ -56,6 +62,9 @@ def _process_report() -> dict:
         "pid": os.getpid(),
         "process": setproctitle.getproctitle(),
         "patches": [patch.name for patch in active_patches()],
+        "gpu_attention": os.environ.get(GPU_ATTENTION_ENV, "exact")
+        if os.environ.get(DEVICE_ENV) == "cuda"
+        else None,
     }
 
 

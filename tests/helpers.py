@@ -28,10 +28,8 @@ def describe_mismatch(got: torch.Tensor, want: torch.Tensor) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------
-# GPU attention tests (tests/test_paged_attention_mma_gpu.py): a tiny Qwen3, its decode loop, and the
-# HF attention entry for parity.ops.paged_attention_mma
+# GPU attention tests (tests/test_paged_attention_mma_gpu.py): a tiny Qwen3 and its decode loop
 # ---------------------------------------------------------------------------------------------------
-MMA_ATTENTION_NAME = "truepolicy_paged_mma"
 
 
 def qwen3_on_device(layers: int, hidden: int, heads: int, kv_heads: int, device: str = "cuda"):
@@ -60,41 +58,6 @@ def decode_loop_vs_full_logprobs(model, ids: torch.Tensor, prompt: int) -> tuple
         inc = torch.cat(rows).float().log_softmax(-1)
     tok = ids[0, 1:]
     return inc[:-1].gather(-1, tok[:, None])[:, 0], full[:-1].gather(-1, tok[:, None])[:, 0]
-
-
-def mma_attention_interface(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """transformers ``AttentionInterface`` entry running ``parity.ops.paged_attention_mma`` (what
-    ``parity.gpu_contract.paged_attention_interface`` does with ``paged_attention``): a one-row step
-    without autograd runs the split-KV decode kernel, anything else the full-sequence (extend) kernel."""
-    from parity import trainer
-    from parity.ops import paged_attention_mma as pam
-
-    if dropout:
-        raise trainer.UnsupportedModelError("truepolicy attention has no dropout")
-    q_len, k_len = query.shape[2], key.shape[2]
-    trainer._check_causal_mask(attention_mask, q_len, k_len)
-    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    if q_len == 1 and not torch.is_grad_enabled():
-        bsz, hq, _, d = query.shape
-        q_rows, k_buf, v_buf, req_to_token, row_pool, _ = pam._full_sequence_rows(query, key, value)
-        seq_lens = torch.full((bsz,), k_len, dtype=torch.long, device=query.device)
-        out = pam.paged_attention_decode(
-            q_rows, k_buf, v_buf, req_to_token, row_pool, seq_lens, scale, max_chunks=-(-k_len // 64)
-        )
-        return out.view(bsz, 1, hq, d), None
-    return pam.full_sequence_attention(query, key, value, scale), None
-
-
-def use_mma_attention(model):
-    """Switch an HF model (already through ``parity.gpu_contract.prepare_model``) to the tensor-core
-    paged attention; returns the model."""
-    from transformers import AttentionInterface, AttentionMaskInterface
-    from transformers.masking_utils import sdpa_mask
-
-    AttentionInterface.register(MMA_ATTENTION_NAME, mma_attention_interface)
-    AttentionMaskInterface.register(MMA_ATTENTION_NAME, sdpa_mask)
-    model.set_attn_implementation(MMA_ATTENTION_NAME)
-    return model
 
 
 def run_under_triton_interpreter(script: str | Path, timeout: float = 600) -> subprocess.CompletedProcess:

@@ -270,8 +270,8 @@ def test_hf_decode_loop_equals_one_full_forward_with_the_mma_kernels():
         f"plain HF: decode loop vs full forward: max |Δlogp| {drift.max().item():.3e}, "
         f"mean {drift.mean().item():.3e}"
     )
-    model = helpers.use_mma_attention(prepare_model(plain, device="cuda"))
-    assert model.config._attn_implementation == helpers.MMA_ATTENTION_NAME
+    model = prepare_model(plain, device="cuda", attention="mma")
+    assert model.config._attn_implementation == "truepolicy_paged_mma"
     a, b = helpers.decode_loop_vs_full_logprobs(model, ids, 64)
     assert_bitwise(a, b, "logprobs: decode loop vs full forward (mma attention)")
     assert drift.max() > 0, "negative control: plain HF should drift"
