@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -20,6 +21,35 @@ def hf_greedy(model: torch.nn.Module, prompt: list[int], max_new_tokens: int) ->
             logits = model(input_ids=torch.tensor([ids])).logits[0, -1]
             ids.append(int(torch.argmax(logits)))
     return ids[len(prompt) :]
+
+
+def bit_view(t: torch.Tensor) -> torch.Tensor:
+    """``t``'s bits as the integer dtype of its element size (compares NaNs and signed zeros exactly)."""
+    t = t.detach().contiguous()
+    return t.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+
+def count_differing(a: torch.Tensor, b: torch.Tensor) -> int:
+    return int((bit_view(a) != bit_view(b.to(a.device))).sum())
+
+
+def assert_same_bits(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
+    """Bit-for-bit equality (shape first); on failure max |Δ| and the count of differing elements."""
+    assert got.shape == want.shape, (what, tuple(got.shape), tuple(want.shape))
+    want = want.to(got.device)
+    if not torch.equal(bit_view(got), bit_view(want)):
+        diff = (got.double() - want.double()).abs()
+        raise AssertionError(
+            f"{what}: not bitwise: max |Δ| = {diff.max().item():.3e}, "
+            f"{count_differing(got, want)} of {got.numel()} differ"
+        )
+
+
+def nan_empty(*args, **kwargs) -> torch.Tensor:
+    """``torch.empty`` with floating-point outputs poisoned to NaN: swapped in for a kernel module's
+    ``_empty`` to show that every output element is written."""
+    t = torch.empty(*args, **kwargs)
+    return t.fill_(math.nan) if t.is_floating_point() else t
 
 
 def describe_mismatch(got: torch.Tensor, want: torch.Tensor) -> str:

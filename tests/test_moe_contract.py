@@ -23,7 +23,7 @@ from parity.tiny_models import tiny_config
 from parity.trainer import UnsupportedModelError, prepare_model
 from server_patches import moe_patches
 from server_patches.moe_patches import MOE_PATCHES
-from tests.helpers import describe_mismatch
+from tests.helpers import describe_mismatch, nan_empty
 
 BF16 = torch.bfloat16
 
@@ -478,18 +478,13 @@ def test_gpu_hooks_refuse_outside_the_contract(sglang_in_process, gen):
 
 
 def _interpreter_checks():
-    import math
 
     from parity.ops import batch_invariant_matmul as bim
     from parity.ops import moe_experts as me
 
     assert bim._interpreting()
 
-    def poisoned(*args, **kwargs):
-        t = torch.empty(*args, **kwargs)
-        return t.fill_(math.nan) if t.is_floating_point() else t
-
-    me._empty = bim._empty = poisoned
+    me._empty = bim._empty = nan_empty
     g = torch.Generator().manual_seed(0)
     # odd sizes: 2I = 160 (two N tiles, one partial), K = 96 and 80 (partial K blocks)
     x, router, w13, w2 = _random_layer(g, 150, 96, 4, 80)

@@ -20,7 +20,6 @@ an initialised process group and change no numbers on one rank.
 from __future__ import annotations
 
 import contextlib
-import math
 
 import pytest
 import torch
@@ -31,6 +30,7 @@ from parity.ops import moe_experts as me
 from parity.tiny_models import build_tiny_model, load_hf_model, tiny_config
 from server_patches.gpu_patches import GPU_PATCHES
 from server_patches.moe_patches import MOE_GPU_PATCHES
+from tests.helpers import assert_same_bits, count_differing, nan_empty
 
 pytestmark = pytest.mark.gpu
 
@@ -40,34 +40,10 @@ BF16 = torch.bfloat16
 HIDDEN, EXPERTS, TOP_K, INTER = 2048, 128, 8, 768
 
 
-def _bits(t):
-    t = t.detach().contiguous()
-    return t.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
-
-
-def assert_bitwise(got, want, what):
-    assert got.shape == want.shape, (what, tuple(got.shape), tuple(want.shape))
-    g, w = _bits(got), _bits(want.to(got.device))
-    if not torch.equal(g, w):
-        diff = (got.double() - want.to(got.device).double()).abs()
-        raise AssertionError(
-            f"{what}: not bitwise: max |Δ| = {diff.max().item():.3e}, "
-            f"{int((g != w).sum())} of {g.numel()} differ"
-        )
-
-
-def count_differing(a, b) -> int:
-    return int((_bits(a) != _bits(b.to(a.device))).sum())
-
-
 @pytest.fixture
 def poison(monkeypatch):
-    def empty(*args, **kwargs):
-        t = torch.empty(*args, **kwargs)
-        return t.fill_(math.nan) if t.is_floating_point() else t
-
-    monkeypatch.setattr(me, "_empty", empty)
-    monkeypatch.setattr(bim, "_empty", empty)
+    monkeypatch.setattr(me, "_empty", nan_empty)
+    monkeypatch.setattr(bim, "_empty", nan_empty)
 
 
 def layer_weights(seed: int, hidden=HIDDEN, experts=EXPERTS, inter=INTER):
@@ -100,8 +76,8 @@ def test_a_token_does_not_depend_on_its_batch(poison, impl):
         perm = torch.randperm(n + 8, generator=g, device=DEV)
         out = torch.empty_like(batch)
         out[perm] = block(batch[perm], weights, impl)  # the probes at random places among the others
-        assert_bitwise(out[n:], alone, f"{impl}: 8 tokens among {n} others, shuffled")
-    assert_bitwise(block(pool, weights, impl)[:8], alone, f"{impl}: 8 tokens among 4088 others")
+        assert_same_bits(out[n:], alone, f"{impl}: 8 tokens among {n} others, shuffled")
+    assert_same_bits(block(pool, weights, impl)[:8], alone, f"{impl}: 8 tokens among 4088 others")
     # the probe's own experts crowded: 300 near-copies route (mostly) where it does, so its experts get
     # several 64-row tiles and the probe sits in the middle of one
     for i in range(2):
@@ -110,7 +86,7 @@ def test_a_token_does_not_depend_on_its_batch(poison, impl):
         _, ids = moe.route(me.router_linear(batch, weights[0]), TOP_K, True)
         shared = (ids[:, :, None] == ids[150][None, None, :]).any(1).sum(0)
         assert int(shared.min()) > 64, f"the crowd should fill the probe's experts: {shared.tolist()}"
-        assert_bitwise(block(batch, weights, impl)[150:151], alone[i : i + 1], f"{impl}: crowded experts")
+        assert_same_bits(block(batch, weights, impl)[150:151], alone[i : i + 1], f"{impl}: crowded experts")
 
 
 def test_grouped_kernel_equals_the_per_expert_loop(poison):
@@ -121,7 +97,7 @@ def test_grouped_kernel_equals_the_per_expert_loop(poison):
     g = torch.Generator(device=DEV).manual_seed(3)
     for tokens in (1, 5, 64, 1000, 4096):
         x = torch.randn(tokens, HIDDEN, generator=g, device=DEV).to(BF16)
-        assert_bitwise(block(x, weights, "grouped"), block(x, weights, "loop"), f"{tokens} tokens")
+        assert_same_bits(block(x, weights, "grouped"), block(x, weights, "loop"), f"{tokens} tokens")
 
 
 def test_negative_control_the_cublas_expert_loop_depends_on_the_batch():
@@ -247,10 +223,10 @@ def test_server_hooks_equal_the_trainer_block(sglang_cuda):
         perm = torch.randperm(tokens, generator=g, device=DEV)
         shuffled = torch.empty_like(x)
         shuffled[perm] = sglang_forward(sgl, x[perm])  # among other requests' tokens
-    assert_bitwise(whole, trainer, "patched SGLang, whole batch")
-    assert_bitwise(chunks, trainer, "patched SGLang, 16-token chunks")
-    assert_bitwise(alone, trainer[:64], "patched SGLang, one token at a time")
-    assert_bitwise(shuffled, trainer, "patched SGLang, shuffled")
+    assert_same_bits(whole, trainer, "patched SGLang, whole batch")
+    assert_same_bits(chunks, trainer, "patched SGLang, 16-token chunks")
+    assert_same_bits(alone, trainer[:64], "patched SGLang, one token at a time")
+    assert_same_bits(shuffled, trainer, "patched SGLang, shuffled")
     # Negative control: SGLang's own GPU MoE (topk_softmax + Triton fused_experts, bf16 combine) differs.
     differing = count_differing(own, trainer)
     print(f"unpatched SGLang GPU MoE vs trainer: {differing} of {own.numel()} differ")
@@ -282,7 +258,7 @@ def test_near_ties_route_alike_on_both_sides(sglang_cuda):
     want = torch.tensor([[1, 3]], device=DEV).expand(int(tied_on_top.sum()), 2)
     assert torch.equal(trainer_ids[tied_on_top], want)
     assert torch.equal(server_ids, trainer_ids)
-    assert_bitwise(server, trainer, "patched SGLang with tied router rows")
+    assert_same_bits(server, trainer, "patched SGLang with tied router rows")
     other = int((own_ids != trainer_ids).any(-1).sum())
     print(f"SGLang's own CUDA top-k chose other tied experts for {other} of {len(x)} tokens")
     # hand-made rows: exact ties to the lower index, one bf16 ulp apart the value wins
@@ -363,9 +339,9 @@ def test_qwen3_moe_decode_loop_equals_one_full_forward(model_cache):
     model = prepare_model(load_hf_model(path, device=DEV), device="cuda")
     ids = torch.randint(3, 1024, (1, 32 + 96), generator=torch.Generator().manual_seed(0)).to(DEV)
     loop, full = _decode_loop_vs_full(model, ids, 32)
-    assert_bitwise(loop, full, "logits: decode loop vs full forward (GPU MoE contract)")
+    assert_same_bits(loop, full, "logits: decode loop vs full forward (GPU MoE contract)")
     tok = ids[0, 1:]
-    assert_bitwise(token_logprobs(loop[:-1], tok, 1.0), token_logprobs(full[:-1], tok, 1.0), "logprobs")
+    assert_same_bits(token_logprobs(loop[:-1], tok, 1.0), token_logprobs(full[:-1], tok, 1.0), "logprobs")
     # Negative control: the MoE blocks back on per-expert cuBLAS F.linear (everything else unchanged).
     import types
 

@@ -4,41 +4,20 @@ trainer-side HF model's decode loop == its full forward (and the drift without t
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
 from parity.ops import paged_attention as pa
+from tests.helpers import assert_same_bits, decode_loop_vs_full_logprobs, nan_empty, qwen3_on_device
 
 pytestmark = pytest.mark.gpu
 
 DEV = "cuda"
 
 
-def _bits(t):
-    t = t.detach().contiguous()
-    return t.view({2: torch.int16, 4: torch.int32}[t.element_size()])
-
-
-def assert_bitwise(got, want, what):
-    assert got.shape == want.shape, (what, tuple(got.shape), tuple(want.shape))
-    g, w = _bits(got), _bits(want.to(got.device))
-    if not torch.equal(g, w):
-        diff = (got.double() - want.to(got.device).double()).abs()
-        raise AssertionError(
-            f"{what}: not bitwise: max |Δ| = {diff.max().item():.3e}, "
-            f"{int((g != w).sum())} of {g.numel()} differ"
-        )
-
-
 @pytest.fixture
 def poison(monkeypatch):
-    def empty(*args, **kwargs):
-        t = torch.empty(*args, **kwargs)
-        return t.fill_(math.nan) if t.is_floating_point() else t
-
-    monkeypatch.setattr(pa, "_empty", empty)
+    monkeypatch.setattr(pa, "_empty", nan_empty)
 
 
 class Pool:
@@ -78,20 +57,20 @@ def test_kernel_is_bitwise_the_reference_on_gpu_and_cpu(poison, hq, hkv, d, dtyp
     scale = d**-0.5
     got = pa.paged_attention_rows(q, p.k, p.v, p.req_to_token, pool, pos, scale)
     assert not torch.isnan(got.float()).any(), "unwritten (poisoned) outputs"
-    assert_bitwise(
+    assert_same_bits(
         got, pa.paged_attention_reference(q, p.k, p.v, p.req_to_token, pool, pos, scale), "vs GPU ref"
     )
     sel = torch.tensor([0, 1, 60, 61, 100, len(pos) - 1], device=DEV)
     cpu = pa.paged_attention_reference(
         q[sel].cpu(), p.k.cpu(), p.v.cpu(), p.req_to_token.cpu(), pool[sel].cpu(), pos[sel].cpu(), scale
     )
-    assert_bitwise(got[sel].cpu(), cpu, "vs CPU reference")
+    assert_same_bits(got[sel].cpu(), cpu, "vs CPU reference")
     # launch options never change the bits
     for hb, warps in ((1, 4), (8, 8)):
         other = pa.paged_attention_rows(
             q, p.k, p.v, p.req_to_token, pool, pos, scale, heads_per_program=hb, num_warps=warps
         )
-        assert_bitwise(other, got, f"{hb} heads/program, {warps} warps")
+        assert_same_bits(other, got, f"{hb} heads/program, {warps} warps")
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -120,19 +99,19 @@ def test_decode_equals_extend_equals_trainer_on_random_batches(poison, seed):
     seq = torch.tensor(lengths, device=DEV)
     dec = pa.paged_attention_decode(q_dec, p.k, p.v, p.req_to_token, pools, seq, scale)
     assert not torch.isnan(dec.float()).any()
-    assert_bitwise(dec, ext_last, f"decode batch of {n_req} vs extend rows")
+    assert_same_bits(dec, ext_last, f"decode batch of {n_req} vs extend rows")
     for _ in range(3):
         sub = torch.randperm(n_req, generator=g)[: max(1, n_req // 3)].to(DEV)
         part = pa.paged_attention_decode(q_dec[sub], p.k, p.v, p.req_to_token, pools[sub], seq[sub], scale)
-        assert_bitwise(part, ext_last[sub], "decode sub-batch vs extend rows")
+        assert_same_bits(part, ext_last[sub], "decode sub-batch vs extend rows")
     # the trainer's full sequence of request 1 (or 0), the HF layout
     r = 1 if n_req > 1 else 0
     slots = p.req_to_token[r + 1, : lengths[r]].long()
     k = p.k[slots].permute(1, 0, 2)[None]
     v = p.v[slots].permute(1, 0, 2)[None]
     full = pa.full_sequence_attention(p.q[r].permute(1, 0, 2)[None], k, v, scale)[0]
-    assert_bitwise(full[-1], dec[r], "trainer full sequence vs server decode")
-    assert_bitwise(
+    assert_same_bits(full[-1], dec[r], "trainer full sequence vs server decode")
+    assert_same_bits(
         full[prefix[r] :], ext[last[r] - (lengths[r] - prefix[r]) + 1 : last[r] + 1], "trainer vs extend"
     )
 
@@ -148,34 +127,9 @@ def test_contract_rmsnorm_rows_do_not_depend_on_m():
         w = (torch.rand(hidden, generator=g, device=DEV) + 0.5).to(torch.bfloat16)
         full = contract.rms_norm(x, w, 1e-6)
         for m in (1, 2, 3, 8, 64, 129, 1000):
-            assert_bitwise(
+            assert_same_bits(
                 contract.rms_norm(x[:m], w, 1e-6), full[:m], f"rms_norm rows at M={m}, hidden {hidden}"
             )
-
-
-def _qwen3(layers, hidden, heads, kv_heads):
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    cfg = AutoConfig.for_model(
-        "qwen3", hidden_size=hidden, intermediate_size=hidden * 3, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=128, vocab_size=32000,
-        max_position_embeddings=4096, tie_word_embeddings=False, dtype="bfloat16",
-    )  # fmt: skip
-    torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).to(DEV).eval()
-
-
-def _decode_loop_vs_full(model, ids, prompt):
-    with torch.no_grad():
-        full = model(input_ids=ids).logits[0].float().log_softmax(-1)
-        out = model(input_ids=ids[:, :prompt], use_cache=True)
-        rows, cache = [out.logits[0]], out.past_key_values
-        for t in range(prompt, ids.shape[1]):
-            out = model(input_ids=ids[:, t : t + 1], past_key_values=cache, use_cache=True)
-            rows.append(out.logits[0])
-        inc = torch.cat(rows).float().log_softmax(-1)
-    tok = ids[0, 1:]
-    return inc[:-1].gather(-1, tok[:, None])[:, 0], full[:-1].gather(-1, tok[:, None])[:, 0]
 
 
 def test_hf_decode_loop_equals_one_full_forward_with_the_kernels():
@@ -185,14 +139,14 @@ def test_hf_decode_loop_equals_one_full_forward_with_the_kernels():
     from parity.gpu_contract import prepare_model
 
     ids = torch.randint(0, 32000, (1, 64 + 256), generator=torch.Generator().manual_seed(0)).to(DEV)
-    plain = _qwen3(8, 1024, 16, 8)
-    a, b = _decode_loop_vs_full(plain, ids, 64)
+    plain = qwen3_on_device(8, 1024, 16, 8)
+    a, b = decode_loop_vs_full_logprobs(plain, ids, 64)
     drift = (a - b).abs()
     print(
         f"plain HF: decode loop vs full forward: max |Δlogp| {drift.max().item():.3e}, "
         f"mean {drift.mean().item():.3e}"
     )
     model = prepare_model(plain, device="cuda")
-    a, b = _decode_loop_vs_full(model, ids, 64)
-    assert_bitwise(a, b, "logprobs: decode loop vs full forward (GPU contract)")
+    a, b = decode_loop_vs_full_logprobs(model, ids, 64)
+    assert_same_bits(a, b, "logprobs: decode loop vs full forward (GPU contract)")
     assert drift.max() > 0, "negative control: plain HF should drift"

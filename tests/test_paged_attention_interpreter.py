@@ -19,26 +19,7 @@ import sys
 import torch
 
 from parity.ops import paged_attention as pa
-from tests.helpers import run_under_triton_interpreter
-
-
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    t = t.detach().contiguous()
-    return t.view({2: torch.int16, 4: torch.int32}[t.element_size()])
-
-
-def assert_bitwise(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
-    assert got.shape == want.shape, (what, tuple(got.shape), tuple(want.shape))
-    if not torch.equal(_bits(got), _bits(want)):
-        diff = (got.double() - want.double()).abs()
-        n = int((_bits(got) != _bits(want)).sum())
-        raise AssertionError(
-            f"{what}: not bitwise: max |Δ| = {diff.max().item():.3e}, {n} of {got.numel()} differ"
-        )
-
-
-def count_differing(a: torch.Tensor, b: torch.Tensor) -> int:
-    return int((_bits(a) != _bits(b)).sum())
+from tests.helpers import assert_same_bits, count_differing, nan_empty, run_under_triton_interpreter
 
 
 class Cache:
@@ -83,11 +64,6 @@ def test_kernels_under_the_triton_interpreter():
     assert "interpreter checks passed" in proc.stdout
 
 
-def _poison_empty(*args, **kwargs):
-    t = torch.empty(*args, **kwargs)
-    return t.fill_(math.nan) if t.is_floating_point() else t
-
-
 def _check_exp():
     import triton
     import triton.language as tl
@@ -105,7 +81,7 @@ def _check_exp():
     )
     out = torch.empty_like(t)
     exp_kernel[(1,)](t, out, N=4096, FMA=pl._fma_mode(True))
-    assert_bitwise(out, pl._exp_neg_t(t, True), "exp_c (flat) vs policy_loss._exp_neg_t")
+    assert_same_bits(out, pl._exp_neg_t(t, True), "exp_c (flat) vs policy_loss._exp_neg_t")
     assert out[4000] == 1.0 and out[4001] == 1.0
     print("exp_c: 4096 values bitwise policy_loss's", flush=True)
 
@@ -130,15 +106,15 @@ def _check_kernel_vs_reference():
             torch.tensor([lengths[0] - 3, lengths[1]]), scale, chunk=chunk,
         )  # fmt: skip
         assert not torch.isnan(got.float()).any(), f"{tag}: unwritten (poisoned) extend outputs"
-        assert_bitwise(got, want, f"extend kernel vs reference {tag}")
+        assert_same_bits(got, want, f"extend kernel vs reference {tag}")
         # decode: the last row of each request
         qd = torch.stack([c.q[lengths[0] - 1, 0], c.q[lengths[1] - 1, 1]])
         dec = pa.paged_attention_decode(
             qd, c.k, c.v, c.req_to_token, torch.tensor([1, 2]), torch.tensor(lengths), scale, chunk=chunk
         )
         assert not torch.isnan(dec.float()).any(), f"{tag}: unwritten (poisoned) decode outputs"
-        assert_bitwise(dec[0], want[lengths[0] - 4], f"decode row vs extend row (request 0) {tag}")
-        assert_bitwise(dec[1], want[-1], f"decode row vs extend row (request 1) {tag}")
+        assert_same_bits(dec[0], want[lengths[0] - 4], f"decode row vs extend row (request 0) {tag}")
+        assert_same_bits(dec[1], want[-1], f"decode row vs extend row (request 1) {tag}")
         print(f"kernel == reference, decode == extend: {tag}", flush=True)
     # launch options never change the bits: heads per program, warps
     c = Cache(4, [20], 6, 2, 64)
@@ -148,12 +124,12 @@ def _check_kernel_vs_reference():
         got = pa.paged_attention_rows(
             q, c.k, c.v, c.req_to_token, pool, pos, 0.125, chunk=16, heads_per_program=hb, num_warps=warps
         )
-        assert_bitwise(got, want, f"extend with {hb} heads/program, {warps} warps")
+        assert_same_bits(got, want, f"extend with {hb} heads/program, {warps} warps")
         dec = pa.paged_attention_decode(
             q[-1:], c.k, c.v, c.req_to_token, pool[:1], torch.tensor([20]), 0.125, chunk=16,
             heads_per_program=hb, num_warps=warps, max_chunks=4,
         )  # fmt: skip
-        assert_bitwise(dec[0], want[-1], f"decode with {hb} heads/program, {warps} warps, spare chunks")
+        assert_same_bits(dec[0], want[-1], f"decode with {hb} heads/program, {warps} warps, spare chunks")
     print("launch options (heads per program, warps, spare grid chunks): same bits", flush=True)
 
 
@@ -173,14 +149,14 @@ def _check_decode_equals_extend_across_batches():
             torch.tensor([n for _, _, n in spans]), scale, chunk=chunk,
         )  # fmt: skip
 
-    assert_bitwise(extend([(0, 0, 40)]), want, "prefill at once")
-    assert_bitwise(extend([(1, 0, 5), (0, 17, 23)])[5:], want[17:], "after a 17-token prefix hit, batched")
+    assert_same_bits(extend([(0, 0, 40)]), want, "prefill at once")
+    assert_same_bits(extend([(1, 0, 5), (0, 17, 23)])[5:], want[17:], "after a 17-token prefix hit, batched")
     parts = [
         extend([(0, 0, 15)]),
         extend([(2, 46, 4), (0, 15, 17)])[4:],
         extend([(0, 32, 8), (1, 3, 2)])[:8],
     ]
-    assert_bitwise(torch.cat(parts), want, "chunked prefill 15 + 17 + 8, mixed batches")
+    assert_same_bits(torch.cat(parts), want, "chunked prefill 15 + 17 + 8, mixed batches")
     for p in (31, 32, 39):
         alone = pa.paged_attention_decode(
             c.q[p, 0][None], c.k, c.v, r2t, pools[:1], torch.tensor([p + 1]), scale, chunk=chunk
@@ -189,9 +165,9 @@ def _check_decode_equals_extend_across_batches():
             torch.stack([c.q[22, 1], c.q[p, 0], c.q[49, 2]]), c.k, c.v, r2t, pools[[1, 0, 2]],
             torch.tensor([23, p + 1, 50]), scale, chunk=chunk,
         )  # fmt: skip
-        assert_bitwise(alone[0], want[p], f"decode at {p}, alone")
-        assert_bitwise(mixed[1], want[p], f"decode at {p}, batch of 3")
-        assert_bitwise(mixed[0], c.reference(1, 22, 23, scale, chunk)[0], "decode of the other request")
+        assert_same_bits(alone[0], want[p], f"decode at {p}, alone")
+        assert_same_bits(mixed[1], want[p], f"decode at {p}, batch of 3")
+        assert_same_bits(mixed[0], c.reference(1, 22, 23, scale, chunk)[0], "decode of the other request")
     print("decode == extend == prefix hit == chunked prefill, any batch", flush=True)
     return c, want
 
@@ -202,9 +178,9 @@ def _check_trainer_full_sequence(c, want):
     vs = torch.stack([c.v[c.req_to_token[1, :40].long()]]).permute(0, 2, 1, 3)
     qs = c.q[:40, 0][None].permute(0, 2, 1, 3)  # [1, Hq, 40, D]
     out = pa.full_sequence_attention(qs, ks, vs, 0.125, 16)  # [1, 40, Hq, D]
-    assert_bitwise(out[0], want, "trainer full sequence vs server rows")
+    assert_same_bits(out[0], want, "trainer full sequence vs server rows")
     tail = pa.full_sequence_attention(qs[:, :, 36:], ks, vs, 0.125, 16)  # the last 4 rows, all keys
-    assert_bitwise(tail[0], want[36:], "trainer rows 36..39 against the 40 keys")
+    assert_same_bits(tail[0], want[36:], "trainer rows 36..39 against the 40 keys")
     print("trainer full sequence == server rows", flush=True)
 
 
@@ -223,7 +199,7 @@ def _check_negative_control_kernel():
 def _check_matmul():
     from parity.ops import batch_invariant_matmul as bm
 
-    bm._empty = _poison_empty
+    bm._empty = nan_empty
     cfg = bm.MatmulConfig(block_m=16, block_n=32, block_k=32, group_m=2, num_warps=4, num_stages=1)
     g = torch.Generator().manual_seed(7)
     for k, n, bias in ((100, 70, True), (64, 96, False)):
@@ -235,7 +211,7 @@ def _check_matmul():
         for m in (1, 3, 17, 33):
             for off in (0, 5, 70 - m):
                 part = bm.batch_invariant_linear(x[off : off + m], w, b, config=cfg)
-                assert_bitwise(
+                assert_same_bits(
                     part, full[off : off + m], f"matmul rows {off}..{off + m} of M=70, K={k}, N={n}"
                 )
     print("batch-invariant matmul: rows bitwise independent of M and of their place in the tile", flush=True)
@@ -294,7 +270,7 @@ def _check_server_hooks():
         o = gpu_patches.triton_forward_extend(backend, q, kv[0], kv[1], layer, fb)
         start = 0
         for r, p, n in spans:
-            assert_bitwise(
+            assert_same_bits(
                 o[start : start + n].view(n, hq, d), c.reference(r, p, p + n, 0.125, 64), "hook extend"
             )
             start += n
@@ -306,8 +282,8 @@ def _check_server_hooks():
         seq_lens=torch.tensor([40, 9]), seq_lens_cpu=torch.tensor([40, 9]),
     )  # fmt: skip
     o = gpu_patches.triton_forward_decode(backend, q, c.k[loc], c.v[loc], layer, fb)
-    assert_bitwise(o[0].view(hq, d), c.reference(0, 39, 40, 0.125, 64)[0], "hook decode, request 0")
-    assert_bitwise(o[1].view(hq, d), c.reference(1, 8, 9, 0.125, 64)[0], "hook decode, request 1")
+    assert_same_bits(o[0].view(hq, d), c.reference(0, 39, 40, 0.125, 64)[0], "hook decode, request 0")
+    assert_same_bits(o[1].view(hq, d), c.reference(1, 8, 9, 0.125, 64)[0], "hook decode, request 1")
     assert torch.equal(k_pool[slots[0, :40]], c.k[slots[0, :40]]), "the hooks wrote the KV"
     layer.logit_cap = 30.0
     try:
@@ -324,7 +300,7 @@ def _check_server_hooks():
 def _checks():
     import time
 
-    pa._empty = _poison_empty
+    pa._empty = nan_empty
     t0 = time.monotonic()
     _check_exp()
     _check_kernel_vs_reference()
@@ -405,14 +381,14 @@ def test_trainer_gpu_contract_on_cpu_rows_do_not_depend_on_the_sequence_length(t
     with torch.no_grad():
         full = model(input_ids=ids).logits[0]
         for n in (1, 63, 64, 65, 129):
-            assert_bitwise(model(input_ids=ids[:, :n]).logits[0], full[:n], f"prefix of {n}")
+            assert_same_bits(model(input_ids=ids[:, :n]).logits[0], full[:n], f"prefix of {n}")
         # a decode loop over HF's KV cache (one-row steps: the split-KV decode path) gives the same rows
         out = model(input_ids=ids[:, :120], use_cache=True)
         rows, cache = [out.logits[0]], out.past_key_values
         for t in range(120, 150):
             out = model(input_ids=ids[:, t : t + 1], past_key_values=cache, use_cache=True)
             rows.append(out.logits[0])
-        assert_bitwise(torch.cat(rows), full, "prefill 120 + 30 decode steps vs one full forward")
+        assert_same_bits(torch.cat(rows), full, "prefill 120 + 30 decode steps vs one full forward")
 
 
 if __name__ == "__main__":

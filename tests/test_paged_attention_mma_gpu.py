@@ -13,6 +13,7 @@ import torch
 
 from parity.ops import paged_attention_mma as pam
 from tests import helpers
+from tests.helpers import assert_same_bits, bit_view, nan_empty
 
 pytestmark = pytest.mark.gpu
 
@@ -27,29 +28,9 @@ CONFIGS = [
 ]
 
 
-def _bits(t):
-    t = t.detach().contiguous()
-    return t.view({2: torch.int16, 4: torch.int32}[t.element_size()])
-
-
-def assert_bitwise(got, want, what):
-    assert got.shape == want.shape, (what, tuple(got.shape), tuple(want.shape))
-    g, w = _bits(got), _bits(want.to(got.device))
-    if not torch.equal(g, w):
-        diff = (got.double() - want.to(got.device).double()).abs()
-        raise AssertionError(
-            f"{what}: not bitwise: max |Δ| = {diff.max().item():.3e}, "
-            f"{int((g != w).sum())} of {g.numel()} differ"
-        )
-
-
 @pytest.fixture
 def poison(monkeypatch):
-    def empty(*args, **kwargs):
-        t = torch.empty(*args, **kwargs)
-        return t.fill_(math.nan) if t.is_floating_point() else t
-
-    monkeypatch.setattr(pam, "_empty", empty)
+    monkeypatch.setattr(pam, "_empty", nan_empty)
 
 
 class Pool:
@@ -126,17 +107,17 @@ def test_decode_equals_extend_equals_trainer_on_random_batches(poison, seed, hq,
     rows = [(r, lengths[r] - 1) for r in range(n_req)]
     dec = p.decode(rows, scale)
     assert not torch.isnan(dec.float()).any(), "unwritten (poisoned) decode outputs"
-    assert_bitwise(dec, ext_last, f"decode batch of {n_req} vs extend rows")
+    assert_same_bits(dec, ext_last, f"decode batch of {n_req} vs extend rows")
     for _ in range(3):
         sub = torch.randperm(n_req, generator=g)[: max(1, n_req // 3)].tolist()
         part = p.decode([rows[i] for i in sub], scale)
-        assert_bitwise(part, ext_last[sub], "decode sub-batch vs extend rows")
+        assert_same_bits(part, ext_last[sub], "decode sub-batch vs extend rows")
     # the trainer's full sequence of a request (HF layout)
     r = 1 if n_req > 1 else 0
     full = p.full_sequence(r, scale)
-    assert_bitwise(full[-1], dec[r], "trainer full sequence vs server decode")
+    assert_same_bits(full[-1], dec[r], "trainer full sequence vs server decode")
     start = int(last[r]) - new[r] + 1
-    assert_bitwise(full[prefix[r] :], ext[start : start + new[r]], "trainer vs extend")
+    assert_same_bits(full[prefix[r] :], ext[start : start + new[r]], "trainer vs extend")
     # close to float64 attention (a few rows)
     tol = 3e-2 if dtype == torch.bfloat16 else 1.5e-2
     for i in (0, n_req - 1):
@@ -157,21 +138,21 @@ def test_every_position_and_every_split(poison, hq, hkv, d, dtype):
 
     want = p.extend([(0, 0, 700)], scale, **out(700))
     dec = p.decode([(0, i) for i in range(700)], scale, **out(700))
-    assert_bitwise(dec, want, "decode at every position vs prefill (fp32 out)")
-    assert_bitwise(p.extend([(1, 0, 5), (0, 131, 569)], scale, **out(574))[5:], want[131:], "prefix hit")
+    assert_same_bits(dec, want, "decode at every position vs prefill (fp32 out)")
+    assert_same_bits(p.extend([(1, 0, 5), (0, 131, 569)], scale, **out(574))[5:], want[131:], "prefix hit")
     parts, a = [], 0
     for n in (1, 63, 65, 100, 7, 200, 264):
         parts.append(p.extend([(1, 300, 33), (0, a, n)], scale, **out(33 + n))[33:])
         a += n
-    assert_bitwise(torch.cat(parts), want, "chunked prefill 1 + 63 + 65 + 100 + 7 + 200 + 264")
+    assert_same_bits(torch.cat(parts), want, "chunked prefill 1 + 63 + 65 + 100 + 7 + 200 + 264")
     rows = torch.randperm(700, device=DEV)[:150]
     got = pam.paged_attention_rows(
         p.q[0][rows], p.k, p.v, p.req_to_token, torch.ones(150, dtype=torch.long, device=DEV), rows, scale,
         **out(150),
     )  # fmt: skip
-    assert_bitwise(got, want[rows], "explicit rows in random order")
+    assert_same_bits(got, want[rows], "explicit rows in random order")
     # bf16/fp16 outputs: the fp32 ones rounded once
-    assert_bitwise(p.extend([(0, 0, 700)], scale), want.to(dtype), "16-bit out == fp32 out rounded")
+    assert_same_bits(p.extend([(0, 0, 700)], scale), want.to(dtype), "16-bit out == fp32 out rounded")
 
 
 def test_launch_options_do_not_change_the_bits(poison):
@@ -183,14 +164,14 @@ def test_launch_options_do_not_change_the_bits(poison):
     for cpp in (2, 3, 16, 40):
         for stages in (1, 2, 3):
             got = p.decode(rows, scale, chunks_per_program=cpp, num_stages=stages, max_chunks=100)
-            assert_bitwise(got, want, f"decode: {cpp} chunks/program, {stages} stages, spare chunks")
-    assert_bitwise(p.decode(rows, scale), want, "decode: default options")
+            assert_same_bits(got, want, f"decode: {cpp} chunks/program, {stages} stages, spare chunks")
+    assert_same_bits(p.decode(rows, scale), want, "decode: default options")
     ext = p.extend([(0, 4900, 100), (2, 0, 1200)], scale)
     for stages in (1, 3):
-        assert_bitwise(
+        assert_same_bits(
             p.extend([(0, 4900, 100), (2, 0, 1200)], scale, num_stages=stages), ext, f"{stages} st"
         )
-    assert_bitwise(ext[99], want[0], "extend vs decode")
+    assert_same_bits(ext[99], want[0], "extend vs decode")
 
 
 def test_a_row_does_not_depend_on_the_other_rows_of_its_tile(poison):
@@ -207,13 +188,13 @@ def test_a_row_does_not_depend_on_the_other_rows_of_its_tile(poison):
         q2 = torch.randn_like(q) * 10 if fill is None else torch.full_like(q, fill)
         q2[100] = q[100]  # row 100 (tile 64..127) keeps its query
         got = pam.paged_attention_extend(q2, *args, torch.tensor([300], device=DEV), scale)
-        assert_bitwise(got[100], base[100], f"extend row 100 with its tile's other rows = {fill}")
+        assert_same_bits(got[100], base[100], f"extend row 100 with its tile's other rows = {fill}")
         qd = q2[299:300].clone()
         qd[0, 9] = q[299, 9]  # query head 9 (kv head 2, group of 4) keeps its query; its group changes
         dec = pam.paged_attention_decode(
             qd, p.k, p.v, p.req_to_token, p.pools[:1], torch.tensor([300], device=DEV), scale
         )
-        assert_bitwise(dec[0, 9], base[299, 9], f"decode head 9 with its group's other heads = {fill}")
+        assert_same_bits(dec[0, 9], base[299, 9], f"decode head 9 with its group's other heads = {fill}")
 
 
 def test_full_sequence_backward_against_float64():
@@ -245,12 +226,12 @@ def test_negative_control_another_chunk_size_is_not_bitwise(poison):
     want = p.extend([(0, 0, 3000)], scale, out=torch.full((3000, hq, d), math.nan, device=DEV))[
         [2999, 1500, 700]
     ]
-    assert_bitwise(
+    assert_same_bits(
         p.decode(rows, scale, out=torch.full((3, hq, d), math.nan, device=DEV)), want, "chunk 64 both"
     )
     for chunk in (32, 128):
         other = p.decode(rows, scale, chunk=chunk, out=torch.full((3, hq, d), math.nan, device=DEV))
-        n = int((_bits(other) != _bits(want)).sum())
+        n = int((bit_view(other) != bit_view(want)).sum())
         print(f"decode with chunk {chunk} vs extend with chunk 64: {n} of {want.numel()} differ")
         assert n > 0
         assert (other.double() - want.double()).abs().max().item() < 1e-2  # other bits, same attention
@@ -273,5 +254,5 @@ def test_hf_decode_loop_equals_one_full_forward_with_the_mma_kernels():
     model = prepare_model(plain, device="cuda", attention="mma")
     assert model.config._attn_implementation == "truepolicy_paged_mma"
     a, b = helpers.decode_loop_vs_full_logprobs(model, ids, 64)
-    assert_bitwise(a, b, "logprobs: decode loop vs full forward (mma attention)")
+    assert_same_bits(a, b, "logprobs: decode loop vs full forward (mma attention)")
     assert drift.max() > 0, "negative control: plain HF should drift"

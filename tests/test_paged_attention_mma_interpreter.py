@@ -22,26 +22,7 @@ import os
 import pytest
 import torch
 
-from tests.helpers import run_under_triton_interpreter
-
-
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    t = t.detach().contiguous()
-    return t.view({2: torch.int16, 4: torch.int32}[t.element_size()])
-
-
-def assert_bitwise(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
-    assert got.shape == want.shape, (what, tuple(got.shape), tuple(want.shape))
-    if not torch.equal(_bits(got), _bits(want)):
-        diff = (got.double() - want.double()).abs()
-        n = int((_bits(got) != _bits(want)).sum())
-        raise AssertionError(
-            f"{what}: not bitwise: max |Δ| = {diff.max().item():.3e}, {n} of {got.numel()} differ"
-        )
-
-
-def count_differing(a: torch.Tensor, b: torch.Tensor) -> int:
-    return int((_bits(a) != _bits(b)).sum())
+from tests.helpers import assert_same_bits, count_differing, nan_empty, run_under_triton_interpreter
 
 
 class Cache:
@@ -103,11 +84,6 @@ def test_mma_kernels_under_the_triton_interpreter():
     print(proc.stdout)
 
 
-def _poison_empty(*args, **kwargs):
-    t = torch.empty(*args, **kwargs)
-    return t.fill_(math.nan) if t.is_floating_point() else t
-
-
 def _check_decode_equals_extend(pam):
     """Three requests (200, 70, 131 keys; Hq 4, Hkv 2, D 64): the extend rows of a mixed batch with
     prefix hits, the decode rows of other batches, chunked prefill, launch options: one set of bits."""
@@ -127,7 +103,7 @@ def _check_decode_equals_extend(pam):
         if out_dtype == torch.bfloat16:
             ext_bf16 = ext
         else:  # the bf16 output is the fp32 one rounded once (nearest even)
-            assert_bitwise(ext_bf16, ext.bfloat16(), "bf16 out vs fp32 out rounded")
+            assert_same_bits(ext_bf16, ext.bfloat16(), "bf16 out vs fp32 out rounded")
         # the same rows as chunked prefill (15 + 50 + 70 + 65, other requests in the batches)
         parts = [
             c.extend(pam, [(0, 0, 15)], scale, **kw(15)),
@@ -135,7 +111,7 @@ def _check_decode_equals_extend(pam):
             c.extend(pam, [(0, 65, 70), (1, 0, 9)], scale, **kw(79))[:70],
             c.extend(pam, [(1, 60, 10), (0, 135, 65)], scale, **kw(75))[10:],
         ]
-        assert_bitwise(torch.cat(parts), want0, f"chunked prefill 15 + 50 + 70 + 65 vs prefill ({tag})")
+        assert_same_bits(torch.cat(parts), want0, f"chunked prefill 15 + 50 + 70 + 65 vs prefill ({tag})")
         # decode rows: alone, batched, with spare grid chunks and other launch options
         rows = [(0, 199), (1, 69), (2, 130), (0, 63), (0, 64), (0, 127), (0, 128), (0, 0), (1, 5)]
         ref = {
@@ -145,19 +121,19 @@ def _check_decode_equals_extend(pam):
         batch = c.decode(pam, rows, scale, **kw(len(rows)))
         assert not torch.isnan(batch.float()).any(), f"{tag}: unwritten (poisoned) decode outputs"
         for i, row in enumerate(rows):
-            assert_bitwise(batch[i], ref[row], f"decode {row} in a batch of {len(rows)} vs extend ({tag})")
+            assert_same_bits(batch[i], ref[row], f"decode {row} in a batch of {len(rows)} vs extend ({tag})")
         for cpp, max_chunks in ((1, None), (3, 5), (2, 9)):
             alone = c.decode(pam, [(0, 199)], scale, chunks_per_program=cpp, max_chunks=max_chunks, **kw(1))
-            assert_bitwise(alone[0], ref[(0, 199)], f"decode alone, {cpp} chunks/program ({tag})")
+            assert_same_bits(alone[0], ref[(0, 199)], f"decode alone, {cpp} chunks/program ({tag})")
         sub = c.decode(pam, [(2, 130), (0, 128)], scale, chunks_per_program=2, **kw(2))
-        assert_bitwise(sub, torch.stack([ref[(2, 130)], ref[(0, 128)]]), f"decode sub-batch ({tag})")
+        assert_same_bits(sub, torch.stack([ref[(2, 130)], ref[(0, 128)]]), f"decode sub-batch ({tag})")
         # explicit rows in any order (paged_attention_rows): the same bits
         order = torch.tensor([7, 3, 199, 64, 65, 0, 150])
         got = pam.paged_attention_rows(
             c.q[order, 0].contiguous(), c.k, c.v, c.req_to_token, torch.ones(7, dtype=torch.long), order,
             scale, **kw(7),
         )  # fmt: skip
-        assert_bitwise(got, want0[order], f"explicit rows in another order vs extend ({tag})")
+        assert_same_bits(got, want0[order], f"explicit rows in another order vs extend ({tag})")
         print(f"decode == extend == chunked prefill == explicit rows, any batch ({tag})", flush=True)
         if out_dtype == torch.float32:
             for r, p in ((0, 199), (0, 64), (1, 69), (2, 130), (0, 0)):
@@ -177,9 +153,9 @@ def _check_trainer_full_sequence(pam, c, want0):
     k, v = c.full_kv(0, 200)
     q = c.q[:200, 0].permute(1, 0, 2)[None]  # [1, Hq, 200, D]
     out = pam.full_sequence_attention(q, k, v, 0.125)  # [1, 200, Hq, D]
-    assert_bitwise(out[0], want0, "trainer full sequence vs server rows")
+    assert_same_bits(out[0], want0, "trainer full sequence vs server rows")
     tail = pam.full_sequence_attention(q[:, :, 150:], k, v, 0.125)  # the last 50 rows, all keys
-    assert_bitwise(tail[0], want0[150:], "trainer rows 150..199 against the 200 keys")
+    assert_same_bits(tail[0], want0[150:], "trainer rows 150..199 against the 200 keys")
     # two sequences in one batch (B = 2): each is its own request
     k2, v2 = c.full_kv(2, 131)
     q2 = c.q[:131, 2].permute(1, 0, 2)[None]
@@ -188,7 +164,7 @@ def _check_trainer_full_sequence(pam, c, want0):
         0.125,
     )  # fmt: skip
     alone = pam.full_sequence_attention(q2, k2, v2, 0.125)
-    assert_bitwise(both[1], alone[0], "trainer batch of 2 vs alone")
+    assert_same_bits(both[1], alone[0], "trainer batch of 2 vs alone")
     print("trainer full sequence == server rows (any batch)", flush=True)
     # backward: the fp32 recomputation's gradients against float64 autograd
     g = torch.Generator().manual_seed(3)
@@ -214,7 +190,7 @@ def _check_shapes(pam):
         dec = c.decode(pam, [(1, 65), (0, 89), (0, 64)], scale)
         assert not torch.isnan(dec.float()).any() and not torch.isnan(ext.float()).any()
         tag = f"Hq {hq} Hkv {hkv} D {d} {dtype}"
-        assert_bitwise(dec, torch.stack([ext[-1], ext[79], ext[54]]), f"decode vs extend, {tag}")
+        assert_same_bits(dec, torch.stack([ext[-1], ext[79], ext[54]]), f"decode vs extend, {tag}")
         err = (dec[1].double() - c.float64(0, 89, scale)).abs().max().item()
         assert err < 2e-2, (tag, err)
         print(f"decode == extend, close to float64: {tag}", flush=True)
@@ -228,7 +204,7 @@ def _check_negative_control(pam):
     want = c.extend(pam, [(0, 0, 200)], 0.125, out=torch.empty(200, 4, 64))
     want = want[[199, 150, 100]]
     same = c.decode(pam, rows, 0.125, out=torch.empty(3, 4, 64))
-    assert_bitwise(same, want, "decode vs extend, both chunk 64 (fp32 out)")
+    assert_same_bits(same, want, "decode vs extend, both chunk 64 (fp32 out)")
     for chunk in (32, 128):
         other = c.decode(pam, rows, 0.125, chunk=chunk, out=torch.empty(3, 4, 64))
         n = count_differing(other, want)
@@ -260,7 +236,7 @@ def _checks():
 
     from parity.ops import paged_attention_mma as pam
 
-    pam._empty = _poison_empty
+    pam._empty = nan_empty
     t0 = time.monotonic()
     c, want0 = _check_decode_equals_extend(pam)
     print(f"  {time.monotonic() - t0:.0f} s", flush=True)

@@ -105,7 +105,7 @@ import torch
 import triton
 import triton.language as tl
 
-from parity.ops.paged_attention import _attention_fp32, _check, _full_sequence_rows, _store_rows
+from parity.ops.paged_attention import _attention_fp32, _check, _full_sequence_rows, _inner_unit, _store_rows
 from parity.ops.paged_attention import extend_rows as extend_rows  # same helper, re-exported
 from parity.ops.policy_loss import _interpreting
 
@@ -451,10 +451,6 @@ def _checked(q, k_buffer, v_buffer, chunk, out, num_warps):
                 f"{tuple(out.shape)} {out.dtype}"
             )
     return hq, hkv, d
-
-
-def _inner_unit(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 def _launch_extend(q, k_buffer, v_buffer, req_to_token, seg, n_tiles, row_pos, scale, out, chunk, num_stages):
