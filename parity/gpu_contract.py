@@ -13,8 +13,10 @@ device="cuda")`` makes the trainer use the same kernels:
   gradients are not part of the contract).
 - every ``nn.Linear`` (q/k/v/o, gate/up/down, lm_head): :func:`batch_invariant_linear`, whose rows do
   not depend on how many tokens the trainer runs at once (the server runs 1..N).
-- ``*RMSNorm``: ``parity.contract.rms_norm`` (as on the CPU; see ``server_patches.gpu_patches`` on the
-  batch invariance of its fp32 mean on the device).
+- ``*RMSNorm`` (also Qwen3's q/k norms): ``parity.ops.rms_norm_pairwise.rms_norm`` -- HF's casts with
+  the variance summed by a fixed pairwise tree, the norm of the server's ``rmsnorm_cuda`` patch and of
+  the fused TP all-reduce + RMSNorm kernel (the Triton kernel on CUDA, its plain-PyTorch reference on
+  the CPU: the same bits). Differentiable.
 - Qwen3-MoE sparse blocks (checked and refused as on the CPU by ``parity.moe.prepare_moe_blocks``):
   :func:`qwen3_moe_block_forward_cuda`, the MoE contract with the router matmul and every expert
   projection through the batch-invariant kernel (``parity.ops.moe_experts``), what the server's
@@ -42,7 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from parity import moe, trainer
-from parity.ops import moe_experts, paged_attention, paged_attention_mma
+from parity.ops import moe_experts, paged_attention, paged_attention_mma, rms_norm_pairwise
 from parity.ops.batch_invariant_matmul import batch_invariant_linear
 from parity.ops.paged_attention import _full_sequence_rows
 from parity.tp import emulate_tensor_parallel
@@ -98,6 +100,10 @@ def register_attention(kind: str = "exact") -> str:
     return name
 
 
+def _rms_norm_forward(self, hidden_states):
+    return rms_norm_pairwise.rms_norm(hidden_states, self.weight, self.variance_epsilon)
+
+
 def _linear_forward(self, x):
     return batch_invariant_linear(x, self.weight, self.bias)
 
@@ -133,8 +139,11 @@ def prepare_model(
         raise trainer.UnsupportedModelError(
             f"tp_size {tp_size} on the GPU: the server's all-reduce of 3+ partials is not in rank order"
         )
-    trainer.prepare_model(model)  # RMSNorm through the contract (and the CPU attention, replaced next)
+    trainer.prepare_model(model)  # the CPU contract's checks, MoE binding (attention, norms replaced next)
     model.set_attn_implementation(register_attention(attention))
+    for module in model.modules():
+        if type(module).__name__.endswith("RMSNorm"):
+            module.forward = types.MethodType(_rms_norm_forward, module)
     if device == "cuda":
         for module in model.modules():
             if isinstance(module, torch.nn.Linear):

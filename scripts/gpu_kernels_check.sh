@@ -17,6 +17,6 @@ step() {  # step NAME SECONDS COMMAND...: run with a time box, keep its whole ou
     grep -E "passed|failed|FAILED|Error" "$OUT/$name.txt" | tail -5
 }
 step mma_tests 150 python3 -m pytest -q -s tests/test_paged_attention_mma_gpu.py -p no:cacheprovider
-step mma_bench 120 python3 benchmarks/bench_paged_attention.py --only decode
-step moe_tests 150 python3 -m pytest -q -s tests/test_moe_gpu.py -p no:cacheprovider
-step loss_sweep 170 python3 benchmarks/bench_policy_loss.py --sweep --vocab 32768 --out "$OUT/policy_loss"
+step mma_bench 100 python3 benchmarks/bench_paged_attention.py --only decode
+step moe_tests 170 python3 -m pytest -q -s tests/test_moe_gpu.py -p no:cacheprovider
+step loss_sweep 140 python3 benchmarks/bench_policy_loss.py --sweep --vocab 32768 --out "$OUT/policy_loss"

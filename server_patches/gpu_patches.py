@@ -10,9 +10,9 @@ RMSNorm through ``forward_cuda`` (sgl_kernel's fused norm). ``GPU_PATCHES`` repl
   the trainer's full sequence, at any batch composition);
 - ``parity.ops.batch_invariant_matmul`` for every unquantized linear layer and the lm_head (rows
   independent of M; the trainer's ``nn.Linear`` modules call the same kernel);
-- ``parity.contract.rms_norm`` / ``add_rms_norm`` for ``RMSNorm.forward_cuda`` (HF's cast order, as on
-  the CPU). Its fp32 mean is PyTorch's CUDA reduction: ``tests/test_paged_attention_gpu.py`` checks
-  that its rows do not depend on M on the device; if that ever fails, this needs a fixed-order kernel.
+- ``parity.ops.rms_norm_pairwise`` for ``RMSNorm.forward_cuda`` (HF's cast order, as on the CPU, with
+  the variance summed by a fixed pairwise tree: the GPU contract's norm, which the fused TP all-reduce
+  + RMSNorm kernel also computes; PyTorch's CUDA ``mean`` has no stated order).
 
 Everything outside what the kernels compute raises ``NotImplementedError`` naming the patch (sliding
 window, logit capping, sinks, FP8 KV cache, MLA, DCP, paged KV with page_size > 1, the unified
@@ -32,6 +32,7 @@ import torch
 
 from parity.ops import paged_attention, paged_attention_mma
 from parity.ops.batch_invariant_matmul import batch_invariant_linear
+from parity.ops.rms_norm_pairwise import rms_norm_pairwise_kernel
 from server_patches import numerics
 from server_patches.moe_patches import MOE_GPU_PATCHES
 from server_patches.patch import Patch
@@ -229,6 +230,16 @@ def rope_hf(self, positions, query, key, offsets=None, fused_set_kv_buffer_arg=N
     return rotate(query), rotate(key)
 
 
+def rms_norm_forward_cuda(self, x, residual=None, post_residual_addition=None):
+    """REPLACE ``RMSNorm.forward_cuda``: the GPU contract's norm (``parity.ops.rms_norm_pairwise``, one
+    Triton kernel; with a residual the bf16 add feeds both outputs, as ``forward_native``)."""
+    numerics.check_rms_norm_variant("rmsnorm_cuda", self, post_residual_addition)
+    if x.dtype != torch.bfloat16 or self.weight.dtype != torch.bfloat16:
+        raise _outside("rmsnorm_cuda", f"a {x.dtype} RMSNorm with {self.weight.dtype} weights (bf16 only)")
+    normed, summed = rms_norm_pairwise_kernel(x, self.weight, self.variance_epsilon, residual)
+    return normed if residual is None else (normed, summed)
+
+
 def no_fused_qk_norm(head_dim, dtype):
     """REPLACE ``can_use_fused_inplace_qknorm`` as ``sglang.srt.models.utils`` sees it: False, so
     ``apply_qk_norm`` (Qwen3's per-head q/k norms) runs ``q_norm``/``k_norm`` -- ``RMSNorm``, i.e. the
@@ -289,11 +300,12 @@ GPU_PATCHES: tuple[Patch, ...] = (
         target="sglang.srt.layers.layernorm.RMSNorm.forward_cuda",
         diverges=(
             "sgl_kernel's fused RMSNorm multiplies by the weight before the bf16 cast (HF casts first) "
-            "and normalises the fp32 residual sum, as the native path does on the CPU."
+            "and normalises the fp32 residual sum, as the native path does on the CPU; its variance "
+            "(like PyTorch's CUDA mean) adds the squares in an unstated order."
         ),
-        proof=f"{_GPU_TESTS}::test_contract_rmsnorm_rows_do_not_depend_on_m",
+        proof="tests/test_rms_norm_pairwise.py::test_kernel_equals_reference_on_cuda",
         drop_when="SGLang's CUDA RMSNorm casts before the weight multiply and rounds the residual first",
-        hook=numerics.rms_norm_forward,
+        hook=rms_norm_forward_cuda,
         hook_type="REPLACE",
         expected_params=("self", "x", "residual", "post_residual_addition"),
     ),

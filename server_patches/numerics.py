@@ -19,16 +19,21 @@ def _outside(patch: str, what: str) -> NotImplementedError:
     return NotImplementedError(f"truepolicy patch {patch!r}: {what} is outside the numerics contract")
 
 
-def rms_norm_forward(self, x, residual=None, post_residual_addition=None):
-    """RMSNorm.forward_native: HF's cast order; the residual add in bf16 feeds both outputs."""
+def check_rms_norm_variant(patch: str, norm, post_residual_addition) -> None:
+    """Refuse the RMSNorm variants the contract does not compute (for the ``patch`` named)."""
     if (
-        self.variance_size_override is not None
-        or self.fp32_residual
-        or self.override_orig_dtype is not None
-        or self.cast_x_before_out_mul
+        norm.variance_size_override is not None
+        or norm.fp32_residual
+        or norm.override_orig_dtype is not None
+        or norm.cast_x_before_out_mul
         or post_residual_addition is not None
     ):
-        raise _outside("rmsnorm", "an RMSNorm variant (var size override, fp32 residual, ...)")
+        raise _outside(patch, "an RMSNorm variant (var size override, fp32 residual, ...)")
+
+
+def rms_norm_forward(self, x, residual=None, post_residual_addition=None):
+    """RMSNorm.forward_native: HF's cast order; the residual add in bf16 feeds both outputs."""
+    check_rms_norm_variant("rmsnorm", self, post_residual_addition)
     if residual is None:
         return contract.rms_norm(x, self.weight, self.variance_epsilon)
     return contract.add_rms_norm(x, residual, self.weight, self.variance_epsilon)

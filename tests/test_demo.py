@@ -3,6 +3,7 @@ SGLang server and sidecar on the CPU, its printed parity values, its report, and
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -16,6 +17,7 @@ import pytest
 import requests
 import torch
 
+from truepolicy import demo
 from truepolicy.demo import DemoError, Processes
 
 pytestmark = pytest.mark.server
@@ -109,6 +111,26 @@ def test_fp8_refuses_on_a_cpu_without_amx(tmp_path):
     assert proc.returncode == 1
     assert "--fp8 cannot run on this CPU" in proc.stderr and "AMX: no" in proc.stderr, proc.stderr
     assert not (tmp_path / "report").exists()  # refused before starting anything
+
+
+def test_server_gpu_needs_cuda_and_places_the_server_and_sidecar(tmp_path):
+    """``--server-gpu`` is refused on the CPU (nothing started); on CUDA it becomes the server's and the
+    sidecar's CUDA_VISIBLE_DEVICES, and the trainer's model takes the GPU contract."""
+    proc = subprocess.run(
+        demo_argv(tmp_path / "report", "--server-gpu", "1"), capture_output=True, text=True, timeout=300,
+        check=False,
+    )  # fmt: skip
+    assert proc.returncode == 1 and "--server-gpu takes a GPU index" in proc.stderr, proc.stderr
+    assert not (tmp_path / "report").exists()
+    parser = argparse.ArgumentParser()
+    demo.add_arguments(parser)
+    cfg = demo.config_from_args(parser.parse_args(["--device", "cuda", "--server-gpu", "1"]))
+    assert demo.server_options(cfg)["env"] == {"CUDA_VISIBLE_DEVICES": "1"}
+    assert demo.server_gpu_env(cfg) == {"CUDA_VISIBLE_DEVICES": "1"}
+    one_gpu = demo.config_from_args(parser.parse_args(["--device", "cuda"]))
+    assert demo.server_options(one_gpu)["env"] == {}
+    with pytest.raises(demo.DemoError, match="--server-gpu"):
+        demo.config_from_args(parser.parse_args(["--device", "cuda", "--server-gpu", "-1"]))
 
 
 def test_a_dead_process_is_named_with_its_log(tmp_path):

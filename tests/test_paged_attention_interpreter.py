@@ -215,6 +215,23 @@ def _check_matmul():
                     part, full[off : off + m], f"matmul rows {off}..{off + m} of M=70, K={k}, N={n}"
                 )
     print("batch-invariant matmul: rows bitwise independent of M and of their place in the tile", flush=True)
+    # Differentiable (the trainer trains through it): the kernel's forward, F.linear's gradients.
+    for k, n, bias in ((100, 70, True), (64, 96, False)):
+        w = torch.randn(n, k, generator=g).to(torch.bfloat16)
+        b = torch.randn(n, generator=g).to(torch.bfloat16) if bias else None
+        x = torch.randn(2, 35, k, generator=g).to(torch.bfloat16)
+        upstream = torch.randn(2, 35, n, generator=g).to(torch.bfloat16)
+        ours = [t.clone().requires_grad_() if t is not None else None for t in (x, w, b)]
+        plain = [t.clone().requires_grad_() if t is not None else None for t in (x, w, b)]
+        out = bm.batch_invariant_linear(*ours, config=cfg)
+        flat = bm.batch_invariant_linear(x.view(70, k), w, b, config=cfg)
+        assert_same_bits(out, flat.view(2, 35, n), "differentiable forward")
+        out.backward(upstream)
+        torch.nn.functional.linear(*plain).backward(upstream)
+        for name, got, want in zip(("dx", "dweight", "dbias"), ours, plain, strict=True):
+            if got is not None:
+                assert_same_bits(got.grad, want.grad, f"{name}, K={k}, N={n} (F.linear's backward)")
+    print("batch-invariant linear: F.linear's gradients", flush=True)
 
 
 def _check_server_hooks():

@@ -16,11 +16,8 @@ from pathlib import Path
 import torch
 
 from parity import contract
-from parity.ops.fused_allreduce_rmsnorm import (
-    reference_allreduce_add_rms_norm,
-    residual_before_rounding,
-    rms_norm_pairwise,
-)
+from parity.ops.fused_allreduce_rmsnorm import reference_allreduce_add_rms_norm, residual_before_rounding
+from parity.ops.rms_norm_pairwise import pairwise_sum_of_squares, rms_norm_pairwise
 from parity.tp import rank_order_sum
 from tests.helpers import run_under_triton_interpreter
 
@@ -42,11 +39,11 @@ def inputs(world: int, rows: int, hidden: int, seed: int = 0):
 
 def test_reference_path_is_rank_order_sum_then_the_contract():
     partials, residual, weight = inputs(4, 16, 128)
-    normed, summed = reference_allreduce_add_rms_norm(partials, residual, weight, 1e-6)
+    normed, summed = reference_allreduce_add_rms_norm(partials, residual, weight, 1e-6, fused_norm=False)
     want_normed, want_summed = contract.add_rms_norm(rank_order_sum(partials), residual, weight, 1e-6)
     assert torch.equal(summed, want_summed) and torch.equal(normed, want_normed)
-    # The fully fused variant shares the residual sum; its norm is the pairwise-tree one.
-    p_normed, p_summed = reference_allreduce_add_rms_norm(partials, residual, weight, 1e-6, fused_norm=True)
+    # The default (the GPU contract) shares the residual sum; its norm is the pairwise-tree one.
+    p_normed, p_summed = reference_allreduce_add_rms_norm(partials, residual, weight, 1e-6)
     assert torch.equal(p_summed, summed)
     assert torch.equal(p_normed, rms_norm_pairwise(summed, weight, 1e-6))
 
@@ -60,14 +57,12 @@ def test_negative_control_residual_before_rounding_differs():
 
 
 def test_pairwise_rms_norm_differs_from_torch_mean_only_rarely():
-    """Why ``fused_norm=True`` is not ``contract.rms_norm``: torch's CPU ``mean`` reduces in another
+    """Why the GPU contract's norm is not ``contract.rms_norm``: torch's CPU ``mean`` reduces in another
     order, so the fp32 variance differs in the last bits in many rows; rarely in bf16 outputs."""
     g = torch.Generator().manual_seed(11)
     x = (torch.randn(2000, 1024, generator=g) * 3).to(BF16)
     w = (1 + 0.3 * torch.randn(1024, generator=g)).to(BF16)
     h = x.float()
-    from parity.ops.fused_allreduce_rmsnorm import pairwise_sum_of_squares
-
     var_rows = int((h.pow(2).mean(-1, keepdim=True) != pairwise_sum_of_squares(h) / 1024).sum())
     out = int((contract.rms_norm(x, w, 1e-6).double() != rms_norm_pairwise(x, w, 1e-6).double()).sum())
     print(f"variance differs in {var_rows} of 2000 rows; normed in {out} of {x.numel()} elements")

@@ -69,11 +69,17 @@ class DemoConfig:
     fp8: bool
     output: Path
     grpo: GRPOConfig
+    server_gpu: int | None = None  # CUDA_VISIBLE_DEVICES of the server and the sidecar (None: inherited)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = GRPOConfig()
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument(
+        "--server-gpu", type=int, default=None, metavar="INDEX",
+        help="with --device cuda: run the server and the sidecar on this GPU (their CUDA_VISIBLE_DEVICES), "
+        "the trainer on its current one; pushes then cross GPUs over NCCL (default: all on one GPU)",
+    )  # fmt: skip
     parser.add_argument("--steps", type=int, default=12, help="GRPO steps (one weight push each)")
     parser.add_argument(
         "--fp8", action="store_true",
@@ -94,7 +100,12 @@ def config_from_args(opts: argparse.Namespace) -> DemoConfig:
         GRPOConfig(), prompts_per_step=opts.prompts, group_size=opts.group_size,
         new_tokens=opts.new_tokens, learning_rate=opts.lr, seed=opts.seed,
     )  # fmt: skip
-    return DemoConfig(device=opts.device, steps=opts.steps, fp8=opts.fp8, output=opts.output, grpo=grpo)
+    if opts.server_gpu is not None and (opts.device != "cuda" or opts.server_gpu < 0):
+        raise DemoError("--server-gpu takes a GPU index (>= 0) and needs --device cuda")
+    return DemoConfig(
+        device=opts.device, steps=opts.steps, fp8=opts.fp8, output=opts.output, grpo=grpo,
+        server_gpu=opts.server_gpu,
+    )  # fmt: skip
 
 
 # ---- processes ----------------------------------------------------------------------------------
@@ -162,7 +173,17 @@ def server_options(cfg: DemoConfig) -> dict:
     """``running_server`` keyword arguments for the demo's servers on ``cfg.device``."""
     if cfg.device == "cpu":
         return {"device": "cpu", "extra_args": SERVER_ARGS, "env": CPU_SERVER_ENV}
-    return {"device": cfg.device, "extra_args": SERVER_ARGS + CUDA_SERVER_ARGS}
+    return {"device": cfg.device, "extra_args": SERVER_ARGS + CUDA_SERVER_ARGS, "env": server_gpu_env(cfg)}
+
+
+def server_gpu_env(cfg: DemoConfig) -> dict[str, str]:
+    """The server's and the sidecar's environment additions for ``--server-gpu``."""
+    return {} if cfg.server_gpu is None else {"CUDA_VISIBLE_DEVICES": str(cfg.server_gpu)}
+
+
+def trainer_model(cfg: DemoConfig, model_path: Path) -> torch.nn.Module:
+    """The trainer's bf16 model under the contract of the server's device (CPU or GPU contract)."""
+    return prepare_model(load_hf_model(model_path, cfg.device), server_device=cfg.device)
 
 
 def train(
@@ -174,7 +195,7 @@ def train(
     options = server_options(cfg)
     if cfg.fp8 and cfg.device == "cuda":
         options["extra_args"] = options["extra_args"] + fp8_serving.CUDA_FP8_SERVER_ARGS
-    policy = Policy(prepare_model(load_hf_model(model_path, cfg.device)), cfg.grpo)
+    policy = Policy(trainer_model(cfg, model_path), cfg.grpo)
     vocab = policy.model.config.vocab_size
     token = secrets.token_urlsafe(24)
     procs = Processes()
@@ -185,7 +206,9 @@ def train(
         procs.add("truepolicy server", server)
         print(f"  {server.url} (log {server.log_path})\nstarting truepolicy sidecar ...", flush=True)
         sidecar = stack.enter_context(
-            running_sidecar(server.url, logs / "sidecar.log", token=token, device=cfg.device)
+            running_sidecar(
+                server.url, logs / "sidecar.log", token=token, device=cfg.device, env=server_gpu_env(cfg)
+            )
         )
         procs.add("truepolicy sidecar", sidecar)
         print(f"  {sidecar.url} (log {sidecar.log_path})\n", flush=True)
@@ -233,7 +256,7 @@ def plugin_off_gap(cfg: DemoConfig, model_path: Path, logs: Path) -> tuple[Rollo
     """Step 0's requests again, on plain SGLang (``--no-on-policy``) serving the initial bf16
     checkpoint; returns its rollouts and their |Δlogp| per token against the trainer's recomputation
     on the initial weights."""
-    model = prepare_model(load_hf_model(model_path, cfg.device))
+    model = trainer_model(cfg, model_path)
     payloads = step_requests(cfg.grpo, 0, model.config.vocab_size)
     print("\nplugin-off comparison: step 0's requests on plain SGLang (--no-on-policy, initial weights) ...")
     with running_server(

@@ -71,10 +71,12 @@ def start_sidecar(
     grpc_port: int = 0,
     device: str = "cpu",
     extra_args: Sequence[str] = (),
+    env: dict[str, str] | None = None,
     ready_timeout: float = READY_TIMEOUT_S,
 ) -> SidecarProcess:
     """Start ``truepolicy sidecar`` for ``sglang_url`` with its HTTP API on ``port`` and its gRPC API on
-    ``grpc_port`` (0: a free one, chosen by the kernel) and wait until it is ready."""
+    ``grpc_port`` (0: a free one, chosen by the kernel) and wait until it is ready. ``env``: added to
+    this process's environment for the sidecar."""
     port = port or free_port()
     grpc_port = grpc_port or free_port()
     argv = [
@@ -88,7 +90,7 @@ def start_sidecar(
             argv,
             stdout=log,
             stderr=subprocess.STDOUT,
-            env={**os.environ, TOKEN_ENV: token},
+            env={**os.environ, **(env or {}), TOKEN_ENV: token},
             start_new_session=True,
         )
     sidecar = SidecarProcess(

@@ -160,16 +160,36 @@ def batch_invariant_mm(
     return out
 
 
+class _BatchInvariantLinear(torch.autograd.Function):
+    """Forward: the kernel. Backward: ``F.linear``'s (cuBLAS matmuls; gradients are not part of the
+    contract, only the forward's bits are)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, config):
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        out = batch_invariant_mm(x.reshape(-1, x.shape[-1]), weight, bias, config=config)
+        return out.view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        grad2 = grad.reshape(-1, grad.shape[-1])
+        grad_x = (grad2 @ weight).view(x.shape) if ctx.needs_input_grad[0] else None
+        grad_w = grad2.t() @ x.reshape(-1, x.shape[-1]) if ctx.needs_input_grad[1] else None
+        grad_b = grad2.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return grad_x, grad_w, grad_b, None
+
+
 def batch_invariant_linear(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, config: MatmulConfig = CONFIG
 ) -> torch.Tensor:
     """``F.linear`` with M-invariant rows: the Triton kernel on CUDA (and under the interpreter),
-    ``F.linear`` elsewhere (bf16 CPU linear rows are already M-invariant)."""
+    ``F.linear`` elsewhere (bf16 CPU linear rows are already M-invariant). Differentiable (the kernel
+    path with ``F.linear``'s backward), so the trainer trains through it."""
     if not (x.is_cuda or _interpreting()):
         return torch.nn.functional.linear(x, weight, bias)
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
-    return batch_invariant_mm(x2, weight, bias, config=config).view(*lead, weight.shape[0])
+    return _BatchInvariantLinear.apply(x, weight, bias, config)
 
 
 @torch.no_grad()

@@ -18,17 +18,13 @@ The contract (what this kernel computes, bit for bit)
 3. ``normed``: RMSNorm in HF's order on ``summed`` -- normalise in fp32, cast to bf16, multiply by the
    weight in bf16. Two variants, chosen by ``fused_norm``:
 
-   - ``fused_norm=False`` (exact against ``parity.contract``): the kernel writes ``summed`` and the
-     norm is ``parity.contract.rms_norm`` itself, so ``normed`` is the unfused path's on any device by
-     construction.
-   - ``fused_norm=True`` (one kernel): the variance is reduced inside the kernel by a fixed pairwise
-     tree (:func:`rms_norm_pairwise`: squares zero-padded to a power of two, adjacent pairs added level
-     by level), divided by H with IEEE division, ``1 / sqrt`` with IEEE sqrt and division, fp
-     contraction off. Every step is an IEEE operation in a stated order, so the plain-PyTorch
-     :func:`rms_norm_pairwise` reproduces it bit for bit on CPU and GPU. It equals
-     ``contract.rms_norm`` only where torch's ``mean`` happens to reduce in the same order: for this
-     variant to be the contract, ``contract.rms_norm`` has to adopt the pairwise mean (its CPU/GPU
-     ``mean`` orders are unspecified).
+   - ``fused_norm=True`` (default; one kernel): the GPU contract's norm,
+     ``parity.ops.rms_norm_pairwise`` (the variance by a fixed pairwise tree, IEEE division and sqrt,
+     no fused multiply-add), computed inside the kernel by the same ``@triton.jit`` row function as
+     the standalone norm kernel that the server's ``rmsnorm_cuda`` patch and the trainer's RMSNorm
+     modules run on the GPU. So the fused op is bitwise the unfused path of the patched server.
+   - ``fused_norm=False``: the kernel writes ``summed`` and the norm is ``parity.contract.rms_norm``
+     (the CPU contract's, PyTorch's ``mean``); the bench's comparison of what a second kernel costs.
 
 The kernel (GPU)
 ----------------
@@ -48,13 +44,13 @@ preserved there, the interpreter is for tests only).
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Sequence
 
 import torch
 
 from parity import contract
+from parity.ops.rms_norm_pairwise import add_rms_norm_pairwise, launch_options
 from parity.tp import rank_order_sum
 
 # --------------------------------------------------------------------------------------------------
@@ -68,16 +64,15 @@ def reference_allreduce_add_rms_norm(
     weight: torch.Tensor,
     eps: float,
     *,
-    fused_norm: bool = False,
+    fused_norm: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The unfused path: all-reduce (rank order, fp32, rounded to bf16) -> residual add in bf16 ->
-    RMSNorm. Returns ``(normed, summed)`` like ``contract.add_rms_norm``. ``fused_norm`` selects the
-    pairwise-tree RMSNorm the fully fused kernel computes."""
+    RMSNorm. Returns ``(normed, summed)`` like ``contract.add_rms_norm``. ``fused_norm`` (default):
+    the GPU contract's pairwise-tree RMSNorm; False: ``contract.rms_norm``."""
     reduced = rank_order_sum(partials)
     if not fused_norm:
         return contract.add_rms_norm(reduced, residual, weight, eps)
-    summed = residual + reduced
-    return rms_norm_pairwise(summed, weight, eps), summed
+    return add_rms_norm_pairwise(reduced, residual, weight, eps)
 
 
 def residual_before_rounding(
@@ -92,39 +87,9 @@ def residual_before_rounding(
     return contract.rms_norm(summed, weight, eps), summed
 
 
-def _next_pow2(n: int) -> int:
-    return 1 << (n - 1).bit_length()
-
-
-def pairwise_sum_of_squares(h: torch.Tensor) -> torch.Tensor:
-    """fp32 ``sum(h * h)`` over the last dim by the fixed tree of the fused kernel: squares padded with
-    zeros to a power of two, then ``s[i] = s[2i] + s[2i+1]`` level by level. Elementwise IEEE adds
-    only, so the bits are the same on every device. Returns shape ``[..., 1]``."""
-    sq = h * h
-    width = _next_pow2(sq.shape[-1])
-    if width != sq.shape[-1]:
-        sq = torch.nn.functional.pad(sq, (0, width - sq.shape[-1]))
-    while sq.shape[-1] > 1:
-        sq = sq[..., 0::2] + sq[..., 1::2]
-    return sq
-
-
-def rms_norm_pairwise(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm in HF's order with the fused kernel's fully specified variance (see module doc)."""
-    h = x.to(torch.float32)
-    total = pairwise_sum_of_squares(h)
-    variance = total / torch.full_like(total, float(x.shape[-1]))  # IEEE division, not * (1/H)
-    inv = torch.ones_like(variance) / torch.sqrt(variance + eps)
-    return weight * (h * inv).to(x.dtype)
-
-
 # --------------------------------------------------------------------------------------------------
 # Triton kernel
 # --------------------------------------------------------------------------------------------------
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 try:
@@ -135,16 +100,7 @@ except ImportError:  # pragma: no cover - triton ships with torch's CUDA wheels
 
 
 if triton is not None:
-
-    @triton.jit
-    def _to_bf16(x, EXACT_RNE: tl.constexpr):
-        if EXACT_RNE:
-            # Round fp32 to nearest-even bf16 with integer ops, then the (now exact) conversion.
-            bits = x.to(tl.uint32, bitcast=True)
-            bits = (bits + (((bits >> 16) & 1) + 0x7FFF)) & 0xFFFF0000
-            return bits.to(tl.float32, bitcast=True).to(tl.bfloat16)
-        else:
-            return x.to(tl.bfloat16)
+    from parity.ops.rms_norm_pairwise import pairwise_rms_norm_row, to_bf16
 
     @triton.jit
     def _allreduce_add_rmsnorm_kernel(
@@ -171,25 +127,15 @@ if triton is not None:
         for r in tl.static_range(1, WORLD):
             base = tl.load(ptr_table + r).to(tl.pointer_type(tl.bfloat16))
             acc = acc + tl.load(base + offs, mask=mask, other=0.0).to(tl.float32)
-        reduced = _to_bf16(acc, EXACT_RNE)
+        reduced = to_bf16(acc, EXACT_RNE)
         # 2. residual add in bf16
         res = tl.load(residual_ptr + offs, mask=mask, other=0.0)
-        summed = _to_bf16(res.to(tl.float32) + reduced.to(tl.float32), EXACT_RNE)
+        summed = to_bf16(res.to(tl.float32) + reduced.to(tl.float32), EXACT_RNE)
         tl.store(summed_ptr + offs, summed, mask=mask)
         if NORM:
             # 3. RMSNorm, HF's order, pairwise-tree variance (masked lanes are exact zeros)
-            h = summed.to(tl.float32)
-            sq = h * h
-            for i in tl.static_range(LOG2_BLOCK_H):
-                # s'[i] = s[2i] + s[2i+1]: a sum over an axis of 2 is one addition, exact in order.
-                # (Not tl.split: the split form needs a layout conversion per level, 20-50x the PTX and
-                # minutes of compile per hidden size, long enough to look like a hang.)
-                sq = tl.sum(tl.reshape(sq, [BLOCK_H >> (i + 1), 2]), 1)
-            total = tl.sum(sq, 0)  # one element: exact
-            variance = tl.div_rn(total, H.to(tl.float32))
-            inv = tl.div_rn(1.0, tl.sqrt_rn(variance + eps))
             w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-            normed = _to_bf16(w * _to_bf16(h * inv, EXACT_RNE).to(tl.float32), EXACT_RNE)
+            normed = pairwise_rms_norm_row(summed.to(tl.float32), w, H, eps, BLOCK_H, LOG2_BLOCK_H, EXACT_RNE)
             tl.store(normed_ptr + offs, normed, mask=mask)
 
 
@@ -204,15 +150,13 @@ def _launch(
     if triton is None:
         raise RuntimeError("triton is not available")
     hidden = residual.shape[-1]
-    block = _next_pow2(hidden)
     rows = residual.numel() // hidden
     summed = torch.empty_like(residual)
     normed = torch.empty_like(residual) if fused_norm else summed
     if rows:
         _allreduce_add_rmsnorm_kernel[(rows,)](
             ptr_table, residual, weight, summed, normed, hidden, eps,
-            WORLD=world, BLOCK_H=block, LOG2_BLOCK_H=block.bit_length() - 1, NORM=fused_norm,
-            EXACT_RNE=_interpreting(), num_warps=max(1, min(16, block // 256)), enable_fp_fusion=False,
+            WORLD=world, NORM=fused_norm, **launch_options(hidden),
         )  # fmt: skip
     if not fused_norm:
         normed = contract.rms_norm(summed, weight, eps)
@@ -234,7 +178,7 @@ def allreduce_add_rms_norm_local(
     weight: torch.Tensor,
     eps: float,
     *,
-    fused_norm: bool = False,
+    fused_norm: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The kernel over k partials held by this process (a pointer table of local tensors): what each
     rank computes once the peers' buffers are mapped. For tests (GPU, or CPU under the interpreter)."""
@@ -267,8 +211,8 @@ class SymmetricAllReduceAddRMSNorm:
 
     ``op(partial, residual, weight, eps)`` on every rank of ``group`` returns ``(normed, summed)``,
     identical on all ranks and bitwise equal to :func:`reference_allreduce_add_rms_norm` over the
-    ranks' partials (``fused_norm`` as there; the default, False, is exact against
-    ``parity.contract``). The symmetric buffer is allocated once for ``max_tokens`` rows.
+    ranks' partials (``fused_norm`` as there; the default, True, is the GPU contract). The symmetric
+    buffer is allocated once for ``max_tokens`` rows.
 
     Every rank of ``group`` must construct its ops in the same order (``rendezvous`` is a collective)
     and call them in the same order (each call is two symmetric-memory barriers).
@@ -291,7 +235,7 @@ class SymmetricAllReduceAddRMSNorm:
         hidden: int,
         device: torch.device | str,
         *,
-        fused_norm: bool = False,
+        fused_norm: bool = True,
         impl: str = "triton",
         precompile: bool = True,
         barrier_timeout_ms: int = 0,

@@ -303,28 +303,10 @@ def moe_experts(
     return moe.combine(weights, per_slot)
 
 
-class _Linear(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight):
-        ctx.save_for_backward(x, weight)
-        return bim.batch_invariant_linear(x, weight)
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, weight = ctx.saved_tensors
-        grad_x = grad @ weight if ctx.needs_input_grad[0] else None
-        grad_w = None
-        if ctx.needs_input_grad[1]:
-            grad_w = grad.reshape(-1, grad.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
-        return grad_x, grad_w
-
-
 def router_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """The router matmul on the kernel path: ``batch_invariant_linear`` (what SGLang's ``gate`` runs
     under the ``linear_batch_invariant`` patch) with ``F.linear``'s backward; ``F.linear`` elsewhere."""
-    if not _on_kernel_path(x):
-        return F.linear(x, weight)
-    return _Linear.apply(x, weight)
+    return bim.batch_invariant_linear(x, weight)
 
 
 def sparse_moe_block(
