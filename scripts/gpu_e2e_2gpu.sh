@@ -38,7 +38,7 @@ for what in "$@"; do
         norm) step norm 150 python3 -m pytest -q -s -p no:cacheprovider -m gpu tests/test_rms_norm_pairwise.py \
                   tests/test_tp_kernel_gpu.py ;;
         tp2) step tp2 330 python3 scripts/gpu_server_check.py "$OUT/tp2" qwen3 --tp2 ;;
-        demo) step demo 280 python3 -m truepolicy.cli demo --device cuda --server-gpu 1 --steps 3 \
+        demo) step demo 280 python3 -m truepolicy.cli demo --device cuda --server-gpu 1 --steps 2 \
                   --output "$OUT/demo" ;;
         tp1) step tp1 280 python3 scripts/gpu_server_check.py "$OUT/tp1" qwen3 qwen2 --on-only ;;
         moe) step moe 150 python3 -m pytest -q -s -p no:cacheprovider tests/test_moe_gpu.py -k decode_loop ;;

@@ -82,6 +82,8 @@ def new_group(
     timeout = datetime.timedelta(seconds=timeout_s)
     prefixed = dist.PrefixStore(f"truepolicy/weight_sync/{group_id}/", store)
     device = torch.device(device)
+    if device.type == "cuda" and device.index is None:  # "cuda": this process's current GPU
+        device = torch.device("cuda", torch.cuda.current_device())
     if backend == "gloo":
         opts = dist.ProcessGroupGloo._Options()
         opts._timeout = timeout
