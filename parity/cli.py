@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from parity.check import collect, compare, format_report, mixed_requests, recompute
+from parity.ops import DEFAULT_GPU_ATTENTION, GPU_ATTENTION_KINDS
 from parity.tiny_models import load_hf_model
 from parity.trainer import prepare_model
 
@@ -26,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="the server's --tp-size: the trainer emulates its rank-order row-parallel reductions",
     )  # fmt: skip
     parser.add_argument(
-        "--gpu-attention", choices=["exact", "mma"], default="exact",
+        "--gpu-attention", choices=GPU_ATTENTION_KINDS, default=DEFAULT_GPU_ATTENTION,
         help="the server's --gpu-attention (with --server-device cuda): the attention kernel family",
     )  # fmt: skip
     parser.add_argument(

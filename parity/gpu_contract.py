@@ -1,12 +1,13 @@
 """The trainer side of the GPU contract: an HF transformers model computing what the patched SGLang
 triton backend computes (``server_patches.gpu_patches``), bit for bit.
 
-On a GPU the server's attention is ``parity.ops.paged_attention`` (fixed-size KV chunks) and its
-projections and lm_head are ``parity.ops.batch_invariant_matmul``. ``prepare_model(model,
-device="cuda")`` makes the trainer use the same kernels:
+On a GPU the server's attention is ``parity.ops.paged_attention_mma`` (fixed-size KV chunks on tensor
+cores; ``--gpu-attention exact``: ``parity.ops.paged_attention``) and its projections and lm_head are
+``parity.ops.batch_invariant_matmul``. ``prepare_model(model, device="cuda")`` makes the trainer use
+the same kernels:
 
-- attention: registered as ``"truepolicy_paged"`` through transformers' ``AttentionInterface``
-  (:func:`paged_attention_interface`): every sequence of the batch is laid out as a paged cache and
+- attention: registered as ``"truepolicy_paged_mma"`` (or ``"truepolicy_paged"``) through
+  transformers' ``AttentionInterface``: every sequence of the batch is laid out as a paged cache and
   its rows go through the extend kernel -- the kernel the server runs for prefill, whose rows are
   bitwise its decode rows (a one-row step over HF's KV cache, without autograd, runs the server's
   split-KV decode kernel instead: the same bits). Differentiable (the backward recomputes in fp32;
@@ -44,7 +45,13 @@ import torch
 import torch.nn.functional as F
 
 from parity import moe, trainer
-from parity.ops import moe_experts, paged_attention, paged_attention_mma, rms_norm_pairwise
+from parity.ops import (
+    DEFAULT_GPU_ATTENTION,
+    moe_experts,
+    paged_attention,
+    paged_attention_mma,
+    rms_norm_pairwise,
+)
 from parity.ops.batch_invariant_matmul import batch_invariant_linear
 from parity.ops.paged_attention import _full_sequence_rows
 from parity.tp import emulate_tensor_parallel
@@ -53,7 +60,6 @@ from parity.tp import emulate_tensor_parallel
 # (fp32 CUDA-core arithmetic, reproduced by a plain-PyTorch reference) and "mma" (tensor cores).
 ATTENTION_KERNELS = {"exact": paged_attention, "mma": paged_attention_mma}
 ATTENTION_NAMES = {"exact": "truepolicy_paged", "mma": "truepolicy_paged_mma"}
-ATTENTION_NAME = ATTENTION_NAMES["exact"]
 
 
 def _attention_interface(kernels):
@@ -84,10 +90,7 @@ def _attention_interface(kernels):
     return interface
 
 
-paged_attention_interface = _attention_interface(paged_attention)
-
-
-def register_attention(kind: str = "exact") -> str:
+def register_attention(kind: str) -> str:
     """Register the ``kind`` attention with transformers; returns its implementation name."""
     from transformers import AttentionInterface, AttentionMaskInterface
     from transformers.masking_utils import sdpa_mask
@@ -130,11 +133,17 @@ def prepare_moe_blocks_cuda(model: torch.nn.Module) -> int:
 
 
 def prepare_model(
-    model: torch.nn.Module, tp_size: int = 1, device: str = "cuda", attention: str = "exact"
+    model: torch.nn.Module, tp_size: int = 1, device: str = "cuda", attention: str | None = None
 ) -> torch.nn.Module:
-    """Route ``model`` through the GPU contract (in place); return the model. See the module docstring."""
+    """Route ``model`` through the GPU contract (in place); return the model. See the module docstring.
+
+    ``attention``: the kernel family (``parity.ops.GPU_ATTENTION_KINDS``), the server's
+    ``--gpu-attention``; default ``parity.ops.DEFAULT_GPU_ATTENTION`` ("mma") on CUDA and "exact" on
+    the CPU (the tensor-core kernels have no CPU path but the Triton interpreter)."""
     if device not in ("cuda", "cpu"):
         raise ValueError(f"device must be 'cuda' or 'cpu', got {device!r}")
+    if attention is None:
+        attention = DEFAULT_GPU_ATTENTION if device == "cuda" else "exact"
     if device == "cuda" and tp_size > 2:
         raise trainer.UnsupportedModelError(
             f"tp_size {tp_size} on the GPU: the server's all-reduce of 3+ partials is not in rank order"

@@ -20,6 +20,7 @@ import types
 import torch
 
 from parity import contract
+from parity.ops import DEFAULT_GPU_ATTENTION
 
 ATTENTION_NAME = "truepolicy"
 
@@ -69,15 +70,18 @@ def _rms_norm_forward(self, hidden_states):
 
 
 def prepare_model(
-    model: torch.nn.Module, tp_size: int = 1, server_device: str = "cpu", gpu_attention: str = "exact"
+    model: torch.nn.Module,
+    tp_size: int = 1,
+    server_device: str = "cpu",
+    gpu_attention: str = DEFAULT_GPU_ATTENTION,
 ) -> torch.nn.Module:
     """Route ``model``'s numerics through ``parity.contract`` (in place); return the model.
 
     ``server_device``: where the SGLang server runs. ``"cpu"``: the CPU contract (this module).
     ``"cuda"``: the GPU contract (``parity.gpu_contract``: the paged-attention and batch-invariant
     matmul kernels the server's GPU patches run); the two contracts give different bits.
-    ``gpu_attention`` ("exact" or "mma"): the GPU attention kernel family, as the server's
-    ``truepolicy server --gpu-attention`` (different bits: they must match).
+    ``gpu_attention`` ("mma", the default, or "exact"): the GPU attention kernel family, as the
+    server's ``truepolicy server --gpu-attention`` (different bits: they must match).
 
     ``tp_size`` > 1: the server runs tensor-parallel; the trainer then computes the row-parallel
     projections as that many partial sums reduced in rank order (``parity.tp``), as the server does.

@@ -10,9 +10,9 @@
 #         emulating TP=2 (scripts/gpu_server_check.py --tp2)
 #   demo  issue 12: `truepolicy demo --device cuda --server-gpu 1`: the trainer on GPU 0 pushes every
 #         GRPO step's weights over NCCL to the sidecar + server on GPU 1; each step's rollouts bitwise
-#   tp1   the TP=1 headline again (Qwen3 and Qwen2, plugin on) under the current GPU contract
+#   tp1   the TP=1 headline again (Qwen3 and Qwen2, plugin on) under the current GPU contract (mma)
 #   moe   issue 14: the Qwen3-MoE decode loop == one full forward under the GPU contract
-#   mma   the TP=1 headline with --gpu-attention mma (Qwen3 and Qwen2, plugin on)
+#   exact the TP=1 headline with --gpu-attention exact (Qwen3 and Qwen2, plugin on)
 # The sidecar's gRPC stubs need the carried grpcio/protobuf/pydantic: scripts/gpu_api_wheels.sh installs
 # them into /tmp/site_api first (.gpusgl and .whl together exceed one call's 64 MiB).
 source .gpusgl/install.sh
@@ -42,7 +42,7 @@ for what in "$@"; do
                   --output "$OUT/demo" ;;
         tp1) step tp1 280 python3 scripts/gpu_server_check.py "$OUT/tp1" qwen3 qwen2 --on-only ;;
         moe) step moe 150 python3 -m pytest -q -s -p no:cacheprovider tests/test_moe_gpu.py -k decode_loop ;;
-        mma) step mma 280 python3 scripts/gpu_server_check.py "$OUT/mma" qwen3 qwen2 --on-only --mma ;;
+        exact) step exact 280 python3 scripts/gpu_server_check.py "$OUT/exact" qwen3 qwen2 --on-only --exact ;;
         *) echo "unknown step $what"; exit 2 ;;
     esac
 done

@@ -10,8 +10,8 @@ token with the trainer side on the same GPU (``prepare_model(model, server_devic
 Exit status 1 unless every on-policy run is exactly 0.0 and every plugin-off run differs.
 
 Options after the archs: ``--on-only`` (skip the plugin-off controls), ``--tp2`` (issue 11: the server
-with ``--tp-size 2`` on two GPUs, the trainer emulating its rank-order row-parallel sums), ``--mma``
-(both sides on the tensor-core attention kernels, ``--gpu-attention mma``).
+with ``--tp-size 2`` on two GPUs, the trainer emulating its rank-order row-parallel sums), ``--exact``
+(both sides on the fp32 CUDA-core attention kernels, ``--gpu-attention exact``; default: mma).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import psutil
 import requests
 
 from parity.check import collect, compare, format_report, mixed_requests, recompute
+from parity.ops import DEFAULT_GPU_ATTENTION
 from parity.tiny_models import build_tiny_model, load_hf_model
 from parity.trainer import prepare_model
 from truepolicy.sglang_process import running_server
@@ -52,10 +53,12 @@ class Tee:
             s.flush()
 
 
-def run_one(arch: str, out_dir: Path, on_policy: bool, tp_size: int = 1, attention: str = "exact") -> float:
+def run_one(
+    arch: str, out_dir: Path, on_policy: bool, tp_size: int = 1, attention: str = DEFAULT_GPU_ATTENTION
+) -> float:
     model_path = build_tiny_model(arch, cache_dir=out_dir / "models", overrides=SIZE | HEAD_DIM[arch])
     tag = f"{arch}-{'on' if on_policy else 'off'}" + (f"-tp{tp_size}" if tp_size > 1 else "")
-    tag += f"-{attention}" if on_policy and attention != "exact" else ""
+    tag += f"-{attention}" if on_policy and attention != DEFAULT_GPU_ATTENTION else ""
     ours = ["--gpu-attention", attention] if on_policy else []
     t0 = time.monotonic()
     # Without the plugin the launcher adds nothing: the same triton backend for a like-for-like drift.
@@ -89,7 +92,11 @@ def run_one(arch: str, out_dir: Path, on_policy: bool, tp_size: int = 1, attenti
 
 
 def main(
-    out_dir: Path, archs: list[str], with_off: bool = True, tp_size: int = 1, attention: str = "exact"
+    out_dir: Path,
+    archs: list[str],
+    with_off: bool = True,
+    tp_size: int = 1,
+    attention: str = DEFAULT_GPU_ATTENTION,
 ) -> int:
     # Everything printed also goes to OUT/report.txt (the device call returns files, and only a tail).
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -109,8 +116,8 @@ def main(
 
 if __name__ == "__main__":
     # --on-only: skip the plugin-off controls; --tp2: the server on 2 GPUs (--tp-size 2), issue 11;
-    # --mma: the tensor-core attention kernels on both sides (--gpu-attention mma)
-    args = [a for a in sys.argv[2:] if a not in ("--on-only", "--tp2", "--mma")]
+    # --exact: the fp32 CUDA-core attention kernels on both sides (--gpu-attention exact)
+    args = [a for a in sys.argv[2:] if a not in ("--on-only", "--tp2", "--exact")]
     tp = 2 if "--tp2" in sys.argv else 1
-    attention = "mma" if "--mma" in sys.argv else "exact"
+    attention = "exact" if "--exact" in sys.argv else DEFAULT_GPU_ATTENTION
     sys.exit(main(Path(sys.argv[1]), args or ["qwen3", "qwen2"], "--on-only" not in sys.argv, tp, attention))

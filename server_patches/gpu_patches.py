@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import torch
 
-from parity.ops import paged_attention, paged_attention_mma
+from parity.ops import DEFAULT_GPU_ATTENTION, paged_attention, paged_attention_mma
 from parity.ops.batch_invariant_matmul import batch_invariant_linear
 from parity.ops.rms_norm_pairwise import rms_norm_pairwise_kernel
 from server_patches import numerics
@@ -39,12 +39,12 @@ from server_patches.patch import Patch
 
 _TRITON = "sglang.srt.layers.attention.triton_backend.TritonAttnBackend"
 
-# The attention kernel family the triton-backend hooks run: "exact" (parity.ops.paged_attention: fp32
-# CUDA-core arithmetic, reproduced bit for bit by a plain-PyTorch reference) or "mma"
-# (parity.ops.paged_attention_mma: the same chunk contract on tensor cores). The trainer must use the
-# same family (parity.prepare_model(..., gpu_attention=...)). Chosen once per process by the plugin.
+# The attention kernel family the triton-backend hooks run (parity.ops.GPU_ATTENTION_KINDS): "mma"
+# (parity.ops.paged_attention_mma: tensor cores, the default) or "exact" (parity.ops.paged_attention:
+# fp32 CUDA-core arithmetic, reproduced bit for bit by a plain-PyTorch reference). The trainer must use
+# the same family (parity.prepare_model(..., gpu_attention=...)). Chosen once per process by the plugin.
 ATTENTION_KERNELS = {"exact": paged_attention, "mma": paged_attention_mma}
-_attention = paged_attention
+_attention = ATTENTION_KERNELS[DEFAULT_GPU_ATTENTION]
 
 
 def select_attention(kind: str) -> None:

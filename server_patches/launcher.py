@@ -33,6 +33,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from parity.ops import DEFAULT_GPU_ATTENTION, GPU_ATTENTION_KINDS
 from server_patches.plugin import DEVICE_ENV, ENABLE_ENV, GPU_ATTENTION_ENV
 
 CPU_RUNTIME_DIR = Path(__file__).resolve().parent / "cpu_runtime"
@@ -60,10 +61,10 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--gpu-attention",
-        choices=["exact", "mma"],
-        default="exact",
-        help="GPU attention kernels: exact (fp32, CPU-reproducible) or mma (tensor cores); the trainer "
-        "must use the same (parity.prepare_model(..., gpu_attention=...))",
+        choices=GPU_ATTENTION_KINDS,
+        default=DEFAULT_GPU_ATTENTION,
+        help="GPU attention kernels: mma (tensor cores) or exact (fp32, CPU-reproducible, slower); the "
+        "trainer must use the same (parity.prepare_model(..., gpu_attention=...))",
     )
     parser.add_argument(
         "--on-policy",
@@ -109,7 +110,11 @@ def cpu_thread_groups(tp_size: int, cpus: list[int]) -> str:
 
 
 def runtime_env(
-    device: str, on_policy: bool, base_env: dict[str, str], tp_size: int = 1, gpu_attention: str = "exact"
+    device: str,
+    on_policy: bool,
+    base_env: dict[str, str],
+    tp_size: int = 1,
+    gpu_attention: str = DEFAULT_GPU_ATTENTION,
 ) -> dict[str, str]:
     """The environment of SGLang's processes: plugin switch, CPU engine, sgl_kernel stand-in."""
     env = dict(base_env)

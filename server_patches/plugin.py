@@ -21,13 +21,14 @@ from __future__ import annotations
 import logging
 import os
 
+from parity.ops import DEFAULT_GPU_ATTENTION
 from server_patches.patch import Patch
 from server_patches.table import PATCHES
 from server_patches.targets import expect_signature, resolve
 
 ENABLE_ENV = "TRUEPOLICY_ON_POLICY"
 DEVICE_ENV = "TRUEPOLICY_DEVICE"
-GPU_ATTENTION_ENV = "TRUEPOLICY_GPU_ATTENTION"  # "exact" (default) or "mma": server_patches.gpu_patches
+GPU_ATTENTION_ENV = "TRUEPOLICY_GPU_ATTENTION"  # parity.ops.GPU_ATTENTION_KINDS: server_patches.gpu_patches
 STATE_KEY = "truepolicy"
 INTROSPECTION_TARGET = "sglang.srt.managers.scheduler.Scheduler.get_internal_state"
 
@@ -46,7 +47,7 @@ def active_patches() -> tuple[Patch, ...]:
     if device == "cuda":
         from server_patches.gpu_patches import GPU_PATCHES, select_attention
 
-        kind = os.environ.get(GPU_ATTENTION_ENV, "exact")
+        kind = os.environ.get(GPU_ATTENTION_ENV, DEFAULT_GPU_ATTENTION)
         try:
             select_attention(kind)
         except ValueError as exc:
@@ -62,7 +63,7 @@ def _process_report() -> dict:
         "pid": os.getpid(),
         "process": setproctitle.getproctitle(),
         "patches": [patch.name for patch in active_patches()],
-        "gpu_attention": os.environ.get(GPU_ATTENTION_ENV, "exact")
+        "gpu_attention": os.environ.get(GPU_ATTENTION_ENV, DEFAULT_GPU_ATTENTION)
         if os.environ.get(DEVICE_ENV) == "cuda"
         else None,
     }

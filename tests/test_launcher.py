@@ -114,27 +114,31 @@ def test_plugin_takes_the_gpu_patches_on_cuda_only(monkeypatch):
 
 
 def test_gpu_attention_kernels_reach_the_plugin(monkeypatch):
-    from parity.ops import paged_attention, paged_attention_mma
+    from parity.ops import DEFAULT_GPU_ATTENTION, paged_attention, paged_attention_mma
     from server_patches import gpu_patches
     from server_patches.plugin import active_patches
 
     opts, rest = parse(["--model-path", "/m", "--device", "cuda", "--gpu-attention", "mma"])
     assert plan_launch(opts, rest, {}).env["TRUEPOLICY_GPU_ATTENTION"] == "mma"
-    opts, rest = parse(["--model-path", "/m", "--device", "cuda"])
+    opts, rest = parse(["--model-path", "/m", "--device", "cuda", "--gpu-attention", "exact"])
     assert plan_launch(opts, rest, {}).env["TRUEPOLICY_GPU_ATTENTION"] == "exact"
+    opts, rest = parse(["--model-path", "/m", "--device", "cuda"])
+    assert plan_launch(opts, rest, {}).env["TRUEPOLICY_GPU_ATTENTION"] == "mma"  # the default
     opts, rest = parse(["--model-path", "/m", "--device", "cpu"])
     assert "TRUEPOLICY_GPU_ATTENTION" not in plan_launch(opts, rest, {"TRUEPOLICY_GPU_ATTENTION": "mma"}).env
     monkeypatch.setenv("TRUEPOLICY_DEVICE", "cuda")
     try:
-        monkeypatch.setenv("TRUEPOLICY_GPU_ATTENTION", "mma")
+        monkeypatch.setenv("TRUEPOLICY_GPU_ATTENTION", "exact")
         active_patches()
-        assert gpu_patches._attention is paged_attention_mma
+        assert gpu_patches._attention is paged_attention
         monkeypatch.setenv("TRUEPOLICY_GPU_ATTENTION", "flash")
         with pytest.raises(SystemExit, match="TRUEPOLICY_GPU_ATTENTION"):
             active_patches()
+        monkeypatch.delenv("TRUEPOLICY_GPU_ATTENTION")
+        active_patches()
+        assert gpu_patches._attention is paged_attention_mma  # the default
     finally:
-        gpu_patches.select_attention("exact")
-    assert gpu_patches._attention is paged_attention
+        gpu_patches.select_attention(DEFAULT_GPU_ATTENTION)
 
 
 def test_help_names_our_options_and_the_pass_through():

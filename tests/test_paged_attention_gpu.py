@@ -130,7 +130,7 @@ def test_hf_decode_loop_equals_one_full_forward_with_the_kernels():
         f"plain HF: decode loop vs full forward: max |Δlogp| {drift.max().item():.3e}, "
         f"mean {drift.mean().item():.3e}"
     )
-    model = prepare_model(plain, device="cuda")
+    model = prepare_model(plain, device="cuda", attention="exact")
     a, b = decode_loop_vs_full_logprobs(model, ids, 64)
     assert_same_bits(a, b, "logprobs: decode loop vs full forward (GPU contract)")
     assert drift.max() > 0, "negative control: plain HF should drift"

@@ -243,6 +243,7 @@ def _check_server_hooks():
 
     from server_patches import gpu_patches
 
+    gpu_patches.select_attention("exact")  # this module's kernels (the default is the mma family)
     hq, hkv, d = 4, 1, 64
     lengths = [40, 9]
     c = Cache(9, lengths, hq, hkv, d, width=48)
@@ -388,11 +389,11 @@ def test_full_sequence_backward_against_float64():
 def test_trainer_gpu_contract_on_cpu_rows_do_not_depend_on_the_sequence_length(tiny_qwen3):
     """prepare_model(device="cpu") runs the GPU contract's attention (reference path) inside HF: the
     logits of a prefix, and of a KV-cache decode loop, are bitwise the whole sequence's logits."""
-    from parity.gpu_contract import ATTENTION_NAME, prepare_model
+    from parity.gpu_contract import ATTENTION_NAMES, prepare_model
     from parity.tiny_models import load_hf_model
 
     model = prepare_model(load_hf_model(tiny_qwen3), device="cpu")
-    assert model.config._attn_implementation == ATTENTION_NAME
+    assert model.config._attn_implementation == ATTENTION_NAMES["exact"]  # the CPU default
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, model.config.vocab_size, (1, 150), generator=g)
     with torch.no_grad():

@@ -56,12 +56,17 @@ class Group:
         return self.pg.broadcast([tensor], opts)
 
     def close(self, broken: bool = False) -> None:
-        """Drop the group; ``broken``: abort it (a collective failed, pending work is abandoned)."""
+        """Drop the group; ``broken``: abort it (a collective failed, pending work is abandoned).
+
+        An NCCL group is always aborted: ``shutdown()`` flushes through ``ncclCommFinalize``, which
+        waits for the peers to finalize too, and a peer (a sidecar that keeps serving, or the trainer)
+        drops its side only later -- seen on 2x H200: the trainer's close after its last push hung.
+        Every collective has been waited for when a group is closed unbroken, so nothing is lost."""
         pg, self.pg = self.pg, None
         if pg is None:
             return
         with contextlib.suppress(Exception):
-            if broken:
+            if broken or self.backend == "nccl":
                 pg.abort()
             else:
                 pg.shutdown()
