@@ -60,8 +60,9 @@ class Group:
 
         An NCCL group is always aborted: ``shutdown()`` flushes through ``ncclCommFinalize``, which
         waits for the peers to finalize too, and a peer (a sidecar that keeps serving, or the trainer)
-        drops its side only later -- seen on 2x H200: the trainer's close after its last push hung.
-        Every collective has been waited for when a group is closed unbroken, so nothing is lost."""
+        drops its side only later (on 2x H200 the GPU demo stalled after its last push, where the
+        trainer closes its group). Every collective has been waited for when a group is closed
+        unbroken, so nothing is lost."""
         pg, self.pg = self.pg, None
         if pg is None:
             return
