@@ -76,6 +76,13 @@ def test_two_step_demo_is_bitwise_on_policy_and_writes_its_report(tiny_qwen3, mo
     assert_stopped([m.group(1) for m in map(URL.match, lines) if m])
 
 
+def _default_sigint() -> None:
+    """In the child before exec: Ctrl-C's default disposition. A shell without job control starts
+    background jobs (e.g. a CI run launched with ``&``) with SIGINT ignored, which a child inherits
+    and Python then keeps: the demo would never see the interrupt this test sends."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_stops_every_process(tiny_qwen3, model_cache, tmp_path):
     proc = subprocess.Popen(
         demo_argv(tmp_path / "report", "--steps", "50"),
@@ -83,6 +90,7 @@ def test_ctrl_c_stops_every_process(tiny_qwen3, model_cache, tmp_path):
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        preexec_fn=_default_sigint,
     )
     urls, seen = [], []
     try:
