@@ -45,20 +45,13 @@ import torch
 import torch.nn.functional as F
 
 from parity import moe, trainer
-from parity.ops import (
-    DEFAULT_GPU_ATTENTION,
-    moe_experts,
-    paged_attention,
-    paged_attention_mma,
-    rms_norm_pairwise,
-)
+from parity.ops import DEFAULT_GPU_ATTENTION, gpu_attention_kernels, moe_experts, rms_norm_pairwise
 from parity.ops.batch_invariant_matmul import batch_invariant_linear
 from parity.ops.paged_attention import _full_sequence_rows
 from parity.tp import emulate_tensor_parallel
 
-# The attention kernel families (server_patches.gpu_patches.ATTENTION_KERNELS, the same modules): "exact"
-# (fp32 CUDA-core arithmetic, reproduced by a plain-PyTorch reference) and "mma" (tensor cores).
-ATTENTION_KERNELS = {"exact": paged_attention, "mma": paged_attention_mma}
+# transformers' names for the attention kernel families (parity.ops.gpu_attention_kernels: the modules
+# the server's hooks run too).
 ATTENTION_NAMES = {"exact": "truepolicy_paged", "mma": "truepolicy_paged_mma"}
 
 
@@ -95,10 +88,9 @@ def register_attention(kind: str) -> str:
     from transformers import AttentionInterface, AttentionMaskInterface
     from transformers.masking_utils import sdpa_mask
 
-    if kind not in ATTENTION_KERNELS:
-        raise ValueError(f"GPU attention kernels must be one of {sorted(ATTENTION_KERNELS)}, got {kind!r}")
+    interface = _attention_interface(gpu_attention_kernels(kind))  # refuses an unknown kind
     name = ATTENTION_NAMES[kind]
-    AttentionInterface.register(name, _attention_interface(ATTENTION_KERNELS[kind]))
+    AttentionInterface.register(name, interface)
     AttentionMaskInterface.register(name, sdpa_mask)
     return name
 

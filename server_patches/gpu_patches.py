@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import torch
 
-from parity.ops import DEFAULT_GPU_ATTENTION, paged_attention, paged_attention_mma
+from parity.ops import DEFAULT_GPU_ATTENTION, gpu_attention_kernels
 from parity.ops.batch_invariant_matmul import batch_invariant_linear
 from parity.ops.rms_norm_pairwise import rms_norm_pairwise_kernel
 from server_patches import numerics
@@ -43,16 +43,13 @@ _TRITON = "sglang.srt.layers.attention.triton_backend.TritonAttnBackend"
 # (parity.ops.paged_attention_mma: tensor cores, the default) or "exact" (parity.ops.paged_attention:
 # fp32 CUDA-core arithmetic, reproduced bit for bit by a plain-PyTorch reference). The trainer must use
 # the same family (parity.prepare_model(..., gpu_attention=...)). Chosen once per process by the plugin.
-ATTENTION_KERNELS = {"exact": paged_attention, "mma": paged_attention_mma}
-_attention = ATTENTION_KERNELS[DEFAULT_GPU_ATTENTION]
+_attention = gpu_attention_kernels(DEFAULT_GPU_ATTENTION)
 
 
 def select_attention(kind: str) -> None:
     """Make the attention hooks run the ``kind`` kernel family (before the server runs a batch)."""
     global _attention
-    if kind not in ATTENTION_KERNELS:
-        raise ValueError(f"GPU attention kernels must be one of {sorted(ATTENTION_KERNELS)}, got {kind!r}")
-    _attention = ATTENTION_KERNELS[kind]
+    _attention = gpu_attention_kernels(kind)
 
 
 _GPU_TESTS = "tests/test_paged_attention_gpu.py"
