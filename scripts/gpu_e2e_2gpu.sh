@@ -24,15 +24,7 @@ export PYTHONPATH=$PWD:/tmp/truepolicy:/tmp/site_api:$PYTHONPATH
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=index,name --format=csv,noheader
-step() {  # step NAME SECONDS COMMAND...
-    local name=$1 secs=$2 t0=$SECONDS
-    shift 2
-    echo "=== $name"
-    timeout -k 10 "$secs" "$@" > "$OUT/$name.txt" 2>&1
-    echo "=== $name rc $? in $((SECONDS - t0)) s"
-    grep -v "Ignore import error" "$OUT/$name.txt" \
-        | grep -E "passed|failed|FAILED|Error|train_rollout|differ|HEADLINE|plugin o|step|^ *[0-9]+ \|" | tail -25
-}
+source scripts/device_step.sh
 for what in "$@"; do
     case $what in
         norm) step norm 150 python3 -m pytest -q -s -p no:cacheprovider -m gpu tests/test_rms_norm_pairwise.py \

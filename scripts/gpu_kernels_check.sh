@@ -8,14 +8,7 @@ set -uo pipefail
 export PYTHONPATH=$PWD:$PYTHONPATH
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
-step() {  # step NAME SECONDS COMMAND...: run with a time box, keep its whole output in $OUT/NAME.txt
-    local name=$1 secs=$2
-    shift 2
-    echo "=== $name"
-    timeout "$secs" "$@" > "$OUT/$name.txt" 2>&1
-    echo "=== $name rc $?"
-    grep -E "passed|failed|FAILED|Error" "$OUT/$name.txt" | tail -5
-}
+source scripts/device_step.sh
 step mma_tests 150 python3 -m pytest -q -s tests/test_paged_attention_mma_gpu.py -p no:cacheprovider
 step mma_bench 100 python3 benchmarks/bench_paged_attention.py --only decode
 step moe_tests 170 python3 -m pytest -q -s tests/test_moe_gpu.py -p no:cacheprovider
