@@ -48,9 +48,11 @@ import time
 from collections.abc import Sequence
 
 import torch
+import triton
+import triton.language as tl
 
 from parity import contract
-from parity.ops.rms_norm_pairwise import add_rms_norm_pairwise, launch_options
+from parity.ops.rms_norm_pairwise import add_rms_norm_pairwise, launch_options, pairwise_rms_norm_row, to_bf16
 from parity.tp import rank_order_sum
 
 # --------------------------------------------------------------------------------------------------
@@ -92,51 +94,41 @@ def residual_before_rounding(
 # --------------------------------------------------------------------------------------------------
 
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - triton ships with torch's CUDA wheels
-    triton = None
-
-
-if triton is not None:
-    from parity.ops.rms_norm_pairwise import pairwise_rms_norm_row, to_bf16
-
-    @triton.jit
-    def _allreduce_add_rmsnorm_kernel(
-        ptr_table,  # int64 [WORLD]: address of each rank's bf16 partial [n_rows, H] (row-major)
-        residual_ptr,
-        weight_ptr,
-        summed_ptr,
-        normed_ptr,
-        H,
-        eps,
-        WORLD: tl.constexpr,
-        BLOCK_H: tl.constexpr,
-        LOG2_BLOCK_H: tl.constexpr,
-        NORM: tl.constexpr,
-        EXACT_RNE: tl.constexpr,
-    ):
-        row = tl.program_id(0).to(tl.int64)
-        cols = tl.arange(0, BLOCK_H)
-        mask = cols < H
-        offs = row * H + cols
-        # 1. the ranks' partials in rank order, fp32, rounded once
-        base = tl.load(ptr_table).to(tl.pointer_type(tl.bfloat16))
-        acc = tl.load(base + offs, mask=mask, other=0.0).to(tl.float32)
-        for r in tl.static_range(1, WORLD):
-            base = tl.load(ptr_table + r).to(tl.pointer_type(tl.bfloat16))
-            acc = acc + tl.load(base + offs, mask=mask, other=0.0).to(tl.float32)
-        reduced = to_bf16(acc, EXACT_RNE)
-        # 2. residual add in bf16
-        res = tl.load(residual_ptr + offs, mask=mask, other=0.0)
-        summed = to_bf16(res.to(tl.float32) + reduced.to(tl.float32), EXACT_RNE)
-        tl.store(summed_ptr + offs, summed, mask=mask)
-        if NORM:
-            # 3. RMSNorm, HF's order, pairwise-tree variance (masked lanes are exact zeros)
-            w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-            normed = pairwise_rms_norm_row(summed.to(tl.float32), w, H, eps, BLOCK_H, LOG2_BLOCK_H, EXACT_RNE)
-            tl.store(normed_ptr + offs, normed, mask=mask)
+@triton.jit
+def _allreduce_add_rmsnorm_kernel(
+    ptr_table,  # int64 [WORLD]: address of each rank's bf16 partial [n_rows, H] (row-major)
+    residual_ptr,
+    weight_ptr,
+    summed_ptr,
+    normed_ptr,
+    H,
+    eps,
+    WORLD: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    LOG2_BLOCK_H: tl.constexpr,
+    NORM: tl.constexpr,
+    EXACT_RNE: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_H)
+    mask = cols < H
+    offs = row * H + cols
+    # 1. the ranks' partials in rank order, fp32, rounded once
+    base = tl.load(ptr_table).to(tl.pointer_type(tl.bfloat16))
+    acc = tl.load(base + offs, mask=mask, other=0.0).to(tl.float32)
+    for r in tl.static_range(1, WORLD):
+        base = tl.load(ptr_table + r).to(tl.pointer_type(tl.bfloat16))
+        acc = acc + tl.load(base + offs, mask=mask, other=0.0).to(tl.float32)
+    reduced = to_bf16(acc, EXACT_RNE)
+    # 2. residual add in bf16
+    res = tl.load(residual_ptr + offs, mask=mask, other=0.0)
+    summed = to_bf16(res.to(tl.float32) + reduced.to(tl.float32), EXACT_RNE)
+    tl.store(summed_ptr + offs, summed, mask=mask)
+    if NORM:
+        # 3. RMSNorm, HF's order, pairwise-tree variance (masked lanes are exact zeros)
+        w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        normed = pairwise_rms_norm_row(summed.to(tl.float32), w, H, eps, BLOCK_H, LOG2_BLOCK_H, EXACT_RNE)
+        tl.store(normed_ptr + offs, normed, mask=mask)
 
 
 def _launch(
@@ -147,8 +139,6 @@ def _launch(
     eps: float,
     fused_norm: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    if triton is None:
-        raise RuntimeError("triton is not available")
     hidden = residual.shape[-1]
     rows = residual.numel() // hidden
     summed = torch.empty_like(residual)

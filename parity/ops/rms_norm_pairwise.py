@@ -36,9 +36,11 @@ interpreter is for tests only).
 
 from __future__ import annotations
 
-import os
-
 import torch
+import triton
+import triton.language as tl
+
+from parity.ops.batch_invariant_matmul import _interpreting
 
 # --------------------------------------------------------------------------------------------------
 # Plain-PyTorch reference (CPU and GPU)
@@ -84,74 +86,63 @@ def add_rms_norm_pairwise(
 # --------------------------------------------------------------------------------------------------
 
 
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+@triton.jit
+def to_bf16(x, EXACT_RNE: tl.constexpr):
+    if EXACT_RNE:
+        # Round fp32 to nearest-even bf16 with integer ops, then the (now exact) conversion.
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + (((bits >> 16) & 1) + 0x7FFF)) & 0xFFFF0000
+        return bits.to(tl.float32, bitcast=True).to(tl.bfloat16)
+    else:
+        return x.to(tl.bfloat16)
 
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - triton ships with torch's CUDA wheels
-    triton = None
+@triton.jit
+def pairwise_rms_norm_row(
+    h, w, H, eps, BLOCK_H: tl.constexpr, LOG2_BLOCK_H: tl.constexpr, EXACT_RNE: tl.constexpr
+):
+    """One row: ``h`` fp32 [BLOCK_H] (lanes >= H exact zeros), ``w`` the weight in fp32 (exact
+    bf16 values). Returns the bf16 normed row."""
+    sq = h * h
+    for i in tl.static_range(LOG2_BLOCK_H):
+        # s'[i] = s[2i] + s[2i+1]: a sum over an axis of 2 is one addition, exact in order.
+        # (Not tl.split: the split form needs a layout conversion per level, 20-50x the PTX and
+        # minutes of compile per hidden size.)
+        sq = tl.sum(tl.reshape(sq, [BLOCK_H >> (i + 1), 2]), 1)
+    total = tl.sum(sq, 0)  # one element: exact
+    variance = tl.div_rn(total, H.to(tl.float32))
+    inv = tl.div_rn(1.0, tl.sqrt_rn(variance + eps))
+    # HF's casts: h * inv rounded to bf16, then the bf16 x bf16 product (fp32, rounded once).
+    return to_bf16(w * to_bf16(h * inv, EXACT_RNE).to(tl.float32), EXACT_RNE)
 
 
-if triton is not None:
-
-    @triton.jit
-    def to_bf16(x, EXACT_RNE: tl.constexpr):
-        if EXACT_RNE:
-            # Round fp32 to nearest-even bf16 with integer ops, then the (now exact) conversion.
-            bits = x.to(tl.uint32, bitcast=True)
-            bits = (bits + (((bits >> 16) & 1) + 0x7FFF)) & 0xFFFF0000
-            return bits.to(tl.float32, bitcast=True).to(tl.bfloat16)
-        else:
-            return x.to(tl.bfloat16)
-
-    @triton.jit
-    def pairwise_rms_norm_row(
-        h, w, H, eps, BLOCK_H: tl.constexpr, LOG2_BLOCK_H: tl.constexpr, EXACT_RNE: tl.constexpr
-    ):
-        """One row: ``h`` fp32 [BLOCK_H] (lanes >= H exact zeros), ``w`` the weight in fp32 (exact
-        bf16 values). Returns the bf16 normed row."""
-        sq = h * h
-        for i in tl.static_range(LOG2_BLOCK_H):
-            # s'[i] = s[2i] + s[2i+1]: a sum over an axis of 2 is one addition, exact in order.
-            # (Not tl.split: the split form needs a layout conversion per level, 20-50x the PTX and
-            # minutes of compile per hidden size.)
-            sq = tl.sum(tl.reshape(sq, [BLOCK_H >> (i + 1), 2]), 1)
-        total = tl.sum(sq, 0)  # one element: exact
-        variance = tl.div_rn(total, H.to(tl.float32))
-        inv = tl.div_rn(1.0, tl.sqrt_rn(variance + eps))
-        # HF's casts: h * inv rounded to bf16, then the bf16 x bf16 product (fp32, rounded once).
-        return to_bf16(w * to_bf16(h * inv, EXACT_RNE).to(tl.float32), EXACT_RNE)
-
-    @triton.jit
-    def _rms_norm_kernel(
-        x_ptr,
-        residual_ptr,  # bf16 [rows, H] or unused (HAS_RESIDUAL=False)
-        weight_ptr,
-        normed_ptr,
-        summed_ptr,  # bf16 [rows, H] or unused
-        H,
-        eps,
-        HAS_RESIDUAL: tl.constexpr,
-        BLOCK_H: tl.constexpr,
-        LOG2_BLOCK_H: tl.constexpr,
-        EXACT_RNE: tl.constexpr,
-    ):
-        row = tl.program_id(0).to(tl.int64)  # int64: rows * H may exceed 2**31
-        cols = tl.arange(0, BLOCK_H)
-        mask = cols < H
-        offs = row * H + cols
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0)
-        if HAS_RESIDUAL:
-            res = tl.load(residual_ptr + offs, mask=mask, other=0.0)
-            # the residual add in bf16: both operands exact in fp32, the sum rounded once
-            x = to_bf16(res.to(tl.float32) + x.to(tl.float32), EXACT_RNE)
-            tl.store(summed_ptr + offs, x, mask=mask)
-        w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-        normed = pairwise_rms_norm_row(x.to(tl.float32), w, H, eps, BLOCK_H, LOG2_BLOCK_H, EXACT_RNE)
-        tl.store(normed_ptr + offs, normed, mask=mask)
+@triton.jit
+def _rms_norm_kernel(
+    x_ptr,
+    residual_ptr,  # bf16 [rows, H] or unused (HAS_RESIDUAL=False)
+    weight_ptr,
+    normed_ptr,
+    summed_ptr,  # bf16 [rows, H] or unused
+    H,
+    eps,
+    HAS_RESIDUAL: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    LOG2_BLOCK_H: tl.constexpr,
+    EXACT_RNE: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)  # int64: rows * H may exceed 2**31
+    cols = tl.arange(0, BLOCK_H)
+    mask = cols < H
+    offs = row * H + cols
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+    if HAS_RESIDUAL:
+        res = tl.load(residual_ptr + offs, mask=mask, other=0.0)
+        # the residual add in bf16: both operands exact in fp32, the sum rounded once
+        x = to_bf16(res.to(tl.float32) + x.to(tl.float32), EXACT_RNE)
+        tl.store(summed_ptr + offs, x, mask=mask)
+    w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    normed = pairwise_rms_norm_row(x.to(tl.float32), w, H, eps, BLOCK_H, LOG2_BLOCK_H, EXACT_RNE)
+    tl.store(normed_ptr + offs, normed, mask=mask)
 
 
 _empty = torch.empty  # the tests swap in a NaN-poisoning allocator
@@ -162,7 +153,7 @@ def launch_options(hidden: int) -> dict:
     ``num_warps``: every addition of the tree is a pair)."""
     block = next_pow2(hidden)
     return dict(
-        BLOCK_H=block, LOG2_BLOCK_H=block.bit_length() - 1, EXACT_RNE=interpreting(),
+        BLOCK_H=block, LOG2_BLOCK_H=block.bit_length() - 1, EXACT_RNE=_interpreting(),
         num_warps=max(1, min(16, block // 256)), enable_fp_fusion=False,
     )  # fmt: skip
 
@@ -185,8 +176,6 @@ def rms_norm_pairwise_kernel(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The kernel: ``(normed, summed)`` with ``summed = residual + x`` (None without a residual), bitwise
     :func:`rms_norm_pairwise` / :func:`add_rms_norm_pairwise`. bf16, any leading shape."""
-    if triton is None:
-        raise RuntimeError("triton is not available")
     _check(x, weight, residual)
     hidden = x.shape[-1]
     x = x.contiguous()
