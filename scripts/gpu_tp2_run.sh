@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Issues 11 and 12 on 2 GPUs, in one device call (about 4-5 minutes; ~10 if every timeout is hit):
 #   run(kind="nvidia-h100-x2", command="bash scripts/gpu_tp2_run.sh", carry=[".whl"], timeout_s=600)
+# 0. tests/test_tp_kernel_gpu.py's symmetric-memory tests (issue 11; ~1 min): the one-shot kernel bitwise.
 # 1. benchmarks/bench_fused_allreduce_rmsnorm.py (issue 11): the fused all-reduce + RMSNorm kernel at
 #    TP=2 bitwise against the unfused path / the contract, the negative control, latency fused vs unfused
 #    (~60-90 s). It prints a line as each phase / case starts, and a per-case watchdog prints every
@@ -31,6 +32,11 @@ torch.cuda.device_count())"
   df -h /dev/shm | tail -1
   free -g | head -2
 } 2>&1 | tee "$OUT/env.log"
+
+echo "== 0. the one-shot kernel's 2-GPU tests (issue 11): row counts 1..2048, grids changing between calls"
+timeout -k 10 240 python3 -m pytest -q -x -m gpu tests/test_tp_kernel_gpu.py -k "symmetric or negative" 2>&1 \
+  | tail -15 | tee "$OUT/tp_kernel_tests.log"
+echo "tests rc=${PIPESTATUS[0]} ($((SECONDS - T0)) s so far)"
 
 echo "== 1. fused all-reduce + RMSNorm, TP=2 (issue 11)"
 # shellcheck disable=SC2086  # FUSED_ARGS / SYNC_ARGS: extra options, word-split on purpose

@@ -28,18 +28,27 @@ The contract (what this kernel computes, bit for bit)
 
 The kernel (GPU)
 ----------------
-One-shot over peer buffers through torch symmetric memory: every rank copies its partial into its
-symmetric buffer, a symmetric-memory barrier publishes it, and each rank's kernel reads all k
-partials straight from the peers' buffers (NVLink loads; no multicast, no NCCL), then computes the
-whole row: every rank ends with the same ``summed`` and ``normed``. A second barrier keeps a rank from
-overwriting its buffer while peers may still read it. One program per token row; the hidden size fits
-one block. The kernel itself never waits on a peer (the barriers are torch's), and it is compiled in the
-op's constructor with a local launch, so that no rank compiles while its peers spin in a barrier.
+One-shot over peer buffers through torch symmetric memory, in ONE launch per call (NVLink loads and
+system-scope atomics; no multicast, no NCCL). Program p of the kernel owns token rows p, p + P, ...
+(P <= the SM count). It copies its rows of this rank's partial into this rank's symmetric buffer,
+meets program p of every peer (a barrier over the ranks' signal pads, with release/acquire atomics:
+the rows are published), reads every rank's rows from the peers' buffers and computes them -- every
+rank ends with the same ``summed`` and ``normed`` -- and meets the peers again, so that no rank's next
+call overwrites rows a peer is still reading. The hidden size fits one block.
 
-Under ``TRITON_INTERPRET=1`` (CPU) the same kernel runs with a table of host pointers to k CPU
-tensors (``allreduce_add_rms_norm_local``); there, Triton's fp32 -> bf16 conversion truncates, so
-the kernel rounds to nearest-even with integer operations instead (``EXACT_RNE``; NaN is not
-preserved there, the interpreter is for tests only).
+The trade-off. The unfused path is two launches (NCCL's all-reduce, then the norm kernel) and NCCL's
+fixed cost; an earlier version of this op was four (copy, torch barrier, kernel, torch barrier) and lost
+to it at small sizes. In one launch the fixed cost is one kernel and two NVLink round trips. The price:
+the barriers spin inside the kernel, so all P programs of every rank must be resident together (P is
+capped at the SM count) and a rank that never calls leaves its peers spinning (no timeout: the bench's
+watchdog is what turns a hang into an error). Each rank reads all k partials (k x the bytes of a ring
+all-reduce's reads): for TP=2 that is the same traffic as NCCL's.
+
+Under ``TRITON_INTERPRET=1`` (CPU) the compute runs with a table of host pointers to k CPU tensors
+(``allreduce_add_rms_norm_local``), and the one-shot kernel itself with world 1 (a rank meeting
+itself; the interpreter runs programs one after another, so peers cannot meet there); Triton's
+fp32 -> bf16 conversion truncates there, so the kernels round to nearest-even with integer operations
+instead (``EXACT_RNE``; NaN is not preserved there, the interpreter is for tests only).
 """
 
 from __future__ import annotations
@@ -95,8 +104,9 @@ def residual_before_rounding(
 
 
 @triton.jit
-def _allreduce_add_rmsnorm_kernel(
+def _reduce_add_norm_row(
     ptr_table,  # int64 [WORLD]: address of each rank's bf16 partial [n_rows, H] (row-major)
+    row,  # int64
     residual_ptr,
     weight_ptr,
     summed_ptr,
@@ -109,7 +119,7 @@ def _allreduce_add_rmsnorm_kernel(
     NORM: tl.constexpr,
     EXACT_RNE: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
+    """One token row of the contract, steps 1-3 (module docstring)."""
     cols = tl.arange(0, BLOCK_H)
     mask = cols < H
     offs = row * H + cols
@@ -131,6 +141,111 @@ def _allreduce_add_rmsnorm_kernel(
         tl.store(normed_ptr + offs, normed, mask=mask)
 
 
+@triton.jit
+def _allreduce_add_rmsnorm_kernel(
+    ptr_table,
+    residual_ptr,
+    weight_ptr,
+    summed_ptr,
+    normed_ptr,
+    H,
+    eps,
+    WORLD: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    LOG2_BLOCK_H: tl.constexpr,
+    NORM: tl.constexpr,
+    EXACT_RNE: tl.constexpr,
+):
+    """The k partials already readable here (local tensors): one program per token row."""
+    _reduce_add_norm_row(
+        ptr_table, tl.program_id(0).to(tl.int64), residual_ptr, weight_ptr, summed_ptr, normed_ptr,
+        H, eps, WORLD, BLOCK_H, LOG2_BLOCK_H, NORM, EXACT_RNE,
+    )  # fmt: skip
+
+
+@triton.jit
+def _block_barrier(pad_table, slot, rank, WORLD: tl.constexpr):
+    """Program ``slot // WORLD`` of every rank meets here; returns once each peer's same program has
+    arrived. Every prior store of this program is visible to the peers' programs after their barrier
+    (release), and theirs to this one (acquire).
+
+    The protocol is torch symmetric memory's ``put_signal`` / ``wait_signal`` (one int32 per
+    (program, peer) in every rank's signal pad): to signal, CAS the peer's slot ``[program, me]``
+    0 -> 1 with release semantics at system scope (it spins while that slot still holds this
+    program's previous, unconsumed signal); to wait, CAS my slot ``[program, peer]`` 1 -> 0 with
+    acquire semantics. A scalar atomic is issued by one thread of the program (Triton predicates it
+    and broadcasts the result); ``debug_barrier`` (``bar.sync``) orders the other threads' stores
+    before the signal and their loads after the wait."""
+    tl.debug_barrier()
+    for peer in tl.static_range(WORLD):
+        pad = tl.load(pad_table + peer).to(tl.pointer_type(tl.int32))
+        while tl.atomic_cas(pad + slot + rank, 0, 1, sem="release", scope="sys") != 0:
+            pass
+    own = tl.load(pad_table + rank).to(tl.pointer_type(tl.int32))
+    for peer in tl.static_range(WORLD):
+        while tl.atomic_cas(own + slot + peer, 1, 0, sem="acquire", scope="sys") != 1:
+            pass
+    tl.debug_barrier()
+
+
+@triton.jit(do_not_specialize=["n_rows", "n_programs", "rank"])
+def _one_shot_kernel(
+    partial_ptr,  # this rank's bf16 partial [n_rows, H]
+    buffer_table,  # int64 [WORLD]: each rank's symmetric buffer (>= n_rows * H bf16)
+    pad_table,  # int64 [WORLD]: each rank's signal pad (int32 slots, >= n_programs * WORLD)
+    residual_ptr,
+    weight_ptr,
+    summed_ptr,
+    normed_ptr,
+    n_rows,
+    n_programs,
+    rank,
+    H,
+    eps,
+    WORLD: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    LOG2_BLOCK_H: tl.constexpr,
+    NORM: tl.constexpr,
+    EXACT_RNE: tl.constexpr,
+):
+    """The whole TP op in one launch: program p owns rows p, p + n_programs, ... It copies them into
+    this rank's symmetric buffer, meets program p of every peer (the rows are published), computes
+    them from all ranks' buffers, and meets the peers again (nobody reads this rank's rows any more,
+    so its next call may overwrite them). All n_programs programs of both ranks must be resident
+    together: the launcher keeps n_programs <= the SM count."""
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_H)
+    mask = cols < H
+    own = tl.load(buffer_table + rank).to(tl.pointer_type(tl.bfloat16))
+    row = pid.to(tl.int64)
+    while row < n_rows:  # a while loop: the interpreter's scalars cannot bound a range()
+        offs = row * H + cols
+        tl.store(own + offs, tl.load(partial_ptr + offs, mask=mask), mask=mask)
+        row += n_programs
+    _block_barrier(pad_table, pid * WORLD, rank, WORLD)
+    row = pid.to(tl.int64)
+    while row < n_rows:
+        _reduce_add_norm_row(
+            buffer_table, row, residual_ptr, weight_ptr, summed_ptr, normed_ptr,
+            H, eps, WORLD, BLOCK_H, LOG2_BLOCK_H, NORM, EXACT_RNE,
+        )  # fmt: skip
+        row += n_programs
+    _block_barrier(pad_table, pid * WORLD, rank, WORLD)
+
+
+def _outputs(residual: torch.Tensor, fused_norm: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(summed, normed)`` for the kernels to write; without the fused norm the kernel writes only
+    ``summed`` (its ``normed_ptr`` is never stored through)."""
+    summed = torch.empty_like(residual)
+    return summed, (torch.empty_like(residual) if fused_norm else summed)
+
+
+def _norm_after(summed, normed, weight, eps, fused_norm):
+    """``(normed, summed)``: the kernel's, or with ``fused_norm=False`` the CPU contract's norm of
+    the kernel's ``summed`` (the bench's "what a second kernel costs" variant)."""
+    return (normed if fused_norm else contract.rms_norm(summed, weight, eps)), summed
+
+
 def _launch(
     ptr_table: torch.Tensor,
     world: int,
@@ -141,16 +256,48 @@ def _launch(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     hidden = residual.shape[-1]
     rows = residual.numel() // hidden
-    summed = torch.empty_like(residual)
-    normed = torch.empty_like(residual) if fused_norm else summed
+    summed, normed = _outputs(residual, fused_norm)
     if rows:
         _allreduce_add_rmsnorm_kernel[(rows,)](
             ptr_table, residual, weight, summed, normed, hidden, eps,
             WORLD=world, NORM=fused_norm, **launch_options(hidden),
         )  # fmt: skip
-    if not fused_norm:
-        normed = contract.rms_norm(summed, weight, eps)
-    return normed, summed
+    return _norm_after(summed, normed, weight, eps, fused_norm)
+
+
+def one_shot_allreduce_add_rms_norm(
+    partial: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    *,
+    buffer_table: torch.Tensor,
+    pad_table: torch.Tensor,
+    rank: int,
+    world: int,
+    max_programs: int,
+    fused_norm: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One launch of the one-shot kernel on this rank (every rank of the group calls it with its own
+    ``partial`` and ``rank``, the same tables, shapes and ``max_programs``).
+
+    ``buffer_table`` / ``pad_table``: int64 addresses of every rank's symmetric buffer and signal pad
+    (:class:`SymmetricAllReduceAddRMSNorm` maps them). ``min(rows, max_programs)`` programs: all of
+    them must be resident at once on every GPU, so ``max_programs`` is at most the SM count. Under the
+    interpreter the kernel runs its programs one after another: only ``world == 1`` can meet there
+    (a rank signals and waits on its own pad), which is how the CPU tests run the barrier code."""
+    _check(partial, residual, weight)
+    partial = partial.contiguous()
+    hidden = residual.shape[-1]
+    rows = residual.numel() // hidden
+    summed, normed = _outputs(residual, fused_norm)
+    if rows:
+        programs = min(rows, max_programs)
+        _one_shot_kernel[(programs,)](
+            partial, buffer_table, pad_table, residual, weight, summed, normed, rows, programs, rank,
+            hidden, eps, WORLD=world, NORM=fused_norm, **launch_options(hidden),
+        )  # fmt: skip
+    return _norm_after(summed, normed, weight, eps, fused_norm)
 
 
 def _check(partial: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor) -> None:
@@ -180,17 +327,24 @@ def allreduce_add_rms_norm_local(
 
 
 def warm_up_kernel(world: int, hidden: int, device: torch.device | str, *, fused_norm: bool) -> float:
-    """Compile (or load from Triton's cache) the kernel for ``world`` ranks and ``hidden`` with a purely
-    local launch -- a pointer table of one zero row repeated ``world`` times: no peer, no barrier --
-    and wait for it. Returns the seconds it took.
+    """Compile (or load from Triton's cache) both kernels for ``world`` ranks and ``hidden``, with no
+    peer involved: the local kernel by a launch over a pointer table of one zero row repeated
+    ``world`` times, the one-shot kernel by ``warmup`` (compiled, not launched: its barriers need the
+    peers). Returns the seconds it took.
 
-    The symmetric op calls this before its first barrier: a first call that compiled inside
-    ``__call__`` would leave the peers spinning in the barrier kernel for the whole compile."""
+    The symmetric op calls this in its constructor: a first call that compiled inside ``__call__``
+    would leave the peers spinning in their barriers for the whole compile."""
     t0 = time.perf_counter()
     device = torch.device(device)
     row = torch.zeros(1, hidden, dtype=torch.bfloat16, device=device)
     weight = torch.ones(hidden, dtype=torch.bfloat16, device=device)
     allreduce_add_rms_norm_local([row] * world, row, weight, 1e-6, fused_norm=fused_norm)
+    table = torch.zeros(world, dtype=torch.int64, device=device)
+    # n_rows, n_programs and rank are not specialised on (do_not_specialize): one compile serves all.
+    _one_shot_kernel.warmup(
+        row, table, table, row, weight, row, row, 1, 1, 0, hidden, 1e-6,
+        WORLD=world, NORM=fused_norm, grid=(1,), **launch_options(hidden),
+    )  # fmt: skip
     if device.type == "cuda":
         torch.cuda.synchronize(device)  # a kernel fault shows here, not behind a cross-rank barrier
     return time.perf_counter() - t0
@@ -205,17 +359,18 @@ class SymmetricAllReduceAddRMSNorm:
     buffer is allocated once for ``max_tokens`` rows.
 
     Every rank of ``group`` must construct its ops in the same order (``rendezvous`` is a collective)
-    and call them in the same order (each call is two symmetric-memory barriers).
+    and call them in the same order (each call meets the peers twice).
 
-    - ``impl="triton"`` (default): the Triton kernel over the peers' buffers. It is compiled in the
-      constructor (``precompile``, a local launch, see :func:`warm_up_kernel`), never between the two
-      barriers of a call.
-    - ``impl="torch"``: the same transport (copy, barrier, peers' buffers, barrier) with the
-      plain-PyTorch reference reading the peers' buffers in place of the kernel: isolates the kernel
-      from the transport.
-    - ``barrier_timeout_ms``: passed to the symmetric-memory barrier; 0 (default) waits forever, as
-      torch does. Non-zero: a barrier that waits longer traps the GPU (torch prints which rank and
-      channel), a CUDA error instead of a silent hang.
+    - ``impl="triton"`` (default): one launch of the one-shot kernel per call (copy in, meet, reduce +
+      add + norm from the peers' buffers, meet; the barriers inside the kernel, over the signal pads:
+      :func:`one_shot_allreduce_add_rms_norm`), with at most one program per SM. It is compiled in the
+      constructor (``precompile``, see :func:`warm_up_kernel`), never while peers wait.
+    - ``impl="torch"``: the same transport done by torch (copy into the buffer, symmetric-memory
+      barrier, the plain-PyTorch reference reading the peers' buffers in place, barrier): isolates the
+      kernel and its barriers from the transport.
+    - ``barrier_timeout_ms`` (``impl="torch"`` only): passed to torch's symmetric-memory barrier; 0
+      (default) waits forever, as torch does. Non-zero: a barrier that waits longer traps the GPU
+      (torch prints which rank and channel), a CUDA error instead of a silent hang.
     """
 
     def __init__(
@@ -254,6 +409,16 @@ class SymmetricAllReduceAddRMSNorm:
         if self.offset_bytes < 0 or self.offset_bytes % self.buffer.element_size():
             raise RuntimeError(f"symmetric buffer at offset {self.offset_bytes} of its allocation's base")
         self.table = torch.tensor([p + self.offset_bytes for p in ptrs], dtype=torch.int64, device=device)
+        self.rank = self.handle.rank
+        self.pad_table = torch.tensor(list(self.handle.signal_pad_ptrs), dtype=torch.int64, device=device)
+        # The kernel's programs meet their peers, so all must be resident at once: one per SM at most,
+        # each with one int32 slot per rank in every signal pad.
+        self.max_programs = min(max_tokens, torch.cuda.get_device_properties(device).multi_processor_count)
+        if self.max_programs * self.world * 4 > self.handle.signal_pad_size:
+            raise RuntimeError(
+                f"signal pad of {self.handle.signal_pad_size} bytes < {self.max_programs} programs x "
+                f"{self.world} ranks x 4 bytes (torch.distributed._symmetric_memory.set_signal_pad_size)"
+            )
 
     def peer_buffer(self, rank: int, shape) -> torch.Tensor:
         """Rank ``rank``'s partial of the current call, read in place (NVLink) through its buffer."""
@@ -264,13 +429,15 @@ class SymmetricAllReduceAddRMSNorm:
         rows = partial.numel() // self.hidden
         if partial.shape[-1] != self.hidden or rows > self.max_tokens:
             raise ValueError(f"{tuple(partial.shape)} does not fit [{self.max_tokens}, {self.hidden}]")
+        if self.impl == "triton":
+            return one_shot_allreduce_add_rms_norm(
+                partial, residual, weight, eps, buffer_table=self.table, pad_table=self.pad_table,
+                rank=self.rank, world=self.world, max_programs=self.max_programs, fused_norm=self.fused_norm,
+            )  # fmt: skip
         self.buffer[: partial.numel()].copy_(partial.reshape(-1))
         self.handle.barrier(channel=0, timeout_ms=self.barrier_timeout_ms)  # every partial is published
-        if self.impl == "triton":
-            out = _launch(self.table, self.world, residual, weight, eps, self.fused_norm)
-        else:
-            peers = [self.peer_buffer(r, partial.shape) for r in range(self.world)]
-            out = reference_allreduce_add_rms_norm(peers, residual, weight, eps, fused_norm=self.fused_norm)
+        peers = [self.peer_buffer(r, partial.shape) for r in range(self.world)]
+        out = reference_allreduce_add_rms_norm(peers, residual, weight, eps, fused_norm=self.fused_norm)
         # No rank overwrites its buffer (next call) while a peer may still read it.
         self.handle.barrier(channel=0, timeout_ms=self.barrier_timeout_ms)
         return out
