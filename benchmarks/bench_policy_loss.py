@@ -1,12 +1,15 @@
 """Fused policy ratio + KL from logits vs plain PyTorch vs Liger-Kernel's Triton GRPO loss (one process).
 
-    python benchmarks/bench_policy_loss.py [--sweep] [--n 8192] [--vocab 32768 151936 262144] [--out DIR]
+    python benchmarks/bench_policy_loss.py [--sweep | --profile] [--n 8192] [--vocab 32768 151936 262144]
+        [--out DIR]
 
 Per vocabulary size, with bf16 logits [N, V] (temperature 1, k3 KL against reference logprobs):
 
 * ``ours``: the Triton forward / backward kernels alone (``_forward`` / ``_backward``);
 * ``ours+ref-logits``: the forward reading reference logits too (twice the bytes);
-* ``ours ppo_loss``: ``parity.ppo_loss.ppo_loss`` end to end through autograd (adds O(N) PyTorch ops);
+* ``ours autograd``: ``fused_policy_loss`` through autograd (ids unchecked) with a two-op loss;
+* ``ours ppo_loss``: ``parity.ppo_loss.ppo_loss`` end to end through autograd (adds O(N) PyTorch ops and
+  the ids check's host sync); ``ours ppo_loss unchecked ids``: the same with ``validate_ids=False``;
 * ``torch``: ``log_softmax(x.float()).gather`` + ratio + k3, autograd backward;
 * ``liger``: ``liger_kernel.ops.grpo_loss.GrpoLossFunction`` (token-level GRPO, beta=0.04), logits
   ``[1, N+1, V]`` as it requires;
@@ -30,6 +33,14 @@ N*V*2 bytes, a fused backward reads and writes N*V*2 bytes each).
 
 ``--out DIR`` (default ``$OUT`` or .) gets ``bench_policy_loss.json`` and ``bench_policy_loss.txt``.
 
+``--profile`` runs instead only ``torch.profiler`` over ``--profile-iters`` iterations of each step of
+:func:`step_fns` (the kernels alone, ``fused_policy_loss`` through autograd, ``ppo_loss`` end to end
+with and without its ids check) at ``--n`` and the first ``--vocab``: per step the top device
+kernels/ops (``key_averages``), wall vs device-busy time, kernels, launches and host syncs per
+iteration; ``bench_policy_loss_profile.txt`` and one Chrome trace per step in ``--out``::
+
+    python benchmarks/bench_policy_loss.py --profile --n 8192 --vocab 32768 --out DIR
+
 Times are medians of ``triton.testing.do_bench``; "x copy" is achieved bytes/s over the copy's
 (forward: N*V*2 bytes read; backward: read + write). Peak scratch is the rise of
 ``torch.cuda.max_memory_allocated`` over the inputs during one forward + backward (including the
@@ -43,6 +54,7 @@ import importlib.util
 import json
 import os
 import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -103,15 +115,62 @@ def load_liger():
         return None
 
 
-def make_inputs(n, v, seed=0):
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    x = (torch.randn(n, v, generator=g, device="cuda") * 2).to(torch.bfloat16)
-    ids = torch.randint(0, v, (n,), generator=g, device="cuda")
+def make_inputs(n, v, seed=0, device="cuda"):
+    g = torch.Generator(device=device).manual_seed(seed)
+    x = (torch.randn(n, v, generator=g, device=device) * 2).to(torch.bfloat16)
+    ids = torch.randint(0, v, (n,), generator=g, device=device)
     lp = pl._forward(x, ids, None, None, None, None, 1.0, 0, False, pl.CONTRACT_TILE, True)[0]
-    old = lp + torch.randn(n, generator=g, device="cuda") * 0.05
-    ref_lp = lp + torch.randn(n, generator=g, device="cuda") * 0.1
-    adv = torch.randn(n, generator=g, device="cuda")
+    old = lp + torch.randn(n, generator=g, device=device) * 0.05
+    ref_lp = lp + torch.randn(n, generator=g, device=device) * 0.1
+    adv = torch.randn(n, generator=g, device=device)
     return x, ids, lp, old, ref_lp, adv
+
+
+def step_fns(x, ids, old, ref_lp, adv):
+    """The forward + backward steps compared by the table and by ``--profile`` (k3 KL against reference
+    logprobs, T = 1), from the kernels alone to ``ppo_loss`` end to end:
+
+    * ``kernels``: ``_forward`` + ``_backward`` launched directly (no autograd, no checks);
+    * ``ours_step``: ``fused_policy_loss`` (ids unchecked) + a two-op loss through autograd;
+    * ``ppo_step``: ``ppo_loss`` (clipped surrogate, KL term, token-mean, metrics) + ``backward()``,
+      as a trainer calls it (ids checked: one host sync);
+    * ``ppo_step unchecked ids``: the same with ``validate_ids=False``.
+    """
+    n = ids.numel()
+    g = torch.ones(n, device=x.device)
+
+    def kernels():
+        logp, ratio, _kl, ent, lse, _r = pl._forward(
+            x, ids, old, None, None, ref_lp, 1.0, 3, False, pl.CONTRACT_TILE, True
+        )
+        return pl._backward(
+            x, ids, None, lse, logp, ratio, ref_lp, ent, None, g, g, None, 1.0, 3, False, True
+        )
+
+    def ours_step():
+        xg = x.detach().requires_grad_(True)
+        out = pl.fused_policy_loss(xg, ids, old, ref_logprobs=ref_lp, validate_ids=False)
+        (out.ratio * adv + out.kl).sum().backward()
+        return xg.grad
+
+    def ppo(validate_ids):
+        def step():
+            xg = x.detach().requires_grad_(True)
+            out = ppo_loss(
+                xg, ids, old, adv, ref_logprobs=ref_lp, kl_coef=0.04, clip_low=0.2, clip_high=0.28,
+                validate_ids=validate_ids,
+            )  # fmt: skip
+            out.loss.backward()
+            return xg.grad
+
+        return step
+
+    return {
+        "kernels": kernels,
+        "ours_step": ours_step,
+        "ppo_step": ppo(True),
+        "ppo_step unchecked ids": ppo(False),
+    }
 
 
 def check_bits(x, ids, tile, fma, rows=None, launch=None):
@@ -340,21 +399,13 @@ def run_vocab(n, v, liger_fn, copy_bw, rows, results):
     tf, tb = ms(fwd), ms(bwd)
     bits = check_bits(x, ids, pl.CONTRACT_TILE, True)
 
-    def ours_step():
-        xg = x.detach().requires_grad_(True)
-        out = pl.fused_policy_loss(xg, ids, old, ref_logprobs=ref_lp, validate_ids=False)
-        (out.ratio * adv + out.kl).sum().backward()
-        return xg.grad
-
+    steps = step_fns(x, ids, old, ref_lp, adv)
+    ours_step, ppo_step = steps["ours_step"], steps["ppo_step"]
     res["ours"] = dict(fwd=tf, bwd=tb, peak=peak_gb(ours_step), fwd_bytes=nbytes, bitwise=bits, nbytes=nbytes)
-
-    def ppo_step():
-        xg = x.detach().requires_grad_(True)
-        out = ppo_loss(xg, ids, old, adv, ref_logprobs=ref_lp, kl_coef=0.04, clip_low=0.2, clip_high=0.28)
-        out.loss.backward()
-        return xg.grad
-
+    # through autograd: the op alone, then ppo_loss end to end (its ids check: one host sync per call)
+    res["ours autograd"] = dict(fwdbwd=ms(ours_step))
     res["ours ppo_loss"] = dict(fwdbwd=ms(ppo_step), peak=peak_gb(ppo_step))
+    res["ours ppo_loss unchecked ids"] = dict(fwdbwd=ms(steps["ppo_step unchecked ids"]))
 
     # ours with reference logits (reads 2 N V in the forward)
     rx = (x.float() + torch.randn_like(x, dtype=torch.float32) * 0.1).to(torch.bfloat16)
@@ -419,14 +470,99 @@ def run_vocab(n, v, liger_fn, copy_bw, rows, results):
     )
 
 
+_LAUNCHES = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx")
+_SYNCS = ("cudaStreamSynchronize", "cudaEventSynchronize")  # a step's own; not the final device sync
+
+
+def profile_steps(n, v, iters, out_dir, device="cuda", rows=20):
+    """``--profile``: torch.profiler over ``iters`` iterations of each of :func:`step_fns`'s steps at one
+    size. Per step: the device-time table of its kernels and ops (``key_averages``, ``rows`` rows), a
+    Chrome trace (``trace_<step>.json`` in ``out_dir``) and one summary line: wall time per iteration
+    back to back, do_bench's median (what the table reports), host time inside the step, device busy
+    time, kernels / copies, kernel launches and host syncs per iteration. ``ppo_step`` also gets its host
+    table (self CPU time). Device busy far below the wall time means the host (launches, syncs) sets it.
+    ``device="cpu"`` (under ``TRITON_INTERPRET=1``) only checks that this code runs."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, record_function
+    from torch.profiler import profile as torch_profile
+
+    cuda = device == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    x, ids, _lp, old, ref_lp, adv = make_inputs(n, v, device=device)
+    steps = step_fns(x, ids, old, ref_lp, adv)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    sort_by = "self_device_time_total" if cuda else "self_cpu_time_total"
+    summary = []
+    for name, fn in steps.items():
+        for _ in range(3):  # compile, warm the caching allocator
+            fn()
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        sync()
+        wall = (time.perf_counter() - t0) / iters * 1e3
+        median = ms(fn) if cuda else float("nan")
+        with torch_profile(activities=activities) as prof:
+            for _ in range(iters):
+                with record_function(name):
+                    fn()
+            sync()
+        events = prof.events()
+        dev = [  # kernels, copies, memsets (not the GPU-side ranges of record_function)
+            e for e in events
+            if e.device_type == DeviceType.CUDA and e.name != name and not getattr(e, "is_user_annotation", 0)
+        ]  # fmt: skip
+        busy = sum(e.time_range.elapsed_us() for e in dev) / iters / 1e3
+        host = [
+            e.time_range.elapsed_us() for e in events if e.name == name and e.device_type == DeviceType.CPU
+        ]
+        host_ms = sum(host) / max(len(host), 1) / 1e3
+        launches = sum(e.name in _LAUNCHES for e in events) / iters
+        syncs = sum(e.name in _SYNCS for e in events) / iters
+        line = (
+            f"{name}: wall {wall:.3f} ms/iter back to back, do_bench median {median:.3f} ms, "
+            f"host {host_ms:.3f} ms in the step, device busy {busy:.3f} ms in {len(dev) / iters:.0f} "
+            f"kernels/copies, {launches:.0f} launches, {syncs:.0f} host syncs per iteration"
+        )
+        summary.append(line)
+        print(f"\n## {line}\n{prof.key_averages().table(sort_by=sort_by, row_limit=rows)}", flush=True)
+        if name == "ppo_step" and cuda:
+            host_table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
+            print(f"### {name}: host side\n{host_table}")
+        prof.export_chrome_trace(str(Path(out_dir) / f"trace_{name.replace(' ', '_')}.json"))
+    print(f"\n## profile summary (N={n}, V={v}, bf16, {iters} iterations per step)")
+    for line in summary:
+        print(line)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=8192)
     ap.add_argument("--vocab", type=int, nargs="+", default=[32768, 151936, 262144])
     ap.add_argument("--sweep", action="store_true")
+    ap.add_argument(
+        "--profile", action="store_true",
+        help="only torch.profiler over a few iterations of each step (kernels, ours_step, ppo_step) at --n "
+        "and the first --vocab: top device kernels/ops per step, traces in --out",
+    )  # fmt: skip
+    ap.add_argument("--profile-iters", type=int, default=5)
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: --profile smoke test "
+                    "under TRITON_INTERPRET=1 (tiny sizes)")  # fmt: skip
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
     Path(args.out).mkdir(parents=True, exist_ok=True)
+    if args.profile:
+        if args.device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+            ap.error("--device cpu needs TRITON_INTERPRET=1")
+        sys.stdout = Tee(sys.stdout, Path(args.out) / "bench_policy_loss_profile.txt")
+        if args.device == "cuda":
+            props = torch.cuda.get_device_properties(0)
+            print(f"{props.name}, {props.multi_processor_count} SMs; torch {torch.__version__}")
+        profile_steps(args.n, args.vocab[0], args.profile_iters, args.out, args.device)
+        return
+    if args.device != "cuda":
+        ap.error("the benchmark runs on cuda (--device cpu is for --profile)")
     sys.stdout = Tee(sys.stdout, Path(args.out) / "bench_policy_loss.txt")
     props = torch.cuda.get_device_properties(0)
     print(f"{props.name}, {props.multi_processor_count} SMs; torch {torch.__version__}")

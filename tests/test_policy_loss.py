@@ -361,6 +361,60 @@ def test_clip_and_dual_clip_gradients():
         surrogate(ratio, adv, 0.2, 0.2, dual_clip=1.0)
 
 
+def _aggregate_before(per_token, mask, aggregation):
+    """aggregate() as first written (a zeros_like per masking): the bits the rewrite must keep."""
+    m = mask.to(per_token.dtype)
+    vals = torch.where(mask, per_token, torch.zeros_like(per_token))
+    if aggregation == "token-mean":
+        return vals.sum() / m.sum().clamp(min=1.0)
+    sums, counts = vals.sum(-1), m.sum(-1)
+    has = counts > 0
+    per_seq = sums / counts.clamp(min=1.0) if aggregation == "sequence-mean" else sums
+    return torch.where(has, per_seq, torch.zeros_like(per_seq)).sum() / has.sum().clamp(min=1)
+
+
+@pytest.mark.parametrize("aggregation", ["token-mean", "sequence-mean", "sequence-sum"])
+def test_ppo_loss_keeps_the_bits_of_the_first_formulation(aggregation):
+    """Fewer ops (one zero for every masking, the two fractions from one integer count, no mask for the
+    fused op when none is given), the same bits: loss, its gradient and the metrics."""
+    g = gen(41)
+    b, t, v = 3, 7, 300
+    logits = torch.randn(b, t, v, generator=g) * 2
+    ids = torch.randint(0, v, (b, t), generator=g)
+    old = pl.logprobs_reference(logits, ids) + torch.randn(b, t, generator=g) * 0.4
+    adv = torch.randn(b, t, generator=g)
+    ref_lp = old + torch.randn(b, t, generator=g) * 0.1
+    for mask in (torch.rand(b, t, generator=g) > 0.3, None):
+        x = logits.clone().requires_grad_(True)
+        kw = dict(
+            ref_logprobs=ref_lp, kl_coef=0.05, entropy_coef=0.01, dual_clip=3.0, aggregation=aggregation
+        )
+        out = ppo_loss(x, ids, old, adv, mask, **kw)
+        out.loss.backward()
+        y = logits.clone().requires_grad_(True)
+        m = mask if mask is not None else torch.ones(b, t, dtype=torch.bool)
+        ref = pl.policy_loss_reference(y, ids, old, m, ref_logprobs=ref_lp, entropy=True)
+        pg, clipped, dual = surrogate(ref.ratio, adv, 0.2, 0.2, 3.0)
+        per = torch.where(m, pg + 0.05 * ref.kl - 0.01 * ref.entropy, torch.zeros_like(pg))
+        loss = _aggregate_before(per, m, aggregation)
+        loss.backward()
+        assert torch.equal(out.loss.view(torch.int32), loss.detach().view(torch.int32))
+        assert torch.equal(out.per_token.detach(), per.detach())
+        assert torch.equal(x.grad.view(torch.int32), y.grad.view(torch.int32))
+        assert torch.equal(aggregate(per, m, aggregation), loss)
+        n = m.sum().clamp(min=1)
+        for name, flags in (("clip_frac", clipped), ("dual_clip_frac", dual)):
+            want = torch.where(m, flags.float(), 0.0).sum() / n
+            assert out.metrics[name].dtype == torch.float32
+            assert torch.equal(out.metrics[name].view(torch.int32), want.view(torch.int32)), name
+        unchecked = ppo_loss(logits, ids, old, adv, mask, validate_ids=False, **kw)
+        assert torch.equal(unchecked.loss, out.loss)
+    bad = ids.clone()
+    bad[1, 2] = v
+    with pytest.raises(ValueError, match=f"action id {v} outside"):
+        ppo_loss(logits, bad, old, adv)
+
+
 def test_packed_sequences_aggregate_like_padded_rows():
     g = gen(31)
     per = torch.randn(3, 5, generator=g)

@@ -176,3 +176,78 @@ def test_invalid_ids_raise_on_gpu():
         pl.fused_policy_loss(logits, ids, old, mask)
     mask[3] = False
     pl.fused_policy_loss(logits, ids, old, mask)
+
+
+def test_ppo_loss_end_to_end_passes_and_syncs_on_gpu():
+    """ppo_loss + backward(): the only [N, V] aten op is the dlogits allocation, which autograd takes as
+    .grad (none with the in-place backward), no zero-filled gradients, and the ids check's result comes
+    back by an asynchronous copy (no blocking .item()). -inf logits give zero gradients, never NaN."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from parity.ppo_loss import ppo_loss
+
+    n, v = 64, 32768
+    logits, _r, ids, old, _m = inputs(12, n, v, torch.bfloat16)
+    ref_lp = old + 0.1
+    adv = torch.randn(n, device=DEV)
+    kw = dict(ref_logprobs=ref_lp, kl_coef=0.04, clip_low=0.2, clip_high=0.28)
+    views = ("view", "_unsafe_view", "reshape", "expand", "detach", "alias", "unbind", "select", "slice")
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names, self.big = [], []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            name = str(func)
+            self.names.append(name)
+            outs = out if isinstance(out, (tuple, list)) else (out,)
+            if any(isinstance(o, torch.Tensor) and o.numel() >= n * v for o in outs) and not any(
+                name.startswith(f"aten.{w}.") for w in views
+            ):
+                self.big.append(name)
+            return out
+
+    ppo_loss(logits.clone().requires_grad_(True), ids, old, adv, **kw).loss.backward()  # compile
+    for inplace in (False, True):
+        x = logits.clone().requires_grad_(True)
+        with Ops() as ops:
+            ppo_loss(x, ids, old, adv, inplace_backward=inplace, **kw).loss.backward()
+        assert ops.big == ([] if inplace else ["aten.empty.memory_format"]), ops.big
+        assert "aten.zeros.default" not in ops.names
+        assert "aten._local_scalar_dense.default" not in ops.names
+        if inplace:
+            assert x.grad.data_ptr() == x.data_ptr()
+    xi = logits.float()
+    xi[:, -7:] = -math.inf
+    x = xi.requires_grad_(True)
+    ppo_loss(x, ids, old, adv, **kw).loss.backward()
+    assert torch.isfinite(x.grad).all() and (x.grad[:, -7:] == 0).all()
+
+
+def test_ppo_loss_ids_check_on_gpu():
+    from parity.ppo_loss import ppo_loss
+
+    logits, _r, ids, old, mask = inputs(13, 16, 1000, torch.bfloat16)
+    adv = torch.randn(16, device=DEV)
+    x = logits.clone().requires_grad_(True)
+    a = ppo_loss(x, ids, old, adv, mask)
+    a.loss.backward()
+    y = logits.clone().requires_grad_(True)
+    b = ppo_loss(y, ids, old, adv, mask, validate_ids=False)
+    b.loss.backward()
+    assert torch.equal(bits(a.per_token), bits(b.per_token)) and torch.equal(x.grad, y.grad)
+    for bad in (-1, 1000):
+        ids2 = ids.clone()
+        ids2[3] = bad
+        mask[3] = True
+        with pytest.raises(ValueError, match=f"action id {bad} outside"):
+            ppo_loss(logits, ids2, old, adv, mask)
+        with pytest.raises(ValueError, match="outside"):
+            ppo_loss(logits, ids2, old, adv)
+        with pytest.raises(ValueError, match="outside"):
+            pl.fused_logprobs(logits, ids2)
+        mask[3] = False
+        ppo_loss(logits, ids2, old, adv, mask)
+    torch.cuda.synchronize()  # the clamped ids kept every launch in bounds

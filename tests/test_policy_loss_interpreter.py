@@ -8,17 +8,38 @@ the kernel code that runs on the GPU. Forward outputs must be bitwise the plain-
 
 from __future__ import annotations
 
+import functools
 import math
 import os
+import subprocess
+import sys
 
 import torch
 
-from tests.helpers import run_under_triton_interpreter
+from tests.helpers import ROOT, run_under_triton_interpreter
 
 
 def test_kernels_under_the_triton_interpreter():
     proc = run_under_triton_interpreter(__file__, timeout=900)
     assert "interpreter checks passed" in proc.stdout
+
+
+def test_benchmark_help_and_profile_smoke(tmp_path):
+    """benchmarks/bench_policy_loss.py: --help on the CPU, and --profile's code path (CPU profiler, the
+    kernels under the interpreter, tiny sizes)."""
+    script = ROOT / "benchmarks" / "bench_policy_loss.py"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), TRITON_INTERPRET="1")
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    run = functools.partial(subprocess.run, capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
+    proc = run([sys.executable, str(script), "--help"])
+    assert proc.returncode == 0 and "--profile" in proc.stdout, proc.stderr[-4000:]
+    args = ["--profile", "--device", "cpu", "--n", "4", "--vocab", "300", "--profile-iters", "1"]
+    proc = run([sys.executable, "-W", "ignore", str(script), *args, "--out", str(tmp_path)])
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "profile summary" in proc.stdout
+    for step in ("kernels", "ours_step", "ppo_step", "ppo_step_unchecked_ids"):
+        assert (tmp_path / f"trace_{step}.json").stat().st_size > 0
+    assert (tmp_path / "bench_policy_loss_profile.txt").exists()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -80,6 +101,134 @@ def _check_case(pl, seed, shape, v, dtype, temperature, ref_kind, entropy, maske
     return f"{tag}: grad {err:.1e}"
 
 
+class _BigOps(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the aten ops, outside the two kernel launches, whose output has >= ``numel`` elements
+    (views and detach excepted: they move no data) and every op's name."""
+
+    VIEWS = ("view", "_unsafe_view", "reshape", "expand", "detach", "alias", "unbind", "select", "slice")
+
+    def __init__(self, numel):
+        super().__init__()
+        self.numel, self.big, self.names, self.quiet = numel, [], [], False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if self.quiet:  # inside a kernel launch: the interpreter's own copies of its arguments
+            return out
+        name = str(func)
+        self.names.append(name)
+        outs = out if isinstance(out, (tuple, list)) else (out,)
+        big = any(isinstance(o, torch.Tensor) and o.numel() >= self.numel for o in outs)
+        if big and not any(name.startswith(f"aten.{v}.") for v in self.VIEWS):
+            self.big.append(name)
+        return out
+
+
+def _quiet_launches(pl, mode):
+    """Wrap the two kernels so that ``mode`` ignores what the interpreter does inside a launch."""
+
+    class Quiet:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            launch = self.kernel[grid]
+
+            def run(*args, **kwargs):
+                mode.quiet = True
+                try:
+                    return launch(*args, **kwargs)
+                finally:
+                    mode.quiet = False
+
+            return run
+
+    return Quiet(pl._policy_fwd_kernel), Quiet(pl._policy_bwd_kernel)
+
+
+def _ppo_checks(pl):
+    """ppo_loss through the kernels: no [N, V] pass outside them, None (not zeros) for the gradients of
+    unused outputs, the same bits as before that change, finite gradients at -inf logits."""
+    from parity.ppo_loss import ppo_loss
+
+    g = torch.Generator().manual_seed(11)
+    n, v = 12, 2100
+    logits = (torch.randn(n, v, generator=g) * 3).to(torch.bfloat16)
+    ids = torch.randint(0, v, (n,), generator=g)
+    old = pl.fused_logprobs(logits, ids) + torch.randn(n, generator=g) * 0.3
+    ref_lp = old + torch.randn(n, generator=g) * 0.2
+    adv = torch.randn(n, generator=g)
+    kw = dict(ref_logprobs=ref_lp, kl_coef=0.04, clip_low=0.2, clip_high=0.28)
+
+    def step(mask=None, inplace=False, x=None, **extra):
+        x = logits.clone().requires_grad_(True) if x is None else x
+        out = ppo_loss(x, ids, old, adv, mask, inplace_backward=inplace, **kw, **extra)
+        out.loss.backward()
+        return x, out
+
+    # The only [N, V] op outside the kernels is the dlogits allocation, which autograd takes as .grad
+    # (no copy); with the in-place backward there is none at all: .grad is the logits' own storage.
+    # No zero fill for the gradients of logp / entropy (unused by the loss), no host sync but the ids check.
+    for inplace in (False, True):
+        mode = _BigOps(n * v)
+        saved = pl._policy_fwd_kernel, pl._policy_bwd_kernel, pl._empty
+        pl._policy_fwd_kernel, pl._policy_bwd_kernel = _quiet_launches(pl, mode)
+        pl._empty = torch.empty  # not the poisoning allocator (a fill of every output)
+        x = logits.clone().requires_grad_(True)
+        try:
+            with mode:
+                step(inplace=inplace, x=x)
+        finally:
+            pl._policy_fwd_kernel, pl._policy_bwd_kernel, pl._empty = saved
+        assert mode.big == ([] if inplace else ["aten.empty.memory_format"]), (inplace, mode.big)
+        assert mode.names.count("aten.zeros.default") == 0, "zero-filled gradients of unused outputs"
+        assert mode.names.count("aten._local_scalar_dense.default") <= 2  # at most: the ids' min and max
+        if inplace:
+            assert x.grad.data_ptr() == x.data_ptr()
+    x0, out0 = step()
+    # an all-True mask gives the bits of no mask (values, metrics, dlogits)
+    x1, out1 = step(torch.ones(n, dtype=torch.bool), validate_ids=False)
+    assert torch.equal(x0.grad.view(torch.int16), x1.grad.view(torch.int16))
+    for name in ("loss", "per_token", "logp", "ratio", "kl"):
+        a, b = getattr(out0, name), getattr(out1, name)
+        assert torch.equal(a.detach().view(torch.int32), b.detach().view(torch.int32)), name
+    for name, m in out0.metrics.items():
+        assert m.dtype == torch.float32 and torch.equal(m, out1.metrics[name]), name
+    # the backward with None for the unused outputs' gradients == with zeros for them (what autograd
+    # passed before): bitwise, on finite logits
+    fwd = pl._forward(logits, ids, old, None, None, ref_lp, 1.0, 3, False, pl.CONTRACT_TILE, True)
+    logp, ratio, _kl, ent, lse, _r = fwd
+    gr, gk, z = torch.randn(n, generator=g), torch.randn(n, generator=g), torch.zeros(n)
+    args = (logits, ids, None, lse, logp, ratio, ref_lp, ent)
+    d_none = pl._backward(*args, None, gr, gk, None, 1.0, 3, False, True)
+    d_zero = pl._backward(*args, z, gr, gk, z, 1.0, 3, False, True)
+    assert torch.equal(d_none.view(torch.int16), d_zero.view(torch.int16))
+    # -inf logits (a masked-out vocabulary tail): zero gradient there, never NaN
+    xi = logits.float()
+    xi[:, -5:] = -math.inf
+    x = xi.clone().requires_grad_(True)
+    ppo_loss(x, ids, old, adv, **kw).loss.backward()
+    assert torch.isfinite(x.grad).all() and (x.grad[:, -5:] == 0).all()
+    # invalid ids: still a ValueError from ppo_loss (after the launch), not with a mask over them
+    bad = ids.clone()
+    bad[3] = v
+    for fn in (
+        lambda: ppo_loss(logits, bad, old, adv, **kw),
+        lambda: pl.fused_policy_loss(logits, bad, old),
+        lambda: pl.fused_logprobs(logits, bad),
+    ):
+        try:
+            fn()
+        except ValueError as exc:
+            assert f"action id {v} outside" in str(exc)
+        else:
+            raise AssertionError("an unmasked id outside [0, V) must raise")
+    keep = torch.ones(n, dtype=torch.bool)
+    keep[3] = False
+    ppo_loss(logits, bad, old, adv, keep, **kw)
+    print("ppo_loss checks passed", flush=True)
+
+
 def _checks():
     from parity.ops import policy_loss as pl
 
@@ -135,6 +284,7 @@ def _checks():
     bad = torch.randn(3, 300, generator=g)
     bad[0, 3], bad[1, 4], bad[2] = math.nan, math.inf, -math.inf
     assert torch.isnan(pl.fused_logprobs(bad, torch.tensor([1, 2, 3]))).all()
+    _ppo_checks(pl)
     print("interpreter checks passed")
 
 

@@ -88,6 +88,7 @@ gradient; their action ids are never read. Unmasked ids outside ``[0, V)`` raise
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass
@@ -720,15 +721,26 @@ def _fma_mode(fma: bool) -> int:
     return _FMA_EMULATED if _interpreting() else _FMA_NATIVE
 
 
+@functools.lru_cache(maxsize=64)
+def _fp32_scalar_of(value: float) -> float:
+    return float(torch.tensor(value, dtype=torch.float32))
+
+
+@functools.lru_cache(maxsize=64)
+def _fp32_inverse_of(t32: float) -> float:
+    one = torch.ones((), dtype=torch.float32)
+    return float(one / torch.tensor(t32, dtype=torch.float32))
+
+
 def _fp32_scalar(value: float) -> float:
-    """A Python float rounded to fp32 (how SGLang and token_logprobs hold temperatures)."""
-    return float(torch.tensor(float(value), dtype=torch.float32))
+    """A Python float rounded to fp32 (how SGLang and token_logprobs hold temperatures). Memoised per
+    value: every launch needs it, and it costs a few CPU tensor ops."""
+    return _fp32_scalar_of(float(value))
 
 
 def _fp32_inverse(t32: float) -> float:
-    """RN32(1 / t32): IEEE fp32 division (a double 1/t rounded to fp32 could round twice)."""
-    one = torch.ones((), dtype=torch.float32)
-    return float(one / torch.tensor(t32, dtype=torch.float32))
+    """RN32(1 / t32): IEEE fp32 division (a double 1/t rounded to fp32 could round twice). Memoised."""
+    return _fp32_inverse_of(float(t32))
 
 
 def _rows(x: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
@@ -751,16 +763,40 @@ def _flat(t: torch.Tensor | None, n: int, name: str, dtype: torch.dtype) -> torc
     return t.reshape(n).to(dtype).contiguous()
 
 
-def _check_ids(ids: torch.Tensor, mask: torch.Tensor | None, vocab: int) -> None:
-    """One min/max reduction over the unmasked ids (one host sync): never a silent clamp."""
-    if ids.numel() == 0:
-        return
-    live = ids if mask is None else torch.where(mask, ids, torch.zeros_like(ids))
-    lo, hi = torch.aminmax(live)
-    lo, hi = int(lo), int(hi)
+def _raise_bad_id(lo: int, hi: int, vocab: int) -> None:
     if lo < 0 or hi >= vocab:
         bad = lo if lo < 0 else hi
         raise ValueError(f"action id {bad} outside [0, {vocab}) on an unmasked token")
+
+
+def _start_id_check(ids: torch.Tensor, mask: torch.Tensor | None, vocab: int):
+    """Check the unmasked ids without stalling the launch: ``(ids for the kernels, finish)``.
+
+    One min/max reduction over the unmasked ids, never a silent clamp: ``finish()`` raises
+    ``ValueError`` if one lies outside ``[0, V)``. On a GPU the two results come back by an
+    asynchronous copy, and ``finish()`` (called once the kernels are queued) waits only for that copy:
+    the host sync no longer leaves the GPU idle while the forward kernel is being launched. Until then
+    the kernels must never read out of bounds, so they get the ids clamped into ``[0, V)`` (the same ids
+    wherever the check passes; masked rows' ids are never read)."""
+    if ids.numel() == 0:
+        return ids, lambda: None
+    live = ids if mask is None else torch.where(mask, ids, 0)
+    lohi = torch.stack(torch.aminmax(live))
+    if not lohi.is_cuda:
+        lo, hi = lohi.tolist()
+        _raise_bad_id(lo, hi, vocab)
+        return ids, lambda: None
+    host = torch.empty(2, dtype=lohi.dtype, pin_memory=True)
+    host.copy_(lohi, non_blocking=True)
+    copied = torch.cuda.Event()
+    copied.record()
+    safe = ids.clamp(0, max(vocab - 1, 0))
+
+    def finish() -> None:
+        copied.synchronize()
+        _raise_bad_id(*host.tolist(), vocab)
+
+    return safe, finish
 
 
 def _check_tile(tile: int) -> int:
@@ -817,7 +853,10 @@ def _backward(logits, ids, mask, lse, logp, ratio, ref_lp, ent, g_logp, g_ratio,
     n = ids.numel()
     if inplace and x.data_ptr() == logits.data_ptr() and x.stride() == logits.stride():
         dx, dx_sb, dx_sl = x, x_sb, x_sl
-        out = logits
+        # A new tensor over the logits' storage, not the saved logits themselves: autograd copies a
+        # returned grad that other tensors still reference (the leaf, the saved input) into .grad,
+        # a full extra [N, V] read and write; this one it takes as .grad as it is.
+        out = logits.detach()
     else:
         out = _empty(logits.shape, dtype=logits.dtype, device=logits.device)
         dx, _dl, dx_sb, dx_sl = _rows(out)
@@ -853,6 +892,10 @@ class _FusedPolicyLoss(torch.autograd.Function):
         )
         ctx.save_for_backward(logits, ids, mask, lse, logp, ratio, ref_lp, ent)
         ctx.cfg = (temperature, kl_mode, inplace, fma)
+        # Outputs the loss does not use get None, not a tensor of zeros: no fill kernels, and the
+        # backward kernel's terms for them are compiled out (a zero entropy gradient would still
+        # multiply log p, which is -inf for -inf logits: NaN gradients).
+        ctx.set_materialize_grads(False)
         if kl_mode == 0:
             ctx.mark_non_differentiable(kl)
         if not entropy:
@@ -922,16 +965,19 @@ def fused_policy_loss(
     reference (no gradient flows to either); ``kl_estimator``: ``"k1"``/``"k2"``/``"k3"``.
     ``inplace_backward`` writes dlogits over ``logits`` (saves ``N*V`` elements; the logits are
     destroyed). On CUDA (or under ``TRITON_INTERPRET=1``) this runs the Triton kernels, elsewhere the
-    plain-PyTorch :func:`policy_loss_reference`; both give the contract's bits.
+    plain-PyTorch :func:`policy_loss_reference`; both give the contract's bits. ``validate_ids``: raise
+    ``ValueError`` for an unmasked id outside ``[0, V)`` -- one host sync per call, which on a GPU waits
+    for a small copy after the forward kernel is queued; ``False`` skips it (ids known to be valid).
     """
     lead, V, n = _check_args(
         logits, ids, old_logprobs, mask, temperature, ref_logits, ref_logprobs, kl_estimator
     )
     ids_f = _flat(ids, n, "ids", torch.int64)
     mask_f = _flat(mask, n, "mask", torch.bool)
-    if validate_ids:
-        _check_ids(ids_f, mask_f, V)
+    ids_k, finish_check = _start_id_check(ids_f, mask_f, V) if validate_ids else (ids_f, None)
     if not _use_triton(logits):
+        if finish_check is not None:
+            finish_check()
         out = policy_loss_reference(
             logits, ids, old_logprobs, mask, temperature, ref_logits=ref_logits, ref_logprobs=ref_logprobs,
             kl_estimator=kl_estimator, entropy=entropy,
@@ -939,11 +985,13 @@ def fused_policy_loss(
         return out
     kl_mode = KL_ESTIMATORS[kl_estimator] if (ref_logits is not None or ref_logprobs is not None) else 0
     logp, ratio, kl, ent = _FusedPolicyLoss.apply(
-        logits, ids_f, _flat(old_logprobs, n, "old_logprobs", torch.float32), mask_f,
+        logits, ids_k, _flat(old_logprobs, n, "old_logprobs", torch.float32), mask_f,
         ref_logits.detach() if ref_logits is not None else None,
         _flat(ref_logprobs, n, "ref_logprobs", torch.float32), float(temperature), kl_mode, bool(entropy),
         bool(inplace_backward), CONTRACT_TILE, CONTRACT_FMA,
     )  # fmt: skip
+    if finish_check is not None:
+        finish_check()  # after the launch: raises for an unmasked id outside [0, V)
     return PolicyLossOutput(
         logp.view(lead),
         ratio.view(lead),
@@ -961,12 +1009,14 @@ def fused_logprobs(logits: torch.Tensor, ids: torch.Tensor, temperature: float =
     lead = logits.shape[:-1]
     n = math.prod(lead)
     ids_f = _flat(ids, n, "ids", torch.int64)
-    _check_ids(ids_f, None, logits.shape[-1])
+    ids_k, finish_check = _start_id_check(ids_f, None, logits.shape[-1])
     if not _use_triton(logits):
+        finish_check()
         return logprobs_reference(logits, ids, temperature)
     logp = _forward(
-        logits, ids_f, None, None, None, None, temperature, 0, False, CONTRACT_TILE, CONTRACT_FMA
+        logits, ids_k, None, None, None, None, temperature, 0, False, CONTRACT_TILE, CONTRACT_FMA
     )[0]
+    finish_check()
     return logp.view(lead)
 
 
