@@ -54,9 +54,12 @@ The negative control, ``residual_before_rounding`` (the AITER PR 2586 bug), must
 kernel's ``summed``.
 
 (b) Latency, fused vs unfused, medians over ``--iters`` iterations timed with CUDA events. Before each
-timed iteration both ranks line up on a tiny NCCL all-reduce, then each GPU spins ~100 us
+timed iteration both ranks line up on a tiny NCCL all-reduce, then each GPU spins ~1 ms
 (``torch.cuda._sleep``) while the host enqueues the op, so the events time the GPU work, not Python's
-launch overhead. Columns (us, the slower rank's median): ``allreduce`` (NCCL alone, in place),
+launch overhead (as in the server's CUDA-graph decode). A ~100 us spin was too short: the host's
+enqueue of a Triton launch plus an NCCL call outlasted it, and the GPU idled inside the timed region
+(2x H200: unfused 75 us at 4096 x 1 with NCCL alone at 13.5 us). Columns (us, the slower rank's
+median): ``allreduce`` (NCCL alone, in place),
 ``unfused`` (NCCL all-reduce + the norm kernel with the residual add: the patched server's two
 kernels), ``fused 1k`` (one launch: the one-shot kernel, its copy-in and both barriers inside) and
 ``fused+tn`` (the kernel + ``contract.rms_norm``). Measured on 2x H200 before the norm kernel
@@ -105,7 +108,7 @@ sys.path.insert(0, str(ROOT))
 BF16 = torch.bfloat16
 EPS = 1e-6
 WORLD = 2
-SLEEP_CYCLES = 200_000  # ~100 us at H100 clocks: the host enqueues the timed op meanwhile
+SLEEP_CYCLES = 2_000_000  # ~1 ms at H100/H200 clocks: the host enqueues the timed op meanwhile
 
 EXIT_ERROR = 3  # a rank raised: its traceback is printed first
 EXIT_WATCHDOG = 4  # a phase overran its deadline: its name and every thread's stack are printed first
