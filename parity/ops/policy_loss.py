@@ -229,6 +229,8 @@ FWD_CANDIDATES: tuple[FwdLaunch, ...] = tuple(
         (4, 2, 3, 1), (2, 2, 3, 1),  # pipelined tile loop
         (4, 1, 1, 4), (2, 1, 1, 8), (4, 1, 3, 4), (4, 1, 3, 8), (2, 1, 3, 4), (2, 1, 3, 8), (1, 1, 3, 8),
         # ^ several rows per program
+        (1, 1, 2, 1), (1, 1, 4, 1), (1, 1, 5, 1), (1, 2, 3, 1), (1, 1, 3, 4), (2, 1, 5, 1),
+        # ^ around the best at V=32768 on an H200 (w1u1s3r1, 0.72 of copy)
     ]
 )  # fmt: skip
 BWD_CANDIDATES: tuple[BwdLaunch, ...] = tuple(
