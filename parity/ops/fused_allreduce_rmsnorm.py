@@ -31,22 +31,27 @@ The kernel (GPU)
 One-shot over peer buffers through torch symmetric memory, in ONE launch per call (NVLink loads and
 system-scope atomics; no multicast, no NCCL). Program p of the kernel owns token rows p, p + P, ...
 (P <= the SM count). It copies its rows of this rank's partial into this rank's symmetric buffer,
-meets program p of every peer (a barrier over the ranks' signal pads, with release/acquire atomics:
-the rows are published), reads every rank's rows from the peers' buffers and computes them -- every
-rank ends with the same ``summed`` and ``normed`` -- and meets the peers again, so that no rank's next
-call overwrites rows a peer is still reading. The hidden size fits one block.
+publishes them (a release write of the call's number into every rank's flags) and waits for every
+peer's program p to have done the same (acquire reads), reads every rank's rows from the peers'
+buffers and computes them -- every rank ends with the same ``summed`` and ``normed``. The last program
+to finish tells the peers that this rank is done reading their buffers; the next call waits for
+that before overwriting its own buffer. The hidden size fits one block.
 
 The trade-off. The unfused path is two launches (NCCL's all-reduce, then the norm kernel) and NCCL's
-fixed cost; an earlier version of this op was four (copy, torch barrier, kernel, torch barrier) and lost
-to it at small sizes. In one launch the fixed cost is one kernel and two NVLink round trips. The price:
-the barriers spin inside the kernel, so all P programs of every rank must be resident together (P is
-capped at the SM count) and a rank that never calls leaves its peers spinning (no timeout: the bench's
-watchdog is what turns a hang into an error). Each rank reads all k partials (k x the bytes of a ring
-all-reduce's reads): for TP=2 that is the same traffic as NCCL's.
+fixed cost. Measured on 2x H200: a four-launch version of this op (copy, torch barrier, kernel, torch
+barrier) lost to it at small sizes, and so did one launch with two consuming barriers (each program
+met its peers twice, 1.08-1.19x the unfused path at 1-64 tokens). Here the fixed cost is one kernel
+and one NVLink round trip on the critical path: the "done reading" signal is awaited by the next
+call, by then long since arrived. Flags hold call numbers and are never consumed, so a wait is a
+read and the grid may change between calls. The price: waits spin inside the kernel, so all P
+programs of every rank must be resident together (P is capped at the SM count) and a rank that
+never calls leaves its peers spinning (no timeout: the bench's watchdog turns a hang into an error);
+every rank must make the same calls in the same order. Each rank reads all k partials (k x the bytes
+of a ring all-reduce's reads): for TP=2 that is the same traffic as NCCL's.
 
 Under ``TRITON_INTERPRET=1`` (CPU) the compute runs with a table of host pointers to k CPU tensors
-(``allreduce_add_rms_norm_local``), and the one-shot kernel itself with world 1 (a rank meeting
-itself; the interpreter runs programs one after another, so peers cannot meet there); Triton's
+(``allreduce_add_rms_norm_local``), and the one-shot kernel itself with world 1 (a rank signalling
+itself; the interpreter runs programs one after another, so peers cannot wait for each other there); Triton's
 fp32 -> bf16 conversion truncates there, so the kernels round to nearest-even with integer operations
 instead (``EXACT_RNE``; NaN is not preserved there, the interpreter is for tests only).
 """
@@ -163,36 +168,46 @@ def _allreduce_add_rmsnorm_kernel(
     )  # fmt: skip
 
 
-@triton.jit
-def _block_barrier(pad_table, slot, rank, WORLD: tl.constexpr):
-    """Program ``slot // WORLD`` of every rank meets here; returns once each peer's same program has
-    arrived. Every prior store of this program is visible to the peers' programs after their barrier
-    (release), and theirs to this one (acquire).
+# Layout of each rank's int32 flags (a symmetric tensor of ``flag_count(world, max_programs)``, zeroed
+# once). Every value written is a call number (1, 2, ...; int32, compared for equality, so it may wrap).
+# - FLAG_CALL: the number of this op's completed calls on this rank (read and written locally);
+# - FLAG_ARRIVED: programs of the current call done reading the peers (local; the last resets it);
+# - FLAG_DONE + p: the last call in which rank p finished reading this rank's buffer (p writes it);
+# - FLAG_DONE + world + program * world + p: the last call in which rank p published its rows of
+#   ``program`` (p writes it).
+FLAG_CALL = tl.constexpr(0)
+FLAG_ARRIVED = tl.constexpr(1)
+FLAG_DONE = tl.constexpr(2)
 
-    The protocol is torch symmetric memory's ``put_signal`` / ``wait_signal`` (one int32 per
-    (program, peer) in every rank's signal pad): to signal, CAS the peer's slot ``[program, me]``
-    0 -> 1 with release semantics at system scope (it spins while that slot still holds this
-    program's previous, unconsumed signal); to wait, CAS my slot ``[program, peer]`` 1 -> 0 with
-    acquire semantics. A scalar atomic is issued by one thread of the program (Triton predicates it
-    and broadcasts the result); ``debug_barrier`` (``bar.sync``) orders the other threads' stores
-    before the signal and their loads after the wait."""
+
+def flag_count(world: int, max_programs: int) -> int:
+    return FLAG_DONE.value + world + max_programs * world
+
+
+@triton.jit
+def _wait_for(ptr, value):
+    """Spin until the int32 at ``ptr`` equals ``value``: an atomic add of 0 reads it with acquire
+    semantics at system scope (one thread issues it; Triton broadcasts the result), and the
+    ``debug_barrier`` (``bar.sync``) orders every thread's later accesses after it."""
+    while tl.atomic_add(ptr, 0, sem="acquire", scope="sys") != value:
+        pass
     tl.debug_barrier()
-    for peer in tl.static_range(WORLD):
-        pad = tl.load(pad_table + peer).to(tl.pointer_type(tl.int32))
-        while tl.atomic_cas(pad + slot + rank, 0, 1, sem="release", scope="sys") != 0:
-            pass
-    own = tl.load(pad_table + rank).to(tl.pointer_type(tl.int32))
-    for peer in tl.static_range(WORLD):
-        while tl.atomic_cas(own + slot + peer, 1, 0, sem="acquire", scope="sys") != 1:
-            pass
+
+
+@triton.jit
+def _signal(flag_table, peer, slot, value):
+    """Write ``value`` to int32 ``slot`` of rank ``peer``'s flags with release semantics at system
+    scope, after a ``bar.sync``: every earlier access of this program's threads happens before it."""
     tl.debug_barrier()
+    flags = tl.load(flag_table + peer).to(tl.pointer_type(tl.int32))
+    tl.atomic_xchg(flags + slot, value, sem="release", scope="sys")
 
 
 @triton.jit(do_not_specialize=["n_rows", "n_programs", "rank"])
 def _one_shot_kernel(
     partial_ptr,  # this rank's bf16 partial [n_rows, H]
     buffer_table,  # int64 [WORLD]: each rank's symmetric buffer (>= n_rows * H bf16)
-    pad_table,  # int64 [WORLD]: each rank's signal pad (int32 slots, >= n_programs * WORLD)
+    flag_table,  # int64 [WORLD]: each rank's int32 flags (FLAG_* above)
     residual_ptr,
     weight_ptr,
     summed_ptr,
@@ -208,29 +223,51 @@ def _one_shot_kernel(
     NORM: tl.constexpr,
     EXACT_RNE: tl.constexpr,
 ):
-    """The whole TP op in one launch: program p owns rows p, p + n_programs, ... It copies them into
-    this rank's symmetric buffer, meets program p of every peer (the rows are published), computes
-    them from all ranks' buffers, and meets the peers again (nobody reads this rank's rows any more,
-    so its next call may overwrite them). All n_programs programs of both ranks must be resident
-    together: the launcher keeps n_programs <= the SM count."""
+    """The whole TP op in one launch; program p owns rows p, p + n_programs, ...
+
+    Call c (this rank's c-th; every rank makes the same calls in the same order):
+    1. wait until every peer has finished reading this rank's buffer in call c - 1 (its DONE flag is
+       c - 1; usually long true), so the buffer may be overwritten;
+    2. copy my rows of the partial into this rank's buffer;
+    3. publish them: write c to my slot of program p in every rank's flags, then wait until every
+       rank's slot of program p here reads c (their rows of program p are in their buffers);
+    4. compute the rows from all ranks' buffers;
+    5. the last program to finish (a counter at GPU scope) writes c to this rank's DONE slot in every
+       rank's flags and stores c as the number of completed calls.
+    Waiting programs spin, so all programs of every rank must be resident together: the launcher keeps
+    n_programs <= the SM count. No flag is consumed, so waits are reads and the grid may change from
+    call to call."""
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_H)
     mask = cols < H
+    flags = tl.load(flag_table + rank).to(tl.pointer_type(tl.int32))
+    call = tl.load(flags + FLAG_CALL) + 1  # written by call c - 1's last program (stream order)
+    for peer in tl.static_range(WORLD):  # 1.
+        _wait_for(flags + FLAG_DONE + peer, call - 1)
     own = tl.load(buffer_table + rank).to(tl.pointer_type(tl.bfloat16))
     row = pid.to(tl.int64)
-    while row < n_rows:  # a while loop: the interpreter's scalars cannot bound a range()
+    while row < n_rows:  # 2. (a while loop: the interpreter's scalars cannot bound a range())
         offs = row * H + cols
         tl.store(own + offs, tl.load(partial_ptr + offs, mask=mask), mask=mask)
         row += n_programs
-    _block_barrier(pad_table, pid * WORLD, rank, WORLD)
+    published = FLAG_DONE + WORLD + pid * WORLD
+    for peer in tl.static_range(WORLD):  # 3.
+        _signal(flag_table, peer, published + rank, call)
+    for peer in tl.static_range(WORLD):
+        _wait_for(flags + published + peer, call)
     row = pid.to(tl.int64)
-    while row < n_rows:
+    while row < n_rows:  # 4.
         _reduce_add_norm_row(
             buffer_table, row, residual_ptr, weight_ptr, summed_ptr, normed_ptr,
             H, eps, WORLD, BLOCK_H, LOG2_BLOCK_H, NORM, EXACT_RNE,
         )  # fmt: skip
         row += n_programs
-    _block_barrier(pad_table, pid * WORLD, rank, WORLD)
+    tl.debug_barrier()  # 5. (the counter's release orders this program's reads before it)
+    if tl.atomic_add(flags + FLAG_ARRIVED, 1, sem="acq_rel", scope="gpu") == n_programs - 1:
+        tl.store(flags + FLAG_ARRIVED, 0)
+        for peer in tl.static_range(WORLD):
+            _signal(flag_table, peer, FLAG_DONE + rank, call)
+        tl.store(flags + FLAG_CALL, call)
 
 
 def _outputs(residual: torch.Tensor, fused_norm: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -272,7 +309,7 @@ def one_shot_allreduce_add_rms_norm(
     eps: float,
     *,
     buffer_table: torch.Tensor,
-    pad_table: torch.Tensor,
+    flag_table: torch.Tensor,
     rank: int,
     world: int,
     max_programs: int,
@@ -281,11 +318,12 @@ def one_shot_allreduce_add_rms_norm(
     """One launch of the one-shot kernel on this rank (every rank of the group calls it with its own
     ``partial`` and ``rank``, the same tables, shapes and ``max_programs``).
 
-    ``buffer_table`` / ``pad_table``: int64 addresses of every rank's symmetric buffer and signal pad
-    (:class:`SymmetricAllReduceAddRMSNorm` maps them). ``min(rows, max_programs)`` programs: all of
+    ``buffer_table`` / ``flag_table``: int64 addresses of every rank's symmetric buffer and int32
+    flags (``flag_count(world, max_programs)`` of them, zeroed before the first call;
+    :class:`SymmetricAllReduceAddRMSNorm` maps them). ``min(rows, max_programs)`` programs: all of
     them must be resident at once on every GPU, so ``max_programs`` is at most the SM count. Under the
-    interpreter the kernel runs its programs one after another: only ``world == 1`` can meet there
-    (a rank signals and waits on its own pad), which is how the CPU tests run the barrier code."""
+    interpreter the kernel runs its programs one after another: only ``world == 1`` can run there
+    (a rank signals itself), which is how the CPU tests run the synchronisation code."""
     _check(partial, residual, weight)
     partial = partial.contiguous()
     hidden = residual.shape[-1]
@@ -294,7 +332,7 @@ def one_shot_allreduce_add_rms_norm(
     if rows:
         programs = min(rows, max_programs)
         _one_shot_kernel[(programs,)](
-            partial, buffer_table, pad_table, residual, weight, summed, normed, rows, programs, rank,
+            partial, buffer_table, flag_table, residual, weight, summed, normed, rows, programs, rank,
             hidden, eps, WORLD=world, NORM=fused_norm, **launch_options(hidden),
         )  # fmt: skip
     return _norm_after(summed, normed, weight, eps, fused_norm)
@@ -329,11 +367,11 @@ def allreduce_add_rms_norm_local(
 def warm_up_kernel(world: int, hidden: int, device: torch.device | str, *, fused_norm: bool) -> float:
     """Compile (or load from Triton's cache) both kernels for ``world`` ranks and ``hidden``, with no
     peer involved: the local kernel by a launch over a pointer table of one zero row repeated
-    ``world`` times, the one-shot kernel by ``warmup`` (compiled, not launched: its barriers need the
+    ``world`` times, the one-shot kernel by ``warmup`` (compiled, not launched: its waits need the
     peers). Returns the seconds it took.
 
     The symmetric op calls this in its constructor: a first call that compiled inside ``__call__``
-    would leave the peers spinning in their barriers for the whole compile."""
+    would leave the peers spinning in their waits for the whole compile."""
     t0 = time.perf_counter()
     device = torch.device(device)
     row = torch.zeros(1, hidden, dtype=torch.bfloat16, device=device)
@@ -350,6 +388,23 @@ def warm_up_kernel(world: int, hidden: int, device: torch.device | str, *, fused
     return time.perf_counter() - t0
 
 
+def _symmetric(numel: int, dtype: torch.dtype, group, device) -> tuple[torch.Tensor, object, torch.Tensor]:
+    """A zero-copy peer-mapped tensor of ``group``: ``(tensor, handle, table)``, ``table`` the int64
+    address of every rank's copy (a collective: every rank calls it in the same order)."""
+    import torch.distributed._symmetric_memory as symm_mem
+
+    tensor = symm_mem.empty(numel, dtype=dtype, device=device)
+    handle = symm_mem.rendezvous(tensor, group)
+    # ``buffer_ptrs`` are the bases of the peers' allocations. ``symm_mem.empty`` allocates from a
+    # memory pool, where a tensor may start inside its allocation: add this tensor's offset (the same
+    # on every rank, the allocations being symmetric; 0 when the tensor owns its allocation).
+    ptrs = list(handle.buffer_ptrs)
+    offset = tensor.data_ptr() - ptrs[handle.rank]
+    if offset < 0 or offset % tensor.element_size():
+        raise RuntimeError(f"symmetric tensor at offset {offset} of its allocation's base")
+    return tensor, handle, torch.tensor([p + offset for p in ptrs], dtype=torch.int64, device=device)
+
+
 class SymmetricAllReduceAddRMSNorm:
     """The one-shot fused op of one TP group on GPU, over torch symmetric memory.
 
@@ -359,10 +414,10 @@ class SymmetricAllReduceAddRMSNorm:
     buffer is allocated once for ``max_tokens`` rows.
 
     Every rank of ``group`` must construct its ops in the same order (``rendezvous`` is a collective)
-    and call them in the same order (each call meets the peers twice).
+    and call them in the same order (the kernel's flags count calls).
 
-    - ``impl="triton"`` (default): one launch of the one-shot kernel per call (copy in, meet, reduce +
-      add + norm from the peers' buffers, meet; the barriers inside the kernel, over the signal pads:
+    - ``impl="triton"`` (default): one launch of the one-shot kernel per call (copy in, publish, wait
+      for the peers, reduce + add + norm from the peers' buffers, signal "done reading":
       :func:`one_shot_allreduce_add_rms_norm`), with at most one program per SM. It is compiled in the
       constructor (``precompile``, see :func:`warm_up_kernel`), never while peers wait.
     - ``impl="torch"``: the same transport done by torch (copy into the buffer, symmetric-memory
@@ -386,7 +441,6 @@ class SymmetricAllReduceAddRMSNorm:
         barrier_timeout_ms: int = 0,
     ):
         import torch.distributed as dist
-        import torch.distributed._symmetric_memory as symm_mem
 
         if impl not in ("triton", "torch"):
             raise ValueError(f"impl {impl!r}: 'triton' or 'torch'")
@@ -399,30 +453,21 @@ class SymmetricAllReduceAddRMSNorm:
         self.compile_s = 0.0
         if precompile and impl == "triton":
             self.compile_s = warm_up_kernel(self.world, hidden, device, fused_norm=fused_norm)
-        self.buffer = symm_mem.empty(max_tokens * hidden, dtype=torch.bfloat16, device=device)
-        self.handle = symm_mem.rendezvous(self.buffer, group)
-        # ``buffer_ptrs`` are the bases of the peers' allocations. ``symm_mem.empty`` allocates from a
-        # memory pool, where a tensor may start inside its allocation: add this tensor's offset (the
-        # same on every rank, the allocations being symmetric; 0 when the tensor owns its allocation).
-        ptrs = list(self.handle.buffer_ptrs)
-        self.offset_bytes = self.buffer.data_ptr() - ptrs[self.handle.rank]
-        if self.offset_bytes < 0 or self.offset_bytes % self.buffer.element_size():
-            raise RuntimeError(f"symmetric buffer at offset {self.offset_bytes} of its allocation's base")
-        self.table = torch.tensor([p + self.offset_bytes for p in ptrs], dtype=torch.int64, device=device)
-        self.rank = self.handle.rank
-        self.pad_table = torch.tensor(list(self.handle.signal_pad_ptrs), dtype=torch.int64, device=device)
-        # The kernel's programs meet their peers, so all must be resident at once: one per SM at most,
-        # each with one int32 slot per rank in every signal pad.
+        # The kernel's programs wait for their peers, so all must be resident at once: one per SM at most.
         self.max_programs = min(max_tokens, torch.cuda.get_device_properties(device).multi_processor_count)
-        if self.max_programs * self.world * 4 > self.handle.signal_pad_size:
-            raise RuntimeError(
-                f"signal pad of {self.handle.signal_pad_size} bytes < {self.max_programs} programs x "
-                f"{self.world} ranks x 4 bytes (torch.distributed._symmetric_memory.set_signal_pad_size)"
-            )
+        self.buffer, self.handle, self.table = _symmetric(max_tokens * hidden, torch.bfloat16, group, device)
+        self.rank = self.handle.rank
+        self.flags, _, self.flag_table = _symmetric(
+            flag_count(self.world, self.max_programs), torch.int32, group, device
+        )
+        self.flags.zero_()
+        torch.cuda.synchronize(device)
+        dist.barrier(group)  # every rank's flags are zero before any peer's first call writes to them
 
     def peer_buffer(self, rank: int, shape) -> torch.Tensor:
         """Rank ``rank``'s partial of the current call, read in place (NVLink) through its buffer."""
-        return self.handle.get_buffer(rank, tuple(shape), torch.bfloat16, self.offset_bytes // 2)
+        offset = self.buffer.data_ptr() - self.handle.buffer_ptrs[self.rank]
+        return self.handle.get_buffer(rank, tuple(shape), torch.bfloat16, offset // 2)
 
     def __call__(self, partial: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
         _check(partial, residual, weight)
@@ -431,7 +476,7 @@ class SymmetricAllReduceAddRMSNorm:
             raise ValueError(f"{tuple(partial.shape)} does not fit [{self.max_tokens}, {self.hidden}]")
         if self.impl == "triton":
             return one_shot_allreduce_add_rms_norm(
-                partial, residual, weight, eps, buffer_table=self.table, pad_table=self.pad_table,
+                partial, residual, weight, eps, buffer_table=self.table, flag_table=self.flag_table,
                 rank=self.rank, world=self.world, max_programs=self.max_programs, fused_norm=self.fused_norm,
             )  # fmt: skip
         self.buffer[: partial.numel()].copy_(partial.reshape(-1))
