@@ -226,14 +226,14 @@ def _one_shot_kernel(
     """The whole TP op in one launch; program p owns rows p, p + n_programs, ...
 
     Call c (this rank's c-th; every rank makes the same calls in the same order):
-    1. wait until every peer has finished reading this rank's buffer in call c - 1 (its DONE flag is
-       c - 1; usually long true), so the buffer may be overwritten;
+    1. wait until every peer (every other rank) has finished reading this rank's buffer in call c - 1
+       (its DONE flag is c - 1; usually long true), so the buffer may be overwritten;
     2. copy my rows of the partial into this rank's buffer;
-    3. publish them: write c to my slot of program p in every rank's flags, then wait until every
-       rank's slot of program p here reads c (their rows of program p are in their buffers);
+    3. publish them: write c to my slot of program p in every peer's flags, then wait until every
+       peer's slot of program p here reads c (their rows of program p are in their buffers);
     4. compute the rows from all ranks' buffers;
     5. the last program to finish (a counter at GPU scope) writes c to this rank's DONE slot in every
-       rank's flags and stores c as the number of completed calls.
+       peer's flags and stores c as the number of completed calls.
     Waiting programs spin, so all programs of every rank must be resident together: the launcher keeps
     n_programs <= the SM count. No flag is consumed, so waits are reads and the grid may change from
     call to call."""
@@ -242,8 +242,11 @@ def _one_shot_kernel(
     mask = cols < H
     flags = tl.load(flag_table + rank).to(tl.pointer_type(tl.int32))
     call = tl.load(flags + FLAG_CALL) + 1  # written by call c - 1's last program (stream order)
+    # A rank never signals itself: its own rows need no publishing (bar.sync orders them within the
+    # program, stream order across calls), and every signal costs a system-scope fence.
     for peer in tl.static_range(WORLD):  # 1.
-        _wait_for(flags + FLAG_DONE + peer, call - 1)
+        if peer != rank:
+            _wait_for(flags + FLAG_DONE + peer, call - 1)
     own = tl.load(buffer_table + rank).to(tl.pointer_type(tl.bfloat16))
     row = pid.to(tl.int64)
     while row < n_rows:  # 2. (a while loop: the interpreter's scalars cannot bound a range())
@@ -252,9 +255,12 @@ def _one_shot_kernel(
         row += n_programs
     published = FLAG_DONE + WORLD + pid * WORLD
     for peer in tl.static_range(WORLD):  # 3.
-        _signal(flag_table, peer, published + rank, call)
+        if peer != rank:
+            _signal(flag_table, peer, published + rank, call)
     for peer in tl.static_range(WORLD):
-        _wait_for(flags + published + peer, call)
+        if peer != rank:
+            _wait_for(flags + published + peer, call)
+    tl.debug_barrier()  # this program's own rows, written by all its threads, before anyone reads them
     row = pid.to(tl.int64)
     while row < n_rows:  # 4.
         _reduce_add_norm_row(
@@ -266,7 +272,8 @@ def _one_shot_kernel(
     if tl.atomic_add(flags + FLAG_ARRIVED, 1, sem="acq_rel", scope="gpu") == n_programs - 1:
         tl.store(flags + FLAG_ARRIVED, 0)
         for peer in tl.static_range(WORLD):
-            _signal(flag_table, peer, FLAG_DONE + rank, call)
+            if peer != rank:
+                _signal(flag_table, peer, FLAG_DONE + rank, call)
         tl.store(flags + FLAG_CALL, call)
 
 
