@@ -84,9 +84,9 @@ def test_one_shot_flags_compile_to_single_thread_system_scope_atomics():
 
     names = list(_one_shot_kernel.arg_names)
     constexprs = dict(WORLD=2, BLOCK_H=1024, LOG2_BLOCK_H=10, NORM=True, EXACT_RNE=False)
-    types = {"n_rows": "i32", "n_programs": "i32", "rank": "i32", "H": "i32", "eps": "fp32"}
+    types = {"n_rows": "i32", "n_programs": "i32", "rank": "i32", "region": "i32", "H": "i32", "eps": "fp32"}
     signature = {n: "constexpr" if n in constexprs else types.get(n, "*bf16") for n in names}
-    signature.update(buffer_table="*i64", flag_table="*i64")
+    signature.update(inbox_table="*i64", flag_table="*i64")
     # Triton's wheel ships ptxas: this compiles for sm_90 on a machine without a GPU.
     compiled = compile(ASTSource(_one_shot_kernel, signature, constexprs), target=GPUTarget("cuda", 90, 32))
     ordered = [
@@ -94,12 +94,12 @@ def test_one_shot_flags_compile_to_single_thread_system_scope_atomics():
         for line in compiled.asm["ptx"].splitlines()
         if re.search(r"\.(acquire|release|acq_rel)", line)
     ]
-    # Per rank: wait "done reading" (acquire load; Triton lowers the atomic add of 0 to one), publish
-    # (release exchange), wait published (acquire load), signal "done reading" (release exchange): 4 x
-    # WORLD; plus the programs' counter at GPU scope. Each issued by one predicated thread.
+    # Per peer (the static loop over WORLD = 2 ranks, each skipping itself at run time): publish (release
+    # exchange), wait published (acquire load; Triton lowers the atomic add of 0 to one); plus the
+    # programs' counter at GPU scope. Each issued by one predicated thread.
     kinds = {
-        r"ld\.global\.sys\.acquire\.b32": 2 * 2,
-        r"atom\.global\.sys\.release\.exch\.b32": 2 * 2,
+        r"ld\.global\.sys\.acquire\.b32": 2,
+        r"atom\.global\.sys\.release\.exch\.b32": 2,
         r"atom\.global\.gpu\.acq_rel\.add\.u32": 1,
     }
     assert len(ordered) == sum(kinds.values()), ordered
@@ -153,27 +153,27 @@ def _child() -> None:
     want_n, want_s = reference_allreduce_add_rms_norm(partials, residual, weight, 1e-6, fused_norm=True)
     assert torch.equal(summed.view(torch.int16), want_s.view(torch.int16)), "specials: summed bits"
     assert torch.equal(normed[0].view(torch.int16), want_n[0].view(torch.int16)), "specials: normed bits"
-    # The one-shot kernel, world 1: copy into the (poisoned) buffer, compute, count the call; fewer
-    # programs than rows (the row loop), as many, and more allowed than rows; three calls on the same
-    # flags (call numbers, never consumed).
+    # The one-shot kernel, world 1 (it pushes to no peer and waits for none: the inbox stays poisoned):
+    # the row loop with fewer programs than rows, as many, and more allowed than rows; three calls on
+    # the same flags (the call count and the programs' counter).
     for rows, max_programs in ((1, 1), (7, 3), (4, 4), (3, 8)):
         partials, residual, weight = inputs(1, rows, 256, seed=2)
-        buffer = torch.full((rows * 256,), float("nan"), dtype=BF16)
+        inbox = torch.full((2 * rows * 256,), float("nan"), dtype=BF16)
         flags = torch.zeros(flag_count(1, max_programs), dtype=torch.int32)
         tables = dict(
-            buffer_table=torch.tensor([buffer.data_ptr()]), flag_table=torch.tensor([flags.data_ptr()])
+            inbox_table=torch.tensor([inbox.data_ptr()]), flag_table=torch.tensor([flags.data_ptr()])
         )
         for call in range(3):
             normed, summed = one_shot_allreduce_add_rms_norm(
-                partials[0], residual, weight, 1e-6, rank=0, world=1, max_programs=max_programs, **tables
-            )
+                partials[0], residual, weight, 1e-6, rank=0, world=1, max_programs=max_programs,
+                region=rows * 256, **tables,
+            )  # fmt: skip
             want_n, want_s = reference_allreduce_add_rms_norm(partials, residual, weight, 1e-6)
             what = f"one-shot rows={rows} max_programs={max_programs} call {call}"
             assert torch.equal(summed, want_s), f"{what} summed: {describe_mismatch(summed, want_s)}"
             assert torch.equal(normed, want_n), f"{what} normed: {describe_mismatch(normed, want_n)}"
-            assert torch.equal(buffer.view(rows, 256), partials[0]), f"{what}: buffer is not the partial"
-            # A rank never signals itself: with world 1 only the call count and the counter move.
-            want_flags = [call + 1, 0] + [0] * (1 + max_programs)
+            assert inbox.isnan().all(), f"{what}: a rank wrote to its own inbox"
+            want_flags = [call + 1, 0] + [0] * max_programs
             assert flags.tolist() == want_flags, f"{what}: flags {flags.tolist()} != {want_flags}"
         print(f"ok one-shot rows={rows} max_programs={max_programs}")
     print("interpreter checks passed")

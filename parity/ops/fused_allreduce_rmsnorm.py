@@ -28,30 +28,31 @@ The contract (what this kernel computes, bit for bit)
 
 The kernel (GPU)
 ----------------
-One-shot over peer buffers through torch symmetric memory, in ONE launch per call (NVLink loads and
-system-scope atomics; no multicast, no NCCL). Program p of the kernel owns token rows p, p + P, ...
-(P <= the SM count). It copies its rows of this rank's partial into this rank's symmetric buffer,
-publishes them (a release write of the call's number into every rank's flags) and waits for every
-peer's program p to have done the same (acquire reads), reads every rank's rows from the peers'
-buffers and computes them -- every rank ends with the same ``summed`` and ``normed``. The last program
-to finish tells the peers that this rank is done reading their buffers; the next call waits for
-that before overwriting its own buffer. The hidden size fits one block.
+One-shot over peer buffers through torch symmetric memory, in ONE launch per call (NVLink stores and
+system-scope release/acquire flags; no multicast, no NCCL). Program p of the kernel owns token rows
+p, p + P, ... (P <= the SM count). It pushes its rows of this rank's partial into every peer's inbox
+(remote stores), publishes them (a release write of the call's number into the peer's flags: its
+fence waits for the pushed rows), waits until every peer's program p has done the same, and computes
+its rows from its own input and its local inbox -- every rank ends with the same ``summed`` and
+``normed``. Inboxes are double-buffered by call parity, so no "done reading" signal is needed (see
+the kernel's docstring). The hidden size fits one block.
 
 The trade-off. The unfused path is two launches (NCCL's all-reduce, then the norm kernel) and NCCL's
-fixed cost. Measured on 2x H200: a four-launch version of this op (copy, torch barrier, kernel, torch
-barrier) lost to it at small sizes, and so did one launch with two consuming barriers (each program
-met its peers twice, 1.08-1.19x the unfused path at 1-64 tokens). Here the fixed cost is one kernel
-and one NVLink round trip on the critical path: the "done reading" signal is awaited by the next
-call, by then long since arrived. Flags hold call numbers and are never consumed, so a wait is a
+fixed cost. Measured on 2x H200 (unfused 12.5-13.5 us at 1-8 tokens): a four-launch version of this op
+(copy, torch barrier, kernel, torch barrier) lost to it at small sizes; so did one launch that pulled
+from the peers' buffers behind two consuming barriers (15.2-16.3 us), and one with call-numbered
+flags and a "done reading" signal (14.0-15.1 us). Pushing moves the NVLink latency off the read path
+(the reads are local) and parity buffers remove the second signal and its fence: one fence and one
+NVLink write on the critical path. Flags hold call numbers and are never consumed, so a wait is a
 read and the grid may change between calls. The price: waits spin inside the kernel, so all P
-programs of every rank must be resident together (P is capped at the SM count) and a rank that
-never calls leaves its peers spinning (no timeout: the bench's watchdog turns a hang into an error);
-every rank must make the same calls in the same order. Each rank reads all k partials (k x the bytes
-of a ring all-reduce's reads): for TP=2 that is the same traffic as NCCL's.
+programs of every rank must be resident together (P is capped at the SM count) and a rank that never
+calls leaves its peers spinning (no timeout: the bench's watchdog turns a hang into an error); every
+rank must make the same calls in the same order; each inbox holds 2 x world x max_tokens x H bf16.
+Each rank receives all k partials (for TP=2 the same traffic as NCCL's).
 
 Under ``TRITON_INTERPRET=1`` (CPU) the compute runs with a table of host pointers to k CPU tensors
-(``allreduce_add_rms_norm_local``), and the one-shot kernel itself with world 1 (a rank signalling
-itself; the interpreter runs programs one after another, so peers cannot wait for each other there); Triton's
+(``allreduce_add_rms_norm_local``), and the one-shot kernel itself with world 1 (no peer: the
+interpreter runs programs one after another, so peers cannot wait for each other there). Triton's
 fp32 -> bf16 conversion truncates there, so the kernels round to nearest-even with integer operations
 instead (``EXACT_RNE``; NaN is not preserved there, the interpreter is for tests only).
 """
@@ -109,31 +110,24 @@ def residual_before_rounding(
 
 
 @triton.jit
-def _reduce_add_norm_row(
-    ptr_table,  # int64 [WORLD]: address of each rank's bf16 partial [n_rows, H] (row-major)
-    row,  # int64
+def _add_norm_row(
+    acc,  # fp32 [BLOCK_H]: the ranks' partials of this row summed in rank order
+    offs,
+    cols,
+    mask,
     residual_ptr,
     weight_ptr,
     summed_ptr,
     normed_ptr,
     H,
     eps,
-    WORLD: tl.constexpr,
     BLOCK_H: tl.constexpr,
     LOG2_BLOCK_H: tl.constexpr,
     NORM: tl.constexpr,
     EXACT_RNE: tl.constexpr,
 ):
-    """One token row of the contract, steps 1-3 (module docstring)."""
-    cols = tl.arange(0, BLOCK_H)
-    mask = cols < H
-    offs = row * H + cols
-    # 1. the ranks' partials in rank order, fp32, rounded once
-    base = tl.load(ptr_table).to(tl.pointer_type(tl.bfloat16))
-    acc = tl.load(base + offs, mask=mask, other=0.0).to(tl.float32)
-    for r in tl.static_range(1, WORLD):
-        base = tl.load(ptr_table + r).to(tl.pointer_type(tl.bfloat16))
-        acc = acc + tl.load(base + offs, mask=mask, other=0.0).to(tl.float32)
+    """One token row of the contract after step 1's sum (module docstring): the single rounding, then
+    steps 2-3."""
     reduced = to_bf16(acc, EXACT_RNE)
     # 2. residual add in bf16
     res = tl.load(residual_ptr + offs, mask=mask, other=0.0)
@@ -148,7 +142,7 @@ def _reduce_add_norm_row(
 
 @triton.jit
 def _allreduce_add_rmsnorm_kernel(
-    ptr_table,
+    ptr_table,  # int64 [WORLD]: address of each rank's bf16 partial [n_rows, H] (row-major)
     residual_ptr,
     weight_ptr,
     summed_ptr,
@@ -162,51 +156,52 @@ def _allreduce_add_rmsnorm_kernel(
     EXACT_RNE: tl.constexpr,
 ):
     """The k partials already readable here (local tensors): one program per token row."""
-    _reduce_add_norm_row(
-        ptr_table, tl.program_id(0).to(tl.int64), residual_ptr, weight_ptr, summed_ptr, normed_ptr,
-        H, eps, WORLD, BLOCK_H, LOG2_BLOCK_H, NORM, EXACT_RNE,
+    cols = tl.arange(0, BLOCK_H)
+    mask = cols < H
+    offs = tl.program_id(0).to(tl.int64) * H + cols
+    # 1. the ranks' partials in rank order, fp32 (rounded once, in _add_norm_row)
+    base = tl.load(ptr_table).to(tl.pointer_type(tl.bfloat16))
+    acc = tl.load(base + offs, mask=mask, other=0.0).to(tl.float32)
+    for r in tl.static_range(1, WORLD):
+        base = tl.load(ptr_table + r).to(tl.pointer_type(tl.bfloat16))
+        acc = acc + tl.load(base + offs, mask=mask, other=0.0).to(tl.float32)
+    _add_norm_row(
+        acc, offs, cols, mask, residual_ptr, weight_ptr, summed_ptr, normed_ptr, H, eps,
+        BLOCK_H, LOG2_BLOCK_H, NORM, EXACT_RNE,
     )  # fmt: skip
 
 
-# Layout of each rank's int32 flags (a symmetric tensor of ``flag_count(world, max_programs)``, zeroed
-# once). Every value written is a call number (1, 2, ...; int32, compared for equality, so it may wrap).
+# Each rank's inbox (a symmetric bf16 tensor) holds [2][WORLD][max_tokens][H]: the partials its peers
+# pushed in calls of each parity, by sender. Its int32 flags (a symmetric tensor of
+# ``flag_count(world, max_programs)``, zeroed once) hold call numbers (1, 2, ...; int32, compared for
+# equality, so they may wrap):
 # - FLAG_CALL: the number of this op's completed calls on this rank (read and written locally);
-# - FLAG_ARRIVED: programs of the current call done reading the peers (local; the last resets it);
-# - FLAG_DONE + p: the last call in which rank p finished reading this rank's buffer (p writes it);
-# - FLAG_DONE + world + program * world + p: the last call in which rank p published its rows of
-#   ``program`` (p writes it).
+# - FLAG_ARRIVED: programs of the current call that are done (local; the last resets it);
+# - FLAG_PUBLISHED + program * world + p: the last call in which rank p pushed its rows of ``program``
+#   here (p writes it).
 FLAG_CALL = tl.constexpr(0)
 FLAG_ARRIVED = tl.constexpr(1)
-FLAG_DONE = tl.constexpr(2)
+FLAG_PUBLISHED = tl.constexpr(2)
 
 
 def flag_count(world: int, max_programs: int) -> int:
-    return FLAG_DONE.value + world + max_programs * world
+    return FLAG_PUBLISHED.value + max_programs * world
 
 
 @triton.jit
 def _wait_for(ptr, value):
     """Spin until the int32 at ``ptr`` equals ``value``: an atomic add of 0 reads it with acquire
-    semantics at system scope (one thread issues it; Triton broadcasts the result), and the
-    ``debug_barrier`` (``bar.sync``) orders every thread's later accesses after it."""
+    semantics at system scope (Triton lowers it to one thread's ``ld.acquire.sys`` and broadcasts the
+    result), and the ``debug_barrier`` (``bar.sync``) orders every thread's later accesses after it."""
     while tl.atomic_add(ptr, 0, sem="acquire", scope="sys") != value:
         pass
     tl.debug_barrier()
 
 
-@triton.jit
-def _signal(flag_table, peer, slot, value):
-    """Write ``value`` to int32 ``slot`` of rank ``peer``'s flags with release semantics at system
-    scope, after a ``bar.sync``: every earlier access of this program's threads happens before it."""
-    tl.debug_barrier()
-    flags = tl.load(flag_table + peer).to(tl.pointer_type(tl.int32))
-    tl.atomic_xchg(flags + slot, value, sem="release", scope="sys")
-
-
-@triton.jit(do_not_specialize=["n_rows", "n_programs", "rank"])
+@triton.jit(do_not_specialize=["n_rows", "n_programs", "rank", "region"])
 def _one_shot_kernel(
     partial_ptr,  # this rank's bf16 partial [n_rows, H]
-    buffer_table,  # int64 [WORLD]: each rank's symmetric buffer (>= n_rows * H bf16)
+    inbox_table,  # int64 [WORLD]: each rank's inbox ([2][WORLD][max_tokens][H] bf16)
     flag_table,  # int64 [WORLD]: each rank's int32 flags (FLAG_* above)
     residual_ptr,
     weight_ptr,
@@ -215,6 +210,7 @@ def _one_shot_kernel(
     n_rows,
     n_programs,
     rank,
+    region,  # max_tokens * H: one sender's part of an inbox
     H,
     eps,
     WORLD: tl.constexpr,
@@ -225,55 +221,61 @@ def _one_shot_kernel(
 ):
     """The whole TP op in one launch; program p owns rows p, p + n_programs, ...
 
-    Call c (this rank's c-th; every rank makes the same calls in the same order):
-    1. wait until every peer (every other rank) has finished reading this rank's buffer in call c - 1
-       (its DONE flag is c - 1; usually long true), so the buffer may be overwritten;
-    2. copy my rows of the partial into this rank's buffer;
-    3. publish them: write c to my slot of program p in every peer's flags, then wait until every
-       peer's slot of program p here reads c (their rows of program p are in their buffers);
-    4. compute the rows from all ranks' buffers;
-    5. the last program to finish (a counter at GPU scope) writes c to this rank's DONE slot in every
-       peer's flags and stores c as the number of completed calls.
-    Waiting programs spin, so all programs of every rank must be resident together: the launcher keeps
-    n_programs <= the SM count. No flag is consumed, so waits are reads and the grid may change from
-    call to call."""
+    Call c (this rank's c-th; every rank makes the same calls in the same order), parity c % 2:
+    1. push: store my rows of the partial into every peer's inbox (its part [c % 2][me]);
+    2. publish: after a ``bar.sync``, write c to my slot of program p in every peer's flags with
+       release semantics at system scope (the fence waits for the pushed rows);
+    3. wait until every peer's slot of program p here reads c (acquire): their rows are in my inbox;
+    4. compute the rows: my partial from my own input, the peers' from my (local) inbox;
+    5. the last program to finish (a counter at GPU scope) stores c as the number of completed calls.
+    No "done reading" signal: the inbox part of parity c % 2 is next written in call c + 2, which a
+    peer starts only after its call c + 1, which waited for my publish of c + 1, issued after my call
+    c had ended (stream order). A rank never signals itself. Waiting programs spin, so all programs of
+    every rank must be resident together: the launcher keeps n_programs <= the SM count. No flag is
+    consumed, so waits are reads and the grid may change from call to call."""
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_H)
     mask = cols < H
     flags = tl.load(flag_table + rank).to(tl.pointer_type(tl.int32))
     call = tl.load(flags + FLAG_CALL) + 1  # written by call c - 1's last program (stream order)
-    # A rank never signals itself: its own rows need no publishing (bar.sync orders them within the
-    # program, stream order across calls), and every signal costs a system-scope fence.
-    for peer in tl.static_range(WORLD):  # 1.
+    parity = (call & 1).to(tl.int64)
+    published = FLAG_PUBLISHED + pid * WORLD
+    for peer in tl.static_range(WORLD):  # 1. and 2.
         if peer != rank:
-            _wait_for(flags + FLAG_DONE + peer, call - 1)
-    own = tl.load(buffer_table + rank).to(tl.pointer_type(tl.bfloat16))
-    row = pid.to(tl.int64)
-    while row < n_rows:  # 2. (a while loop: the interpreter's scalars cannot bound a range())
-        offs = row * H + cols
-        tl.store(own + offs, tl.load(partial_ptr + offs, mask=mask), mask=mask)
-        row += n_programs
-    published = FLAG_DONE + WORLD + pid * WORLD
+            inbox = tl.load(inbox_table + peer).to(tl.pointer_type(tl.bfloat16))
+            inbox += (parity * WORLD + rank) * region
+            row = pid.to(tl.int64)
+            while row < n_rows:  # (a while loop: the interpreter's scalars cannot bound a range())
+                offs = row * H + cols
+                tl.store(inbox + offs, tl.load(partial_ptr + offs, mask=mask), mask=mask)
+                row += n_programs
+            tl.debug_barrier()
+            peer_flags = tl.load(flag_table + peer).to(tl.pointer_type(tl.int32))
+            tl.atomic_xchg(peer_flags + published + rank, call, sem="release", scope="sys")
     for peer in tl.static_range(WORLD):  # 3.
         if peer != rank:
-            _signal(flag_table, peer, published + rank, call)
-    for peer in tl.static_range(WORLD):
-        if peer != rank:
             _wait_for(flags + published + peer, call)
-    tl.debug_barrier()  # this program's own rows, written by all its threads, before anyone reads them
+    inbox = tl.load(inbox_table + rank).to(tl.pointer_type(tl.bfloat16)) + parity * WORLD * region
     row = pid.to(tl.int64)
-    while row < n_rows:  # 4.
-        _reduce_add_norm_row(
-            buffer_table, row, residual_ptr, weight_ptr, summed_ptr, normed_ptr,
-            H, eps, WORLD, BLOCK_H, LOG2_BLOCK_H, NORM, EXACT_RNE,
+    while row < n_rows:  # 4. the ranks' partials in rank order, fp32 (rounded once, in _add_norm_row)
+        offs = row * H + cols
+        for r in tl.static_range(WORLD):
+            if r == rank:
+                part = tl.load(partial_ptr + offs, mask=mask, other=0.0)
+            else:
+                part = tl.load(inbox + r * region + offs, mask=mask, other=0.0)
+            if r == 0:
+                acc = part.to(tl.float32)
+            else:
+                acc = acc + part.to(tl.float32)
+        _add_norm_row(
+            acc, offs, cols, mask, residual_ptr, weight_ptr, summed_ptr, normed_ptr, H, eps,
+            BLOCK_H, LOG2_BLOCK_H, NORM, EXACT_RNE,
         )  # fmt: skip
         row += n_programs
-    tl.debug_barrier()  # 5. (the counter's release orders this program's reads before it)
+    tl.debug_barrier()  # 5.
     if tl.atomic_add(flags + FLAG_ARRIVED, 1, sem="acq_rel", scope="gpu") == n_programs - 1:
         tl.store(flags + FLAG_ARRIVED, 0)
-        for peer in tl.static_range(WORLD):
-            if peer != rank:
-                _signal(flag_table, peer, FLAG_DONE + rank, call)
         tl.store(flags + FLAG_CALL, call)
 
 
@@ -315,8 +317,9 @@ def one_shot_allreduce_add_rms_norm(
     weight: torch.Tensor,
     eps: float,
     *,
-    buffer_table: torch.Tensor,
+    inbox_table: torch.Tensor,
     flag_table: torch.Tensor,
+    region: int,
     rank: int,
     world: int,
     max_programs: int,
@@ -325,12 +328,13 @@ def one_shot_allreduce_add_rms_norm(
     """One launch of the one-shot kernel on this rank (every rank of the group calls it with its own
     ``partial`` and ``rank``, the same tables, shapes and ``max_programs``).
 
-    ``buffer_table`` / ``flag_table``: int64 addresses of every rank's symmetric buffer and int32
-    flags (``flag_count(world, max_programs)`` of them, zeroed before the first call;
-    :class:`SymmetricAllReduceAddRMSNorm` maps them). ``min(rows, max_programs)`` programs: all of
-    them must be resident at once on every GPU, so ``max_programs`` is at most the SM count. Under the
-    interpreter the kernel runs its programs one after another: only ``world == 1`` can run there
-    (a rank signals itself), which is how the CPU tests run the synchronisation code."""
+    ``inbox_table`` / ``flag_table``: int64 addresses of every rank's symmetric inbox (``2 * world *
+    region`` bf16, ``region`` >= rows * H) and int32 flags (``flag_count(world, max_programs)`` of
+    them, zeroed before the first call); :class:`SymmetricAllReduceAddRMSNorm` maps them.
+    ``min(rows, max_programs)`` programs: all of them must be resident at once on every GPU, so
+    ``max_programs`` is at most the SM count. Under the interpreter the kernel runs its programs one
+    after another, so only ``world == 1`` can run there (no push, no wait: the row loop, the compute
+    and the call count); the 2-GPU test covers the rest."""
     _check(partial, residual, weight)
     partial = partial.contiguous()
     hidden = residual.shape[-1]
@@ -339,7 +343,7 @@ def one_shot_allreduce_add_rms_norm(
     if rows:
         programs = min(rows, max_programs)
         _one_shot_kernel[(programs,)](
-            partial, buffer_table, flag_table, residual, weight, summed, normed, rows, programs, rank,
+            partial, inbox_table, flag_table, residual, weight, summed, normed, rows, programs, rank, region,
             hidden, eps, WORLD=world, NORM=fused_norm, **launch_options(hidden),
         )  # fmt: skip
     return _norm_after(summed, normed, weight, eps, fused_norm)
@@ -385,9 +389,10 @@ def warm_up_kernel(world: int, hidden: int, device: torch.device | str, *, fused
     weight = torch.ones(hidden, dtype=torch.bfloat16, device=device)
     allreduce_add_rms_norm_local([row] * world, row, weight, 1e-6, fused_norm=fused_norm)
     table = torch.zeros(world, dtype=torch.int64, device=device)
-    # n_rows, n_programs and rank are not specialised on (do_not_specialize): one compile serves all.
+    # n_rows, n_programs, rank and region are not specialised on (do_not_specialize): one compile
+    # serves all.
     _one_shot_kernel.warmup(
-        row, table, table, row, weight, row, row, 1, 1, 0, hidden, 1e-6,
+        row, table, table, row, weight, row, row, 1, 1, 0, hidden, hidden, 1e-6,
         WORLD=world, NORM=fused_norm, grid=(1,), **launch_options(hidden),
     )  # fmt: skip
     if device.type == "cuda":
@@ -462,7 +467,10 @@ class SymmetricAllReduceAddRMSNorm:
             self.compile_s = warm_up_kernel(self.world, hidden, device, fused_norm=fused_norm)
         # The kernel's programs wait for their peers, so all must be resident at once: one per SM at most.
         self.max_programs = min(max_tokens, torch.cuda.get_device_properties(device).multi_processor_count)
-        self.buffer, self.handle, self.table = _symmetric(max_tokens * hidden, torch.bfloat16, group, device)
+        self.region = max_tokens * hidden
+        self.buffer, self.handle, self.table = _symmetric(
+            2 * self.world * self.region, torch.bfloat16, group, device
+        )
         self.rank = self.handle.rank
         self.flags, _, self.flag_table = _symmetric(
             flag_count(self.world, self.max_programs), torch.int32, group, device
@@ -483,7 +491,8 @@ class SymmetricAllReduceAddRMSNorm:
             raise ValueError(f"{tuple(partial.shape)} does not fit [{self.max_tokens}, {self.hidden}]")
         if self.impl == "triton":
             return one_shot_allreduce_add_rms_norm(
-                partial, residual, weight, eps, buffer_table=self.table, flag_table=self.flag_table,
+                partial, residual, weight, eps, inbox_table=self.table, flag_table=self.flag_table,
+                region=self.region,
                 rank=self.rank, world=self.world, max_programs=self.max_programs, fused_norm=self.fused_norm,
             )  # fmt: skip
         self.buffer[: partial.numel()].copy_(partial.reshape(-1))
