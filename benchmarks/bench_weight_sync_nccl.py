@@ -29,10 +29,30 @@ are done (rank 0's send slots drained and the sidecar's last bucket staged, the 
 synchronization included), read on rank 0 after a small all-gather. GB/s = wire bytes (bf16, as the
 trainer sends them for both modes) / seconds.
 
+With ``--ablate`` (the default) every round also runs the bf16 push with one part taken out, to show
+what each part costs (rows, "of plain" as for bf16):
+
+- ``nopack``: the sender broadcasts straight from its send slots (``WeightSyncClient._pack`` does
+  nothing; they still hold the bf16 push's buckets, run just before with the same layout, so the
+  sidecar checks finite bf16 values as usual; should it flag one, the row says so and goes on);
+- ``nocheck``: the sidecar stages without the NaN/Inf checks (``pipeline.stage_bucket`` does nothing);
+- ``bare``: both: what is left is the pipeline itself (slots, events, posting, host launches);
+- ``oldlay``: the manifest as laid out before issue 12's changes (``plan.layout_buckets``, rebuilt at
+  every push; no ramp at the ends), with the current stream and receive code;
+- ``hiprio`` (NCCL only): the bf16 push over a second group whose NCCL stream has high priority
+  (``ProcessGroupNCCL.Options(is_high_priority_stream=True)``): whether the packs / checks delay the
+  broadcast's kernels on the SMs.
+
+And for every push row, from CUDA events (host clocks on the CPU): ``fill ms``, from the barrier until
+the first broadcast may start (rank 0: manifest, then bucket 0 packed), and ``drain ms``, from the
+last bucket landing on the sidecar (its wait, marked on the current stream) until the receive
+returned (the last checks, the final host synchronization).
+
 The model: a synthetic Llama-3-8B (32 layers, hidden 4096, intermediate 14336, 32 heads / 8 kv heads,
 vocab 128256, untied lm_head: 8.03 B parameters, 16.06 GB of bf16) made with ``randn`` on GPU 0.
 
     python benchmarks/bench_weight_sync_nccl.py [--json PATH] [--pushes 5] [--buckets-mib 256,1024,4096]
+        [--no-ablate]
     python benchmarks/bench_weight_sync_nccl.py --backend gloo --device cpu --size tiny   # dry run
 """
 
@@ -67,7 +87,19 @@ sys.path.insert(0, str(ROOT))
 MiB = 1 << 20
 WORLD = 2
 MODES = ("bf16", "fp8")
-METHOD = {"bf16": "none", "fp8": "fp8_block"}
+METHOD = {"bf16": "none", "fp8": "fp8_block", "bf16-old": "none"}
+# The rows: what -> (manifest, sender packs, sidecar checks, high-priority group). "bf16-old": the
+# layout before issue 12 (plan.layout_buckets, rebuilt every push).
+VARIANTS = {
+    "bf16": ("bf16", True, True, False),
+    "fp8": ("fp8", True, True, False),
+    "nopack": ("bf16", False, True, False),
+    "nocheck": ("bf16", True, False, False),
+    "bare": ("bf16", False, False, False),
+    "oldlay": ("bf16-old", True, True, False),
+    "hiprio": ("bf16", True, True, True),
+}
+ABLATIONS = ("nopack", "nocheck", "bare", "oldlay", "hiprio")
 
 # hidden, intermediate, layers, heads, kv heads, vocab; default bucket sizes (MiB)
 SIZES = {
@@ -128,6 +160,55 @@ def manifest_key(bucket_mib: float, mode: str) -> str:
     return f"bench/manifest/{bucket_mib:g}/{mode}"
 
 
+class Clock:
+    """Marks on the device's timeline: CUDA events recorded on the current stream (elapsed once the
+    device is synchronized), or host times on the CPU (gloo's waits block the host)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def mark(self):
+        if not self.cuda:
+            return time.perf_counter()
+        ev = torch.cuda.Event(enable_timing=True)
+        ev.record()
+        return ev
+
+    def seconds(self, a, b) -> float:
+        if a is None or b is None:
+            return float("nan")
+        return a.elapsed_time(b) / 1e3 if self.cuda else b - a
+
+
+class FirstBroadcast:
+    """Rank 0's group for one push: marks when the first broadcast is posted (its stream then waits
+    for what the current stream holds: bucket 0 packed), i.e. when bytes may start to move."""
+
+    def __init__(self, group, clock: Clock):
+        self.group, self.clock, self.first = group, clock, None
+
+    def broadcast(self, tensor):
+        if self.first is None:
+            self.first = self.clock.mark()
+        return self.group.broadcast(tensor)
+
+    def __getattr__(self, name):
+        return getattr(self.group, name)
+
+
+class Landed:
+    """A receive's work: ``wait()`` then a mark on the current stream (fires once the bucket has
+    landed, and the checks queued before it ran: they overlap the next receive, so it is ~the landing)."""
+
+    def __init__(self, work, clock: Clock, marks: list):
+        self.work, self.clock, self.marks = work, clock, marks
+
+    def wait(self):
+        out = self.work.wait()
+        self.marks.append(self.clock.mark())
+        return out
+
+
 def release_cuda_ipc(payload_b64: str) -> int:
     """Do what the consumer (SGLang) does when it drops the tensors of a hand-off payload: give back
     the CUDA IPC reference counter of every CUDA tensor in it. Returns how many.
@@ -178,7 +259,7 @@ def handoff_payload(staging: torch.Tensor, plan, version: str) -> tuple[str, flo
 class Bench:
     """What both ranks share: the groups, the round structure, the end-of-transfer exchange."""
 
-    def __init__(self, rank: int, opts: dict, store, group):
+    def __init__(self, rank: int, opts: dict, store, group, hi_group=None):
         import torch.distributed as dist
 
         self.dist = dist
@@ -186,7 +267,9 @@ class Bench:
         self.opts = opts
         self.store = store
         self.group = group
+        self.hi_group = hi_group  # the same ranks, NCCL stream of high priority (hiprio rows)
         self.device = torch.device("cuda", rank) if opts["device"] == "cuda" else torch.device("cpu")
+        self.clock = Clock(self.device)
         self.specs = llama_specs(*SIZES[opts["size"]][0])
         self.buckets = opts["buckets_mib"]
 
@@ -196,7 +279,7 @@ class Bench:
         return time.perf_counter()
 
     def finish(self, mine: list[float]) -> list[list[float]]:
-        """All-gather 4 numbers per rank; returns once both ranks are done (a host sync)."""
+        """All-gather 6 numbers per rank; returns once both ranks are done (a host sync)."""
         t = torch.tensor(mine, dtype=torch.float64, device=self.device)
         out = [torch.empty_like(t) for _ in range(WORLD)]
         self.dist.all_gather(out, t)
@@ -205,14 +288,23 @@ class Bench:
     def rounds(self):
         for r in range(self.opts["pushes"] + 1):
             for bucket in self.buckets:
-                for what in ("plain", *MODES):
+                for what in self.opts["variants"]:
                     yield r, bucket, what
+
+    def manifest_kinds(self) -> list[str]:
+        return sorted({VARIANTS[w][0] for w in self.opts["variants"] if w != "plain"})
 
 
 def trainer(b: Bench) -> dict:
     """Rank 0: the real client's manifest + stream; the plain broadcast's sender."""
     from weight_sync.client import WeightSyncClient, named_tensors
-    from weight_sync.sidecar.wire import Quantization
+    from weight_sync.sidecar.plan import layout_buckets
+    from weight_sync.sidecar.wire import Quantization, dtype_name
+
+    def old_manifest(bucket: float):
+        """The layout before issue 12: plan.layout_buckets, built at every push."""
+        specs = [(n, tuple(t.shape), dtype_name(t.dtype)) for n, t in named_tensors(state)]
+        return layout_buckets(specs, int(bucket * MiB), Quantization())
 
     dev = b.device
     t0 = time.perf_counter()
@@ -239,9 +331,9 @@ def trainer(b: Bench) -> dict:
         )
         client._store, client._group = b.store, b.group  # what connect() leaves behind
         clients[bucket] = client
-        for mode in MODES:
+        for mode in b.manifest_kinds():
             client.quantization = Quantization(method=METHOD[mode])
-            m = client.manifest(tensors)
+            m = old_manifest(bucket) if mode == "bf16-old" else client.manifest(tensors)
             manifests[(bucket, mode)] = m
             b.store.set(manifest_key(bucket, mode), m.model_dump_json())
     print(
@@ -251,8 +343,15 @@ def trainer(b: Bench) -> dict:
     )
     for bucket in b.buckets:
         m = manifests[(bucket, "bf16")]
+        sizes = ", ".join(f"{x / MiB:.4g}" for x in m.buckets[:4])
         print(
-            f"  bucket {bucket:g} MiB: {len(m.buckets)} buckets, largest {max(m.buckets) / MiB:.1f} MiB",
+            f"  bucket {bucket:g} MiB: {len(m.buckets)} buckets, largest {max(m.buckets) / MiB:.1f} MiB; "
+            f"first {sizes}, last {m.buckets[-1] / MiB:.4g} MiB"
+            + (
+                f" (previous layout: {len(manifests[(bucket, 'bf16-old')].buckets)} buckets)"
+                if (bucket, "bf16-old") in manifests
+                else ""
+            ),
             flush=True,
         )
     send = torch.zeros(max(max(m.buckets) for m in manifests.values()), dtype=torch.uint8, device=dev)
@@ -266,16 +365,30 @@ def trainer(b: Bench) -> dict:
             for w in works:
                 w.wait()
             sync(dev)
-            mine = [time.perf_counter() - t0, 0.0, 0.0, 0.0]
+            mine = [time.perf_counter() - t0, 0.0, 0.0, 0.0, 0.0, 0.0]
         else:
-            client.quantization = Quantization(method=METHOD[what])
-            t0 = b.start()
-            manifest = client.manifest(named_tensors(state))  # as push() lays it out every time
-            stream_s, gather_s, error = client._stream(manifest, by_name, None)
-            if error is not None:
-                raise error
-            sync(dev)
-            mine = [time.perf_counter() - t0, stream_s, gather_s, 0.0]
+            kind, pack, _, hi = VARIANTS[what]
+            client.quantization = Quantization(method=METHOD[kind])
+            timed = FirstBroadcast(b.hi_group if hi else b.group, b.clock)
+            client._group = timed
+            if not pack:
+                client._pack = lambda slot, entries, by_name: None  # broadcast the slots as they are
+            try:
+                t0 = b.start()
+                start = b.clock.mark()
+                if kind == "bf16-old":
+                    manifest = old_manifest(bucket)
+                else:
+                    manifest = client.manifest(named_tensors(state))  # as push() lays it out every time
+                stream_s, gather_s, error = client._stream(manifest, by_name, None)
+                if error is not None:
+                    raise error
+                sync(dev)
+            finally:
+                client._group = b.group
+                client.__dict__.pop("_pack", None)
+            fill = b.clock.seconds(start, timed.first)
+            mine = [time.perf_counter() - t0, stream_s, gather_s, fill, 0.0, 0.0]
         theirs = b.finish(mine)
         seconds = time.perf_counter() - t0
         if r > 0:
@@ -301,7 +414,9 @@ def sidecar(b: Bench) -> dict:
     """Rank 1: plan.validate -> pipeline.receive (FP8 when the manifest says so) -> hand-off payload."""
     import torch.multiprocessing  # noqa: F401  (registers the CUDA/shared-memory tensor reductions)
 
-    from weight_sync.sidecar.pipeline import allocate, receive
+    from weight_sync.sidecar import pipeline
+    from weight_sync.sidecar.errors import NonFinite
+    from weight_sync.sidecar.pipeline import ReceiveStats, allocate, receive
     from weight_sync.sidecar.plan import Limits, validate
     from weight_sync.sidecar.wire import Manifest
 
@@ -312,7 +427,7 @@ def sidecar(b: Bench) -> dict:
     manifests = {
         (k, mode): Manifest.model_validate_json(b.store.get(manifest_key(k, mode)))
         for k in b.buckets
-        for mode in MODES
+        for mode in b.manifest_kinds()
     }
     largest = max(max(m.buckets) for m in manifests.values())
     default_limit = Limits().max_bucket_bytes
@@ -320,13 +435,14 @@ def sidecar(b: Bench) -> dict:
     plans, validate_s = {}, {}
     for key, m in manifests.items():
         t0 = time.perf_counter()
-        plans[key] = validate(m, served[key[1]], limits)
+        plans[key] = validate(m, served["fp8" if key[1] == "fp8" else "bf16"], limits)
         validate_s[key] = time.perf_counter() - t0
     # Allocated once, as the updater keeps its staging buffer (spare) and ring between pushes.
     staging = allocate(max(p.staging_nbytes for p in plans.values()), dev, shared=True)
     ring_bytes = max(p.ring_bytes for p in plans.values())
     ring = [allocate(ring_bytes, dev, shared=False) for _ in range(2)]
     results: dict[tuple, list] = {}
+    flagged: set[str] = set()  # nopack rows whose slot bytes were flagged non-finite
     for r, bucket, what in b.rounds():
         if what == "plain":
             plan = plans[(bucket, "bf16")]
@@ -338,15 +454,42 @@ def sidecar(b: Bench) -> dict:
             for w in works:
                 w.wait()
             sync(dev)
-            mine = [time.perf_counter() - t0, 0.0, 0.0, 0.0]
+            mine = [time.perf_counter() - t0, 0.0, 0.0, 0.0, 0.0, 0.0]
             b.finish(mine)
             continue
-        plan = plans[(bucket, what)]
-        t0 = b.start()
-        stats = receive(plan, staging, None if plan.direct else ring, b.group.broadcast)
+        kind, _, check, hi = VARIANTS[what]
+        plan = plans[(bucket, kind)]
+        group = b.hi_group if hi else b.group
+        marks: list = []
+
+        def post(dst, group=group, marks=marks):
+            return Landed(group.broadcast(dst), b.clock, marks)
+
+        real_stage = pipeline.stage_bucket
+        if not check:
+            pipeline.stage_bucket = lambda bucket, src, staging: []  # no NaN/Inf check (ablation)
+        try:
+            t0 = b.start()
+            start = b.clock.mark()
+            try:
+                stats = receive(plan, staging, None if plan.direct else ring, post)
+            except NonFinite as exc:  # nopack: the slots' bytes were not this push's (see the docstring)
+                if what != "nopack":
+                    raise
+                flagged.add(f"{bucket:g}: {exc}")
+                stats = ReceiveStats()
+            end = b.clock.mark()
+        finally:
+            pipeline.stage_bucket = real_stage
         sync(dev)
-        mine = [time.perf_counter() - t0, stats.total_s, stats.wait_s, stats.stage_s]
+        drain = b.clock.seconds(marks[-1], end)
+        landed = b.clock.seconds(start, marks[-1])
+        mine = [time.perf_counter() - t0, stats.total_s, stats.wait_s, stats.stage_s, drain, landed]
         b.finish(mine)
+        if what not in MODES:
+            if r > 0:
+                results.setdefault((bucket, what), []).append({})
+            continue
         released, handoff = 0, float("nan")
         try:
             text, handoff = handoff_payload(staging, plan, f"v{r}")
@@ -366,9 +509,11 @@ def sidecar(b: Bench) -> dict:
         restore = {"error": f"{type(exc).__name__}: {exc}"}
     info = {
         "validate_s": {f"{k:g}/{m}": v for (k, m), v in validate_s.items()},
+        "buckets": {f"{k:g}/{m}": len(p.buckets) for (k, m), p in plans.items()},
         "staging_bytes": {f"{k:g}/{m}": p.staging_nbytes for (k, m), p in plans.items()},
         "staging_alloc_bytes": staging.numel(),
         "ring_bytes": ring_bytes,
+        "nopack_flagged": sorted(flagged),
         "default_max_bucket_bytes": default_limit,
         "largest_bucket": largest,
         "restore": restore,
@@ -409,6 +554,22 @@ def restore_point_copy(staging: torch.Tensor, nbytes: int, opts: dict) -> dict |
     return {"bytes": nbytes, "shared": shared, "shm_free": shm_free, "alloc_s": alloc_s, "copy_s": times}
 
 
+def high_priority_group(store, rank: int, device: torch.device, timeout_s: float):
+    """What ``group.new_group`` builds for NCCL, with the NCCL stream at high priority (hiprio rows)."""
+    import torch.distributed as dist
+
+    from weight_sync.sidecar.group import Group
+
+    opts = dist.ProcessGroupNCCL.Options(is_high_priority_stream=True)
+    opts._timeout = datetime.timedelta(seconds=timeout_s)
+    pg = dist.ProcessGroupNCCL(dist.PrefixStore("bench/hiprio/", store), rank, WORLD, opts)
+    group = Group(pg, "bench-hiprio", rank, WORLD, "nccl", device)
+    probe = torch.zeros(1, dtype=torch.int64, device=device)
+    group.broadcast(probe).wait()  # connects now, not inside a timed push
+    sync(device)
+    return group
+
+
 def worker(rank: int, port: int, opts: dict, result_path: str) -> None:
     import torch.distributed as dist
 
@@ -442,8 +603,11 @@ def worker(rank: int, port: int, opts: dict, result_path: str) -> None:
         device=device,
         local_host="127.0.0.1",
     )
+    hi_group = None
+    if "hiprio" in opts["variants"]:
+        hi_group = high_priority_group(store, rank, device, timeout)
     try:
-        b = Bench(rank, opts, store, group)
+        b = Bench(rank, opts, store, group, hi_group)
         mine = trainer(b) if rank == 0 else sidecar(b)
         both = [None] * WORLD
         dist.all_gather_object(both, mine)
@@ -460,6 +624,8 @@ def worker(rank: int, port: int, opts: dict, result_path: str) -> None:
         if rank == 0:
             Path(result_path + ".done").write_text("both ranks finished")
     finally:
+        if hi_group is not None:
+            hi_group.close()
         group.close()
         dist.destroy_process_group()
 
@@ -470,29 +636,36 @@ def report(tr: dict, sc: dict, opts: dict, result_path: str) -> None:
     for bucket in opts["buckets_mib"]:
         plain = statistics.median(x["seconds"] for x in tr["results"][(bucket, "plain")])
         bucket_wire = tr["info"]["bucket_wire_bytes"][f"{bucket:g}"]  # bucket padding included
-        for what in ("plain", *MODES):
+        for what in opts["variants"]:
             runs = tr["results"][(bucket, what)]
             sec = statistics.median(x["seconds"] for x in runs)
+            kind = VARIANTS[what][0] if what != "plain" else "bf16"
             row = {
                 "bucket_mib": bucket,
                 "mode": what,
-                "buckets": tr["info"]["buckets"][f"{bucket:g}"],
+                "buckets": sc["info"]["buckets"][f"{bucket:g}/{kind}"],
                 "seconds": sec,
                 "all_seconds": [x["seconds"] for x in runs],
                 "gbps": bucket_wire / sec / 1e9,
                 "of_plain": plain / sec,
             }
             if what != "plain":
-                side = sc["results"][(bucket, what)]
                 row.update(
                     stream_s=statistics.median(x["trainer"][1] for x in runs),
                     receive_s=statistics.median(x["sidecar"][1] for x in runs),
                     wait_s=statistics.median(x["sidecar"][2] for x in runs),
                     stage_s=statistics.median(x["sidecar"][3] for x in runs),
+                    fill_s=statistics.median(x["trainer"][3] for x in runs),
+                    drain_s=statistics.median(x["sidecar"][4] for x in runs),
+                    landed_s=statistics.median(x["sidecar"][5] for x in runs),
+                    validate_s=sc["info"]["validate_s"][f"{bucket:g}/{kind}"],
+                )
+            if what in MODES:
+                side = sc["results"][(bucket, what)]
+                row.update(
                     handoff_s=statistics.median(x["handoff_s"] for x in side),
                     payload_bytes=side[0]["payload_bytes"],
                     ipc_released=side[0].get("ipc_released", 0),
-                    validate_s=sc["info"]["validate_s"][f"{bucket:g}/{what}"],
                 )
             rows.append(row)
     gpu = opts["devices"]
@@ -506,18 +679,20 @@ def report(tr: dict, sc: dict, opts: dict, result_path: str) -> None:
     )
     print("payload); no HTTP, no pause / load / flush. GB/s = wire bytes / s; 'of plain' = plain s / push s.")
     print(
-        f"{'bucket':>8} {'mode':>6} {'buckets':>7} {'s/push':>8} {'GB/s':>7} {'of plain':>8} "
-        f"{'stream s':>8} {'recv s':>8} {'stage s':>8} {'hand-off s':>10} {'validate s':>10}"
+        f"{'bucket':>8} {'mode':>7} {'buckets':>7} {'s/push':>8} {'GB/s':>7} {'of plain':>8} "
+        f"{'stream s':>8} {'recv s':>8} {'stage s':>8} {'hand-off s':>10} {'validate s':>10} "
+        f"{'fill ms':>7} {'drain ms':>8}"
     )
     for x in rows:
-        extra = (
-            f" {x['stream_s']:>8.4f} {x['receive_s']:>8.4f} {x['stage_s']:>8.4f} {x['handoff_s']:>10.4f} "
-            f"{x['validate_s']:>10.4f}"
-            if x["mode"] != "plain"
-            else ""
-        )
+        extra = ""
+        if x["mode"] != "plain":
+            handoff = f"{x['handoff_s']:>10.4f}" if "handoff_s" in x else f"{'-':>10}"
+            extra = (
+                f" {x['stream_s']:>8.4f} {x['receive_s']:>8.4f} {x['stage_s']:>8.4f} {handoff} "
+                f"{x['validate_s']:>10.4f} {x['fill_s'] * 1e3:>7.2f} {x['drain_s'] * 1e3:>8.2f}"
+            )
         print(
-            f"{x['bucket_mib']:>6g}Mi {x['mode']:>6} {x['buckets']:>7} {x['seconds']:>8.4f} "
+            f"{x['bucket_mib']:>6g}Mi {x['mode']:>7} {x['buckets']:>7} {x['seconds']:>8.4f} "
             f"{x['gbps']:>7.1f} {x['of_plain']:>8.3f}" + extra
         )
     print()
@@ -530,10 +705,35 @@ def report(tr: dict, sc: dict, opts: dict, result_path: str) -> None:
             f"plain, adds {added * 100:+.1f}% to bf16's push time (goal <= 5%: "
             f"{'met' if added <= 0.05 else 'NOT met'})"
         )
+        if "bare" in by:
+            plain = by["plain"]["seconds"]
+            bf = by["bf16"]
+
+            def cost(what, by=by, bf=bf, plain=plain):
+                d = bf["seconds"] - by[what]["seconds"]
+                return f"{d * 1e3:+.2f} ms ({d / plain * 100:+.1f}% of plain)"
+
+            extra = [f"the pack copies {cost('nopack')}", f"the NaN/Inf checks {cost('nocheck')}"]
+            extra.append(f"pipeline without both (bare) {by['bare']['of_plain']:.3f} of plain")
+            extra.append(
+                f"fill {bf['fill_s'] * 1e3:.2f} ms + drain {bf['drain_s'] * 1e3:.2f} ms = "
+                f"{(bf['fill_s'] + bf['drain_s']) / plain * 100:.1f}% of plain"
+            )
+            for what, label in (("oldlay", "previous layout"), ("hiprio", "high-priority NCCL stream")):
+                if what in by:
+                    extra.append(
+                        f"{label} {by[what]['of_plain']:.3f} of plain ({by[what]['buckets']} buckets)"
+                    )
+            print("  bf16 push time spent on: " + "; ".join(extra))
     print(
         "stream s: rank 0's WeightSyncClient._stream host time (it does not wait for the GPU); recv s: "
         "pipeline.receive on rank 1 (its final host sync included); stage s: host time spent staging "
-        "(launching checks / FP8); hand-off s: building the CUDA IPC payload (after the push, not in s/push)"
+        "(launching checks / FP8); hand-off s: building the CUDA IPC payload (after the push, not in "
+        "s/push); fill ms: barrier -> first broadcast may start (rank 0: manifest + bucket 0 packed); "
+        "drain ms: last bucket landed on rank 1 -> its receive returned (last checks + host sync); both "
+        "from CUDA events. "
+        "Ablation rows (bf16 push minus one part): nopack (no pack copies), nocheck (no NaN/Inf checks), "
+        "bare (neither), oldlay (layout before issue 12), hiprio (NCCL stream of high priority)"
     )
     si = sc["info"]
     print(
@@ -548,7 +748,7 @@ def report(tr: dict, sc: dict, opts: dict, result_path: str) -> None:
             f"limit ({si['default_max_bucket_bytes'] / MiB:.0f} MiB, --max-bucket-mib): a default sidecar "
             "refuses it (bad_layout); this run raised plan.Limits.max_bucket_bytes to it"
         )
-    shared = {x["mode"]: x["ipc_released"] for x in rows if x["mode"] != "plain"}
+    shared = {x["mode"]: x["ipc_released"] for x in rows if x["mode"] in MODES}
     if any(shared.values()):
         print(
             "hand-off: the payload's CUDA IPC references were given back after each push (the consumer's "
@@ -557,6 +757,8 @@ def report(tr: dict, sc: dict, opts: dict, result_path: str) -> None:
     bad = [x for x in rows if isinstance(x.get("payload_bytes"), str)]
     if bad:
         print(f"NOTE: {bad[0]['payload_bytes']}")
+    if si.get("nopack_flagged"):
+        print(f"NOTE: nopack rows: the sidecar flagged the unpacked slots: {si['nopack_flagged'][0]}")
     rs = si.get("restore")
     if rs and "error" in rs:
         print(f"restore point copy failed: {rs['error']}")
@@ -586,6 +788,13 @@ def main() -> int:
     ap.add_argument("--buckets-mib", default=None, help="comma-separated bucket sizes (default per size)")
     ap.add_argument("--pushes", type=int, default=5, help="timed pushes per configuration (+1 warm-up)")
     ap.add_argument("--no-restore-copy", dest="restore_copy", action="store_false")
+    ap.add_argument(
+        "--ablate",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also time the bf16 push without packing / checks / both, with the previous layout and "
+        "(NCCL) a high-priority stream: where the time goes (default: on)",
+    )
     ap.add_argument("--timeout", type=float, default=300.0, help="process-group timeout, s")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
@@ -598,9 +807,14 @@ def main() -> int:
         print(f"needs {WORLD} GPUs, found {torch.cuda.device_count()}", flush=True)
         return 2
     devices = [torch.cuda.get_device_name(i) for i in range(WORLD)] if cuda else ["cpu"]
+    backend = args.backend or ("nccl" if cuda else "gloo")
+    variants = ["plain", *MODES]
+    if args.ablate:
+        variants += [w for w in ABLATIONS if w != "hiprio" or backend == "nccl"]
     opts = {
         "device": args.device,
-        "backend": args.backend or ("nccl" if cuda else "gloo"),
+        "backend": backend,
+        "variants": variants,
         "size": size,
         "buckets_mib": buckets,
         "pushes": args.pushes,

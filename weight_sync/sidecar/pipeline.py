@@ -8,13 +8,20 @@ checked (and FP8-quantized) while bucket k+1 is already being received.
   with the FP8 kernel (:func:`weight_sync.fp8.fill_bucket`, which also rejects non-finite blocks),
   the others copied as they are.
 
-Finiteness (NaN/Inf) is computed on the device per tensor as each bucket is staged and checked
-with one host synchronization at the end: a bad tensor fails the transfer, named with its bucket,
-after every bucket was received, so the trainer's broadcasts complete and the group stays usable.
-Receive k+1 is posted before bucket k is staged, and k+2 (into k's ring slot) only after, so at
-most two buckets are in flight and the ring slots are never overwritten while read. The staging
-buffer holds the whole new version (the atomicity design: nothing reaches SGLang before every byte
-has arrived and passed the checks, see updater.py).
+Finiteness (NaN/Inf) is computed on the device as each bucket is staged and checked with one host
+synchronization at the end: a bad tensor fails the transfer, named with its bucket, after every
+bucket was received, so the trainer's broadcasts complete and the group stays usable. On the
+direct path one ``aminmax`` covers each run of adjacent same-dtype tensors (a whole bucket for a
+bf16 model) instead of one per tensor; only when a run is not finite are its bucket's tensors
+scanned one by one, to name the culprit exactly as a per-tensor check would.
+
+In flight: on the direct path every bucket's receive is posted up front (each lands in its own
+place of the staging buffer, nothing is reused), so the network never waits for the host or for
+a check (see :func:`receive`). On the FP8 path receive k+1 is posted before bucket k is staged,
+and k+2 (into k's ring slot) only after, so at most two buckets are in flight and the ring slots
+are never overwritten while read. The staging buffer holds the whole new version (the atomicity
+design: nothing reaches SGLang before every byte has arrived and passed the checks, see
+updater.py).
 """
 
 from __future__ import annotations
@@ -53,29 +60,79 @@ def _view(buf: torch.Tensor, start: int, nbytes: int, dtype: torch.dtype, shape)
     return buf[start : start + nbytes].view(dtype).view(shape)
 
 
-def _finite_flags(named: list[tuple[str, torch.Tensor]]) -> list[tuple[str, torch.Tensor]]:
+def _finite_flags(named: list[tuple[str, torch.Tensor]]) -> list[tuple[tuple[str, ...], torch.Tensor]]:
     """A device-side "all finite" flag per floating tensor (no host sync).
 
     NaN propagates through min/max and ±Inf is an extreme, so one ``aminmax`` pass decides, with no
     temporary (``isfinite(t).all()`` allocates a mask and was ~30x slower on the CPU).
     """
     return [
-        (n, torch.isfinite(torch.stack(torch.aminmax(t))).all())
+        ((n,), torch.isfinite(torch.stack(torch.aminmax(t))).all())
         for n, t in named
         if t.dtype in FLOATING and t.numel()
     ]
 
 
+# A run checked by one aminmax is at most this long (a larger single tensor is one run of its own,
+# as it always was): bounded reductions stay within 32-bit indexing (2^28 fp32 elements).
+RUN_BYTES = 1 << 30
+
+
+def _runs(entries) -> list[tuple[int, int, torch.dtype, tuple[str, ...]]]:
+    """Maximal runs of floating tensors that lie back to back in the bucket with one dtype:
+    ``(start, end, dtype, names)``. Bytes between two tensors (alignment padding, whatever the
+    sender's slot held) never join a run, so a run's ``aminmax`` reads exactly its tensors' values
+    and is non-finite exactly when one of them is."""
+    runs: list[list] = []
+    for e in sorted((e for e in entries if e.nbytes), key=lambda e: e.offset):
+        dtype = WIRE_DTYPES[e.dtype]
+        if dtype not in FLOATING:
+            continue
+        last = runs[-1] if runs else None
+        if (
+            last is not None
+            and last[2] == dtype
+            and last[1] == e.offset
+            and e.offset + e.nbytes - last[0] <= RUN_BYTES
+        ):
+            last[1] = e.offset + e.nbytes
+            last[3].append(e.name)
+        else:
+            runs.append([e.offset, e.offset + e.nbytes, dtype, [e.name]])
+    return [(a, b, d, tuple(n)) for a, b, d, n in runs]
+
+
+def _run_flags(bucket: PlannedBucket, src: torch.Tensor) -> list[tuple[tuple[str, ...], torch.Tensor]]:
+    """One device-side "all finite" flag per run (:func:`_runs`) of ``bucket``, whose bytes are in ``src``.
+
+    Why: a per-tensor check is 4 kernel launches per tensor (aminmax, stack, isfinite, all): ~1,160
+    for Llama-3-8B's 291 tensors, several ms of host time per push (not measured on the GPU yet:
+    the benchmark's ``nocheck`` row tells), and many small reductions whose last partial waves use
+    the SMs poorly while the next bucket is being received. A bf16 model is one run per bucket
+    (its tensors are 256-byte multiples, so there is no padding between them; runs stop at
+    ``RUN_BYTES``): 4 launches per run, each a long reduction at memory bandwidth. The bytes read
+    are the same; only launches and tails go."""
+    return [
+        (names, torch.isfinite(torch.stack(torch.aminmax(src[a:b].view(dtype)))).all())
+        for a, b, dtype, names in _runs(bucket.entries)
+    ]
+
+
+def _bucket_views(bucket: PlannedBucket, src: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+    return [(e.name, _view(src, e.offset, e.nbytes, WIRE_DTYPES[e.dtype], e.shape)) for e in bucket.entries]
+
+
 def stage_bucket(
     bucket: PlannedBucket, src: torch.Tensor, staging: torch.Tensor
-) -> list[tuple[str, torch.Tensor]]:
+) -> list[tuple[tuple[str, ...], torch.Tensor]]:
     """Stage bucket ``bucket`` whose bytes are in ``src`` (FP8: quantize into ``staging``); return
-    the finiteness flags of its tensors, still on the device."""
-    views = [(e.name, _view(src, e.offset, e.nbytes, WIRE_DTYPES[e.dtype], e.shape)) for e in bucket.entries]
+    ``(names, flag)`` pairs: a device-side "all finite" flag for each group of tensors (direct: one
+    per run of adjacent same-dtype tensors; FP8: one per tensor, as before), not yet synchronized."""
     if bucket.fp8_plan is None:
-        return _finite_flags(views)
+        return _run_flags(bucket, src)
     from weight_sync.fp8 import fill_bucket
 
+    views = _bucket_views(bucket, src)
     quantized = {e.source for e in bucket.fp8_plan.entries if e.role == "fp8_weight"}
     flags = _finite_flags([(n, t) for n, t in views if n not in quantized])
     by_name = dict(views)
@@ -84,7 +141,7 @@ def stage_bucket(
     for e in bucket.fp8_plan.entries:
         if e.role == "fp8_scale":
             scale = _view(staging, e.start_idx, e.numel, e.dtype, e.shape)
-            flags.append((e.source, torch.isfinite(scale).all()))
+            flags.append(((e.source,), torch.isfinite(scale).all()))
     return flags
 
 
@@ -125,11 +182,22 @@ def receive(
         except Exception as exc:
             raise _transfer_error(exc, k) from exc
 
-    checks: list[tuple[int, str, torch.Tensor]] = []
-    works = {0: start(0)}
+    # How many buckets are in flight while bucket k is waited for and staged. Direct: all of them.
+    # Each lands in its own place of the staging buffer, so nothing orders receive k+2 after the
+    # staging of k; posting it after (as the ring needs) would make the receive wait twice for no
+    # reason: ProcessGroupNCCL makes a collective's stream wait for everything already queued on the
+    # current stream (the checks of bucket k), and the host must first have launched those checks.
+    # Posted up front, the receives run back to back whatever the host or the checks do, and the
+    # checks overlap the next receives. (The trainer's NCCL broadcasts are queued up front as well:
+    # its waits only order streams, so this adds no timeout exposure.) FP8: two (the ring).
+    depth = n if plan.direct else 2
+    checks: list[tuple[int, tuple[str, ...], torch.Tensor]] = []
+    works: dict[int, object] = {}
+    posted = 0
     for k in range(n):
-        if k + 1 < n:
-            works[k + 1] = start(k + 1)
+        while posted < min(n, k + depth):
+            works[posted] = start(posted)
+            posted += 1
         t = time.perf_counter()
         try:
             works.pop(k).wait()
@@ -137,7 +205,7 @@ def receive(
             raise _transfer_error(exc, k) from exc
         stats.wait_s += time.perf_counter() - t
         t = time.perf_counter()
-        checks += [(k, name, flag) for name, flag in stage_bucket(plan.buckets[k], dst(k), staging)]
+        checks += [(k, names, flag) for names, flag in stage_bucket(plan.buckets[k], dst(k), staging)]
         stats.stage_s += time.perf_counter() - t
         stats.bytes += plan.buckets[k].nbytes
         stats.buckets += 1
@@ -146,7 +214,14 @@ def receive(
     # One host synchronization for the whole transfer; every bucket was received even if an early
     # one holds a NaN, so the trainer's broadcasts completed and the group stays usable.
     if checks and not bool(torch.stack([flag for _, _, flag in checks]).all()):
-        k, name = next((k, name) for k, name, flag in checks if not bool(flag))
+        k, names = next((k, names) for k, names, flag in checks if not bool(flag))
+        name = names[0]
+        if len(names) > 1 or any(len(m) > 1 for j, m, _ in checks if j == k):
+            # A run failed: scan bucket k's tensors one by one (its bytes are still in place: only
+            # the direct path, whose buckets are never overwritten, checks runs) and name the first
+            # bad one in the bucket's order, as the per-tensor check did.
+            bad = (m for (m,), f in _finite_flags(_bucket_views(plan.buckets[k], dst(k))) if not bool(f))
+            name = next(bad, name)
         raise errors.NonFinite(
             f"{name}: non-finite value(s) (NaN/Inf) in bucket {k}; nothing was applied",
             stage="stage",
