@@ -38,7 +38,7 @@ for what in "$@"; do
         sync) step sync 330 python3 benchmarks/bench_weight_sync_nccl.py --json "$OUT/weight_sync.json"
               grep -v "^\[" "$OUT/sync.txt" | tail -40 ;;
         tp2) step tp2 330 python3 scripts/gpu_server_check.py "$OUT/tp2" qwen3 --tp2 ;;
-        demo) step demo 280 python3 -m truepolicy.cli demo --device cuda --server-gpu 1 --steps 2 \
+        demo) step demo 420 python3 -m truepolicy.cli demo --device cuda --server-gpu 1 --steps 2 \
                   --output "$OUT/demo" ;;
         tp1) step tp1 280 python3 scripts/gpu_server_check.py "$OUT/tp1" qwen3 qwen2 --on-only ;;
         moe) step moe 150 python3 -m pytest -q -s -p no:cacheprovider tests/test_moe_gpu.py -k decode_loop ;;
