@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from weight_sync.client import WeightSyncClient, layout_ramped
+from weight_sync.client import WeightSyncClient
 from weight_sync.sidecar import errors, pipeline
 from weight_sync.sidecar.pipeline import allocate, receive
 from weight_sync.sidecar.plan import layout_buckets, validate
@@ -87,13 +87,13 @@ class _Poster:
 def test_ramped_layout_is_layout_buckets_up_to_the_ramp():
     specs = _specs()
     for bucket_bytes in (1_000, 8_192, 80_000):
-        assert layout_ramped(specs, bucket_bytes, ramp_bytes=80_000) == layout_buckets(specs, bucket_bytes)
+        assert layout_buckets(specs, bucket_bytes, ramp_bytes=80_000) == layout_buckets(specs, bucket_bytes)
 
 
 def test_ramped_layout_ramps_both_ends_and_validates():
     specs = [(f"model.layers.{i}.mlp.up_proj.weight", (64, 64), "bfloat16") for i in range(64)]  # 8 KiB each
     ramp, bucket_bytes = 8 << 10, 128 << 10
-    m = layout_ramped(specs, bucket_bytes, ramp_bytes=ramp)
+    m = layout_buckets(specs, bucket_bytes, ramp_bytes=ramp)
     sizes = m.buckets
     assert sizes[0] == ramp and sizes[-1] == ramp  # one tensor at each end
     assert max(sizes) == bucket_bytes and len(sizes) > len(layout_buckets(specs, bucket_bytes).buckets)
@@ -111,7 +111,7 @@ def test_ramped_layout_ramps_both_ends_and_validates():
 
 def test_ramped_layout_gives_a_big_tensor_its_own_bucket():
     specs = _specs()  # embed and lm_head (6 KiB) larger than the 2 KiB ramp
-    m = layout_ramped(specs, 4 << 10, ramp_bytes=2 << 10)
+    m = layout_buckets(specs, 4 << 10, ramp_bytes=2 << 10)
     first = [e for e in m.tensors if e.bucket == 0]
     last = [e for e in m.tensors if e.bucket == len(m.buckets) - 1]
     assert [e.name for e in first] == ["model.embed_tokens.weight"]

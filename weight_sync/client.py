@@ -8,7 +8,7 @@ process group (gloo on CPU, NCCL on GPU) whose ranks 1..N are the sidecars; it h
 
 1. lays out a manifest (names, shapes, dtypes, buckets, quantization) from the state dict without
    gathering anything (a DTensor knows its global shape); buckets ramp up from 64 MiB at the start
-   and back down at the end (:func:`layout_ramped`), so that little waits before the first
+   and back down at the end (``plan.layout_buckets``'s ``ramp_bytes``), so that little waits before the first
    broadcast and after the last one;
 2. ``POST /update_weights`` on every sidecar; any refusal (4xx) cancels the others and raises
    :class:`PushRejected`: nothing moved, every server keeps its version;
@@ -43,8 +43,9 @@ import torch.distributed as dist
 
 from weight_sync.rollout_client import RolloutApiError, RolloutGrpcClient, RolloutHttpClient
 from weight_sync.sidecar.group import Group, is_loopback, make_store, new_group
+from weight_sync.sidecar.plan import layout_buckets
 from weight_sync.sidecar.settings import TOKEN_ENV
-from weight_sync.sidecar.wire import ALIGN, WIRE_DTYPES, Manifest, Quantization, TensorEntry, dtype_name
+from weight_sync.sidecar.wire import WIRE_DTYPES, Manifest, Quantization, dtype_name
 
 __all__ = [
     "PushFailed", "PushRejected", "PushResult", "RolloutApiError", "RolloutGrpcClient", "RolloutHttpClient",
@@ -52,7 +53,7 @@ __all__ = [
 ]  # fmt: skip
 
 MiB = 1 << 20
-# The first and last buckets of a push ramp from/to this size (see layout_ramped).
+# The first and last buckets of a push ramp from/to this size (see plan.layout_buckets).
 RAMP_BYTES = 64 * MiB
 # Sidecar errors after which the process group is out of step: the next push re-creates it.
 GROUP_ERRORS = {"transfer_failed", "transfer_timeout", "not_connected", "unreachable", "bad_response", None}
@@ -119,64 +120,6 @@ def named_tensors(
         seen.add(key)
         out.append((name, t))
     return out
-
-
-def layout_ramped(
-    specs: Iterable[tuple[str, tuple[int, ...], str]],
-    bucket_bytes: int,
-    quantization: Quantization | None = None,
-    *,
-    ramp_bytes: int = RAMP_BYTES,
-    align: int = ALIGN,
-) -> Manifest:
-    """``plan.layout_buckets`` (tensors in order, greedily, each at an ``align``-byte offset, a tensor
-    larger than its bucket in a bucket of its own) with a bucket size that ramps at both ends:
-    bucket k holds at most ``min(bucket_bytes, max(ramp, 2 x bucket k-1), max(ramp, remaining / 2))``.
-
-    Why: the push is a pipeline (pack k+1 while k is broadcast; check k on the sidecar while k+1 is
-    received), and only its ends are not overlapped: nothing is on the wire until bucket 0 is
-    packed (fill), and the sidecar's check of the last bucket starts when its last byte landed
-    (drain). Both cost one bucket's copy/check at memory speed: estimated ~2 ms and ~1 ms for a
-    4 GiB bucket on an H200 against a ~45 ms push of Llama-3-8B (~7%; the benchmark's ``fill ms`` /
-    ``drain ms`` columns measure them). Ramping makes the first and last buckets
-    ``ramp_bytes`` (or the single tensor there) while every bucket still overlaps the previous one:
-    packing 2x the bytes at HBM speed takes far less than broadcasting 1x over NVLink. A few
-    more, smaller broadcasts at the ends cost a few tens of microseconds.
-
-    Only the bucket sizes differ: the manifest protocol already carries any sizes, and the sidecar
-    checks each bucket against its own limit. ``bucket_bytes <= ramp_bytes`` gives exactly
-    ``layout_buckets``'s layout."""
-    if bucket_bytes <= 0:
-        raise ValueError("bucket_bytes must be positive")
-    items = []
-    for name, shape, dtype in specs:
-        shape = tuple(int(s) for s in shape)
-        n = WIRE_DTYPES[dtype].itemsize
-        for d in shape:
-            n *= d
-        items.append((name, shape, dtype, n))
-    remaining = sum(n for *_, n in items)
-    entries: list[TensorEntry] = []
-    sizes: list[int] = []
-    cursor = limit = 0
-    for name, shape, dtype, nbytes in items:
-        start = -(-cursor // align) * align
-        if not sizes or (cursor > 0 and start + nbytes > limit):
-            head = max(ramp_bytes, 2 * sizes[-1]) if sizes else ramp_bytes
-            limit = min(bucket_bytes, head, max(ramp_bytes, remaining // 2))
-            sizes.append(0)  # a new bucket
-            start = 0
-        entries.append(
-            TensorEntry(
-                name=name, shape=shape, dtype=dtype, bucket=len(sizes) - 1, offset=start, nbytes=nbytes
-            )
-        )
-        cursor = start + nbytes
-        sizes[-1] = cursor
-        remaining -= nbytes
-    if not entries:
-        raise ValueError("nothing to push")
-    return Manifest(tensors=entries, buckets=sizes, quantization=quantization or Quantization())
 
 
 def _token(token: str | None, token_file: str | Path | None) -> str | None:
@@ -327,7 +270,7 @@ class WeightSyncClient:
         key = (tuple(specs), self.bucket_bytes, self.quantization.model_dump_json())
         if self._manifest is not None and self._manifest[0] == key:
             return self._manifest[1]
-        manifest = layout_ramped(specs, self.bucket_bytes, self.quantization)
+        manifest = layout_buckets(specs, self.bucket_bytes, self.quantization, ramp_bytes=RAMP_BYTES)
         self._manifest = (key, manifest)
         return manifest
 
