@@ -86,6 +86,15 @@ def _child() -> dict:
     except NonFiniteWeightError as e:
         results["nonfinite"] = [e.name, e.block_row, e.block_col]
 
+    # NaN alone (no Inf in the weight): the interpreter's tl.max skips NaN, so the kernel counts them.
+    w = torch.randn(300, 400).to(torch.bfloat16)
+    w[260, 5] = float("nan")
+    try:
+        fp8_block_quant_triton(w, name="model.layers.2.mlp.up_proj.weight")
+        results["nonfinite_nan_only"] = "no error"
+    except NonFiniteWeightError as e:
+        results["nonfinite_nan_only"] = [e.name, e.block_row, e.block_col]
+
     # A bucket filled through the interpreted kernel, at unaligned-to-128 offsets after a bf16 norm.
     gen = torch.Generator().manual_seed(21)
     params = {
@@ -132,6 +141,10 @@ def test_interpreted_kernel_bitwise_equals_reference(interpreted, variant):
 
 def test_interpreted_kernel_names_first_nonfinite_block(interpreted):
     assert interpreted["nonfinite"] == ["model.layers.1.mlp.up_proj.weight", 1, 3]
+
+
+def test_interpreted_kernel_flags_a_nan_only_block(interpreted):
+    assert interpreted["nonfinite_nan_only"] == ["model.layers.2.mlp.up_proj.weight", 2, 0]
 
 
 def test_interpreted_kernel_fills_bucket_at_offsets(interpreted):

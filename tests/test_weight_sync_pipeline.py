@@ -307,3 +307,79 @@ def test_direct_receives_are_all_posted_before_the_first_wait_and_the_ring_keeps
         if k + 2 < n:
             expected.append(("post", k + 2))
     assert poster.log == expected
+
+
+def _fp8_setup(layers: int = 3):
+    """An FP8 transfer where each layer's two norms lie back to back (a run of kept tensors)."""
+    from weight_sync.fp8 import Fp8BlockPolicy
+
+    specs = [("model.embed_tokens.weight", (64, 128), "bfloat16")]
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        specs += [
+            (p + "self_attn.q_proj.weight", (256, 128), "bfloat16"),
+            (p + "self_attn.k_proj.weight", (128, 200), "bfloat16"),  # K % 128 != 0: its own launch
+            (p + "mlp.down_proj.weight", (130, 256), "bfloat16"),
+            (p + "input_layernorm.weight", (128,), "bfloat16"),
+            (p + "post_attention_layernorm.weight", (128,), "bfloat16"),
+        ]
+    specs.append(("lm_head.weight", (64, 128), "bfloat16"))
+    policy = Fp8BlockPolicy()
+    served = ServedModel(
+        "/ckpt-fp8",
+        {
+            s.name: TensorSpec(tuple(s.shape), str(s.dtype).removeprefix("torch."))
+            for name, shape, d in specs
+            for s in policy.specs(name, shape, WIRE_DTYPES[d])
+        },
+    )
+    return specs, served
+
+
+@pytest.mark.parametrize(
+    "bad_names",
+    [
+        ["model.layers.1.mlp.down_proj.weight"],  # the grouped launch's flag
+        ["model.layers.1.self_attn.k_proj.weight"],  # a single launch's flag
+        ["model.layers.1.post_attention_layernorm.weight"],  # the second tensor of a kept run
+        # several in one bucket: the first in the bucket's order, whatever check caught it
+        ["model.layers.1.post_attention_layernorm.weight", "model.layers.1.mlp.down_proj.weight"],
+    ],
+)
+def test_fp8_staging_refuses_non_finite_values_and_names_the_first_tensor(bad_names):
+    specs, served = _fp8_setup()
+    tensors = _tensors(specs)
+    for i, name in enumerate(bad_names):
+        tensors[name].view(-1)[-1 - i] = (float("nan"), float("-inf"))[i % 2]
+    tensors["model.layers.2.mlp.down_proj.weight"][0, 0] = float("inf")  # a later bucket's: not named
+    m = layout_buckets(specs, 256 << 10, quantization=Quantization(method="fp8_block"))
+    plan = validate(m, served)
+    k = next(e.bucket for e in m.tensors if e.name == bad_names[0])
+    assert k != next(e.bucket for e in m.tensors if e.name == "model.layers.2.mlp.down_proj.weight")
+    assert {e.bucket for e in m.tensors if e.name in bad_names} == {k}
+    poster = _Poster(_pack(m, tensors))
+    ring = [allocate(plan.ring_bytes, "cpu", shared=False) for _ in range(2)]
+    with pytest.raises(errors.NonFinite) as info:
+        receive(plan, allocate(plan.staging_nbytes, "cpu", shared=False), ring, poster)
+    first = min(bad_names, key=lambda n: next(e.offset for e in m.tensors if e.name == n))
+    assert info.value.tensor == first and info.value.bucket == k, (info.value.tensor, info.value.bucket)
+    assert [j for what, j in poster.log if what == "wait"] == list(range(len(m.buckets)))
+
+
+def test_fp8_staging_plans_one_grouped_launch_per_bucket():
+    specs, served = _fp8_setup()
+    m = layout_buckets(specs, 256 << 10, quantization=Quantization(method="fp8_block"))
+    plan = validate(m, served)
+    for b in plan.buckets:
+        fill = b.fp8_fill
+        grouped = {w.name for g in fill.grouped for w in g.weights}
+        assert len(fill.grouped) <= 1
+        assert grouped == {
+            e.name for e in b.entries if e.name.endswith(("q_proj.weight", "down_proj.weight"))
+        }
+        assert {q.source for q in fill.single} == {e.name for e in b.entries if "k_proj" in e.name}
+        assert {e.source for _, e in fill.copies} == {
+            e.name
+            for e in b.entries
+            if e.name.endswith(("layernorm.weight", "embed_tokens.weight", "lm_head.weight"))
+        }

@@ -23,7 +23,17 @@ from weight_sync.fp8.block_quant import (
     scale_shape,
     shape_class,
 )
-from weight_sync.fp8.bucket import BucketEntry, BucketPlan, bucket_view, fill_bucket, plan_bucket
+from weight_sync.fp8.bucket import (
+    BucketEntry,
+    BucketFill,
+    BucketPlan,
+    SourceTensor,
+    bucket_view,
+    fill_bucket,
+    fill_bucket_from,
+    plan_bucket,
+    plan_fill,
+)
 from weight_sync.fp8.policy import DEFAULT_POLICY, Fp8BlockPolicy, TensorSpec, sglang_shape_problems
 
 __all__ = [
@@ -34,20 +44,24 @@ __all__ = [
     "EPS",
     "FP8_MAX",
     "BucketEntry",
+    "BucketFill",
     "Fp8LaunchConfig",
     "BucketPlan",
     "Fp8BlockPolicy",
     "NonFiniteWeightError",
+    "SourceTensor",
     "TensorSpec",
     "bucket_view",
     "check_finite_scales",
     "fill_bucket",
+    "fill_bucket_from",
     "fp8_block_dequant",
     "fp8_block_quant",
     "fp8_block_quant_torch",
     "fp8_block_quant_triton",
     "launch_config",
     "plan_bucket",
+    "plan_fill",
     "scale_shape",
     "sglang_shape_problems",
     "shape_class",

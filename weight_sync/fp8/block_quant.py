@@ -256,13 +256,18 @@ def _quant_store_block(
     DIV_MODE: tl.constexpr,
     INTERPRET: tl.constexpr,
 ):
-    """Quantize one loaded block and store its e4m3 bits and its scale (the whole semantics)."""
+    """Quantize one loaded block and store its e4m3 bits and its scale (the whole semantics);
+    returns the scale (NaN for a block holding NaN/Inf)."""
     w = w_raw.to(tl.float32)  # exact for bf16/fp16/fp32
     # One reduction gives amax and the non-finite flag: the max propagates NaN (max.NaN.f32)
     # and Inf is larger than any float, so amax is finite iff every element of the block is.
     aw = tl.abs(w)
     if INTERPRET:
-        amax = tl.max(tl.max(aw, axis=1), axis=0)  # numpy's max propagates NaN; fast there
+        # The interpreter's tl.max is numpy's nanmax, which skips NaN: count NaNs explicitly
+        # (numpy-fast; a custom combine function would run element by element in Python).
+        amax = tl.max(tl.max(aw, axis=1), axis=0)
+        n_nan = tl.sum(tl.sum((aw != aw).to(tl.int32), axis=1), axis=0)
+        amax = tl.where(n_nan > 0, float("nan"), amax)
     else:
         amax = tl.reduce(tl.reduce(aw, 1, _max_propagate_nan), 0, _max_propagate_nan)
     # scale = max(amax, EPS) / 448, IEEE division in fp32 (div_rn; "/" would be approximate).
@@ -308,6 +313,7 @@ def _quant_store_block(
             tl.store(s_ptr + pid_n * n_kblocks + kb, scale)
     else:
         tl.store(s_ptr + pid_n * n_kblocks + kb, scale)
+    return scale
 
 
 @triton.jit

@@ -16,6 +16,13 @@ to fp32 needs 4-byte alignment, and aligned rows keep the kernel's stores full-w
 Non-finite weights: the kernel marks a block holding NaN/Inf with a NaN scale; :func:`fill_bucket`
 checks every scale with one host synchronization at the end and raises
 :class:`~weight_sync.fp8.block_quant.NonFiniteWeightError` naming the tensor and the first bad block.
+
+From one flat source buffer (the sidecar's receive path: a bucket of bf16 weights lands in a ring
+slot), :func:`plan_fill` + :func:`fill_bucket_from` do the same work with a handful of launches per
+bucket instead of one or more per tensor: every groupable weight of a source dtype in one grouped
+quantization launch (:mod:`weight_sync.fp8.block_quant_grouped`), the kept tensors in one
+``_foreach_copy_`` of byte ranges, and per-weight non-finite flags left on the device for the
+caller's single synchronization. The host time per bucket no longer grows with its tensor count.
 """
 
 from __future__ import annotations
@@ -26,6 +33,13 @@ from dataclasses import dataclass
 import torch
 
 from weight_sync.fp8.block_quant import check_finite_scales, fp8_block_quant
+from weight_sync.fp8.block_quant_grouped import (
+    GroupedQuant,
+    GroupedWeight,
+    fp8_block_quant_grouped,
+    groupable,
+    plan_grouped,
+)
 from weight_sync.fp8.policy import DEFAULT_POLICY, Fp8BlockPolicy, TensorSpec
 
 DEFAULT_ALIGN = 256
@@ -140,6 +154,92 @@ def fill_bucket(
         if not bool(ok.all()):
             for source, s, shape in pending:
                 check_finite_scales(source, s, shape)
+
+
+@dataclass(frozen=True)
+class SourceTensor:
+    """Where a source tensor lies in a flat source buffer."""
+
+    offset: int  # bytes
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+@dataclass(frozen=True)
+class SingleQuant:
+    """A weight the grouped launch cannot take (see ``groupable``): one launch of its own."""
+
+    source: str
+    src: SourceTensor
+    weight: BucketEntry
+    scale: BucketEntry
+
+
+@dataclass(frozen=True)
+class BucketFill:
+    """How :func:`fill_bucket_from` fills a bucket plan from one source buffer (built once per plan)."""
+
+    grouped: tuple[GroupedQuant, ...]  # one launch per source dtype
+    single: tuple[SingleQuant, ...]
+    copies: tuple[tuple[SourceTensor, BucketEntry], ...]  # kept tensors: byte copies
+    quantized: tuple[str, ...]  # source names, in the order of fill_bucket_from's flags
+
+
+def plan_fill(plan: BucketPlan, sources: Mapping[str, SourceTensor]) -> BucketFill:
+    """Plan filling ``plan`` from a buffer holding its sources at ``sources`` (by source name)."""
+    by_dtype: dict[torch.dtype, list[GroupedWeight]] = {}
+    single: list[SingleQuant] = []
+    copies: list[tuple[SourceTensor, BucketEntry]] = []
+    for source, entries in plan.by_source().items():
+        src = sources[source]
+        roles = {e.role: e for e in entries}
+        if "fp8_weight" in roles:
+            w, sc = roles["fp8_weight"], roles["fp8_scale"]
+            if tuple(src.shape) != w.shape:
+                raise ValueError(f"{source}: shape {list(src.shape)} != planned {list(w.shape)}")
+            if groupable(w.shape, src.dtype, src.offset, w.start_idx, sc.start_idx):
+                by_dtype.setdefault(src.dtype, []).append(
+                    GroupedWeight(source, w.shape, src.offset, w.start_idx, sc.start_idx)
+                )
+            else:
+                single.append(SingleQuant(source, src, w, sc))
+        else:
+            (entry,) = entries
+            if tuple(src.shape) != entry.shape or src.dtype != entry.dtype:
+                raise ValueError(
+                    f"{source}: {list(src.shape)} {src.dtype} != planned {list(entry.shape)} {entry.dtype}"
+                )
+            copies.append((src, entry))
+    grouped = tuple(plan_grouped(ws, dtype) for dtype, ws in by_dtype.items())
+    quantized = tuple(w.name for g in grouped for w in g.weights) + tuple(q.source for q in single)
+    return BucketFill(grouped, tuple(single), tuple(copies), quantized)
+
+
+def fill_bucket_from(bucket: torch.Tensor, fill: BucketFill, src: torch.Tensor) -> torch.Tensor:
+    """Fill ``bucket`` from the flat uint8 buffer ``src`` as ``fill`` says; returns one ``int32`` flag
+    per quantized weight (``fill.quantized`` order; 1: a block held NaN/Inf and has a NaN scale), on
+    the device and not synchronized: the caller checks them (and may name the first bad block with
+    :func:`~weight_sync.fp8.block_quant.check_finite_scales`)."""
+    flags = [fp8_block_quant_grouped(src, bucket, g) for g in fill.grouped]
+    for q in fill.single:
+        n = _nbytes(q.src.shape, q.src.dtype)
+        w = src[q.src.offset : q.src.offset + n].view(q.src.dtype).view(q.src.shape)
+        _, scale = fp8_block_quant(
+            w,
+            name=q.source,
+            out=bucket_view(bucket, q.weight),
+            scale_out=bucket_view(bucket, q.scale),
+            check=False,
+        )
+        flags.append((~torch.isfinite(scale)).any().to(torch.int32).reshape(1))
+    if fill.copies:
+        torch._foreach_copy_(
+            [bucket[e.start_idx : e.end_idx] for _, e in fill.copies],
+            [src[s.offset : s.offset + e.numel] for s, e in fill.copies],
+        )
+    if not flags:
+        return torch.zeros(0, dtype=torch.int32, device=bucket.device)
+    return torch.cat(flags) if len(flags) > 1 else flags[0]
 
 
 def sglang_metadata(plan: BucketPlan) -> list:

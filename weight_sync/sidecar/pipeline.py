@@ -5,8 +5,8 @@ checked (and FP8-quantized) while bucket k+1 is already being received.
   (no copy at all); staging bucket k = checking every floating tensor of it for NaN/Inf.
 - ``quantization: fp8_block``: buckets are received into a ring of two slots of the largest
   bucket's size; staging bucket k = quantizing its weights from slot k % 2 into the staging buffer
-  with the FP8 kernel (:func:`weight_sync.fp8.fill_bucket`, which also rejects non-finite blocks),
-  the others copied as they are.
+  (:func:`weight_sync.fp8.fill_bucket_from`: one grouped kernel launch per source dtype, which also
+  flags non-finite blocks), the others copied as they are (one byte copy for the bucket).
 
 Finiteness (NaN/Inf) is computed on the device as each bucket is staged and checked with one host
 synchronization at the end: a bad tensor fails the transfer, named with its bucket, after every
@@ -60,19 +60,6 @@ def _view(buf: torch.Tensor, start: int, nbytes: int, dtype: torch.dtype, shape)
     return buf[start : start + nbytes].view(dtype).view(shape)
 
 
-def _finite_flags(named: list[tuple[str, torch.Tensor]]) -> list[tuple[tuple[str, ...], torch.Tensor]]:
-    """A device-side "all finite" flag per floating tensor (no host sync).
-
-    NaN propagates through min/max and ±Inf is an extreme, so one ``aminmax`` pass decides, with no
-    temporary (``isfinite(t).all()`` allocates a mask and was ~30x slower on the CPU).
-    """
-    return [
-        ((n,), torch.isfinite(torch.stack(torch.aminmax(t))).all())
-        for n, t in named
-        if t.dtype in FLOATING and t.numel()
-    ]
-
-
 # A run checked by one aminmax is at most this long (a larger single tensor is one run of its own,
 # as it always was): bounded reductions stay within 32-bit indexing (2^28 fp32 elements).
 RUN_BYTES = 1 << 30
@@ -102,47 +89,79 @@ def _runs(entries) -> list[tuple[int, int, torch.dtype, tuple[str, ...]]]:
     return [(a, b, d, tuple(n)) for a, b, d, n in runs]
 
 
-def _run_flags(bucket: PlannedBucket, src: torch.Tensor) -> list[tuple[tuple[str, ...], torch.Tensor]]:
-    """One device-side "all finite" flag per run (:func:`_runs`) of ``bucket``, whose bytes are in ``src``.
+@dataclass
+class BucketChecks:
+    """Device-side finiteness of one staged bucket, not yet synchronized: ``ok[i]`` is True iff
+    every value of the tensors ``groups[i]`` is finite (``ok`` is None when nothing is checked)."""
 
-    Why: a per-tensor check is 4 kernel launches per tensor (aminmax, stack, isfinite, all): ~1,160
-    for Llama-3-8B's 291 tensors, several ms of host time per push (not measured on the GPU yet:
-    the benchmark's ``nocheck`` row tells), and many small reductions whose last partial waves use
-    the SMs poorly while the next bucket is being received. A bf16 model is one run per bucket
-    (its tensors are 256-byte multiples, so there is no padding between them; runs stop at
-    ``RUN_BYTES``): 4 launches per run, each a long reduction at memory bandwidth. The bytes read
-    are the same; only launches and tails go."""
-    return [
-        (names, torch.isfinite(torch.stack(torch.aminmax(src[a:b].view(dtype)))).all())
-        for a, b, dtype, names in _runs(bucket.entries)
-    ]
+    groups: list[tuple[str, ...]]
+    ok: torch.Tensor | None
 
 
-def _bucket_views(bucket: PlannedBucket, src: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
-    return [(e.name, _view(src, e.offset, e.nbytes, WIRE_DTYPES[e.dtype], e.shape)) for e in bucket.entries]
+def _run_checks(entries, src: torch.Tensor) -> BucketChecks:
+    """One "all finite" flag per run (:func:`_runs`) of ``entries``, whose bytes are in ``src``.
+
+    Why runs: a per-tensor check costs launches per tensor (~1,160 for Llama-3-8B's 291 tensors,
+    several ms of host time per push) and many small reductions whose last partial waves use the
+    SMs poorly while the next bucket is being received. A bf16 model is one run per bucket (its
+    tensors are 256-byte multiples, so there is no padding between them; runs stop at
+    ``RUN_BYTES``): one long ``aminmax`` at memory bandwidth per run, then three launches per bucket
+    (stack, isfinite, all). NaN propagates through min/max and ±Inf is an extreme, so min and max
+    decide, with no temporary (``isfinite(t).all()`` allocates a mask). The bytes read are the
+    same as per tensor; only launches and tails go."""
+    runs = _runs(entries)
+    if not runs:
+        return BucketChecks([], None)
+    extremes = torch.stack([x for a, b, dtype, _ in runs for x in torch.aminmax(src[a:b].view(dtype))])
+    return BucketChecks([names for *_, names in runs], torch.isfinite(extremes).view(-1, 2).all(dim=1))
 
 
-def stage_bucket(
-    bucket: PlannedBucket, src: torch.Tensor, staging: torch.Tensor
-) -> list[tuple[tuple[str, ...], torch.Tensor]]:
-    """Stage bucket ``bucket`` whose bytes are in ``src`` (FP8: quantize into ``staging``); return
-    ``(names, flag)`` pairs: a device-side "all finite" flag for each group of tensors (direct: one
-    per run of adjacent same-dtype tensors; FP8: one per tensor, as before), not yet synchronized."""
-    if bucket.fp8_plan is None:
-        return _run_flags(bucket, src)
-    from weight_sync.fp8 import fill_bucket
+def _bucket_views(entries, src: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+    return [(e.name, _view(src, e.offset, e.nbytes, WIRE_DTYPES[e.dtype], e.shape)) for e in entries]
 
-    views = _bucket_views(bucket, src)
-    quantized = {e.source for e in bucket.fp8_plan.entries if e.role == "fp8_weight"}
-    flags = _finite_flags([(n, t) for n, t in views if n not in quantized])
-    by_name = dict(views)
-    fill_bucket(staging, bucket.fp8_plan, by_name.__getitem__, check=False)
-    # The kernel gives a block holding NaN/Inf a NaN scale.
-    for e in bucket.fp8_plan.entries:
-        if e.role == "fp8_scale":
-            scale = _view(staging, e.start_idx, e.numel, e.dtype, e.shape)
-            flags.append(((e.source,), torch.isfinite(scale).all()))
-    return flags
+
+def stage_bucket(bucket: PlannedBucket, src: torch.Tensor, staging: torch.Tensor) -> BucketChecks:
+    """Stage bucket ``bucket`` whose bytes are in ``src``; return its device-side checks.
+
+    Direct: one flag per run of adjacent same-dtype tensors. FP8: the bucket's quantized weights
+    in one grouped launch per source dtype and its kept tensors in one byte copy
+    (:func:`weight_sync.fp8.fill_bucket_from`, planned once with the transfer plan), one flag per
+    quantized weight (the kernel flags a block holding NaN/Inf and gives it a NaN scale) and one
+    per run of kept tensors."""
+    if bucket.fp8_fill is None:
+        return _run_checks(bucket.entries, src)
+    from weight_sync.fp8 import fill_bucket_from
+
+    fill = bucket.fp8_fill
+    quantized = set(fill.quantized)
+    kept = _run_checks([e for e in bucket.entries if e.name not in quantized], src)
+    bad = fill_bucket_from(staging, fill, src)
+    oks = ([kept.ok] if kept.ok is not None else []) + ([bad == 0] if bad.numel() else [])
+    return BucketChecks(kept.groups + [(n,) for n in fill.quantized], torch.cat(oks) if oks else None)
+
+
+def _first_bad(bucket: PlannedBucket, checks: BucketChecks, ok: list[bool], src, staging) -> str:
+    """The first tensor of ``bucket`` (in the bucket's order) with a non-finite value. A failed run
+    is rescanned tensor by tensor from bytes still in place: direct buckets are never overwritten,
+    and on the FP8 path a run's tensors are kept ones, whose staged copies are checked."""
+    bad: set[str] = set()
+    for names, fine in zip(checks.groups, ok, strict=True):
+        if fine:
+            continue
+        if len(names) == 1:
+            bad.update(names)
+            continue
+        wanted = set(names)
+        if bucket.fp8_plan is None:
+            views = _bucket_views([e for e in bucket.entries if e.name in wanted], src)
+        else:
+            views = [
+                (e.source, _view(staging, e.start_idx, e.numel, e.dtype, e.shape))
+                for e in bucket.fp8_plan.entries
+                if e.source in wanted
+            ]
+        bad.update(n for n, t in views if not bool(torch.isfinite(t).all()))
+    return next(e.name for e in sorted(bucket.entries, key=lambda e: e.offset) if e.name in bad)
 
 
 def _transfer_error(exc: BaseException, k: int) -> errors.SidecarError:
@@ -191,7 +210,7 @@ def receive(
     # checks overlap the next receives. (The trainer's NCCL broadcasts are queued up front as well:
     # its waits only order streams, so this adds no timeout exposure.) FP8: two (the ring).
     depth = n if plan.direct else 2
-    checks: list[tuple[int, tuple[str, ...], torch.Tensor]] = []
+    checks: list[BucketChecks] = []
     works: dict[int, object] = {}
     posted = 0
     for k in range(n):
@@ -205,7 +224,7 @@ def receive(
             raise _transfer_error(exc, k) from exc
         stats.wait_s += time.perf_counter() - t
         t = time.perf_counter()
-        checks += [(k, names, flag) for names, flag in stage_bucket(plan.buckets[k], dst(k), staging)]
+        checks.append(stage_bucket(plan.buckets[k], dst(k), staging))
         stats.stage_s += time.perf_counter() - t
         stats.bytes += plan.buckets[k].nbytes
         stats.buckets += 1
@@ -213,15 +232,10 @@ def receive(
             on_bucket(k)
     # One host synchronization for the whole transfer; every bucket was received even if an early
     # one holds a NaN, so the trainer's broadcasts completed and the group stays usable.
-    if checks and not bool(torch.stack([flag for _, _, flag in checks]).all()):
-        k, names = next((k, names) for k, names, flag in checks if not bool(flag))
-        name = names[0]
-        if len(names) > 1 or any(len(m) > 1 for j, m, _ in checks if j == k):
-            # A run failed: scan bucket k's tensors one by one (its bytes are still in place: only
-            # the direct path, whose buckets are never overwritten, checks runs) and name the first
-            # bad one in the bucket's order, as the per-tensor check did.
-            bad = (m for (m,), f in _finite_flags(_bucket_views(plan.buckets[k], dst(k))) if not bool(f))
-            name = next(bad, name)
+    oks = [c.ok for c in checks if c.ok is not None]
+    if oks and not bool(torch.cat(oks).all()):
+        k = next(k for k, c in enumerate(checks) if c.ok is not None and not bool(c.ok.all()))
+        name = _first_bad(plan.buckets[k], checks[k], checks[k].ok.tolist(), dst(k), staging)
         raise errors.NonFinite(
             f"{name}: non-finite value(s) (NaN/Inf) in bucket {k}; nothing was applied",
             stage="stage",

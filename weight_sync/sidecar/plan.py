@@ -51,6 +51,7 @@ class PlannedBucket:
     entries: tuple[TensorEntry, ...]
     staging_base: int | None  # direct: received straight into staging[base : base + nbytes]
     fp8_plan: object | None = None  # weight_sync.fp8.BucketPlan: quantized from a ring slot into staging
+    fp8_fill: object | None = None  # weight_sync.fp8.BucketFill: the launches that do it
 
 
 @dataclass(frozen=True)
@@ -257,7 +258,7 @@ def validate(manifest: Manifest, served: ServedModel, limits: Limits = Limits())
                 staged.append(StagedTensor(e.name, e.shape, WIRE_DTYPES[e.dtype], start, start + e.nbytes))
             cursor = base + size
     else:
-        from weight_sync.fp8 import Fp8BlockPolicy, plan_bucket
+        from weight_sync.fp8 import Fp8BlockPolicy, SourceTensor, plan_bucket, plan_fill
 
         policy = Fp8BlockPolicy(extra_keep=manifest.quantization.extra_keep)
         for k, size in enumerate(manifest.buckets):
@@ -265,7 +266,8 @@ def validate(manifest: Manifest, served: ServedModel, limits: Limits = Limits())
             fp8 = plan_bucket(
                 [(e.name, e.shape, WIRE_DTYPES[e.dtype]) for e in entries], policy, align=ALIGN, start=cursor
             )
-            buckets.append(PlannedBucket(k, size, entries, None, fp8))
+            sources = {e.name: SourceTensor(e.offset, e.shape, WIRE_DTYPES[e.dtype]) for e in entries}
+            buckets.append(PlannedBucket(k, size, entries, None, fp8, plan_fill(fp8, sources)))
             for e in fp8.entries:
                 staged.append(StagedTensor(e.name, tuple(e.shape), e.dtype, e.start_idx, e.end_idx))
             cursor = fp8.nbytes
