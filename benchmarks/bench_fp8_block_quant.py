@@ -8,7 +8,12 @@ one process. Also timed: the plain-PyTorch reference and, with ``--sweep``, ever
 of ``weight_sync.fp8.block_quant.CANDIDATE_CONFIGS`` (each one's output compared bit for bit with the
 default configuration's, which is compared with the reference).
 
-    python benchmarks/bench_fp8_block_quant.py [--quick] [--sweep] [--json PATH] [--out DIR]
+    python benchmarks/bench_fp8_block_quant.py [--quick] [--sweep] [--grouped] [--json PATH] [--out DIR]
+
+``--grouped`` also times the sidecar's grouped launch (``block_quant_grouped``): the weights of
+Llama-3-8B layers laid out in one flat buffer as a transfer bucket holds them, quantized by one launch,
+against one launch per weight (the same default kernel, outputs at the same offsets) and against a copy
+of the same bytes; both outputs are compared bit for bit with the grouped reference.
 
 ``--out DIR`` writes ``DIR/bench_fp8_block_quant.json`` and ``DIR/bench_fp8_block_quant.txt`` (the
 printed tables). The sweep ends with the best worst-case configuration per shape class (the classes of
@@ -217,6 +222,77 @@ def sweep_tables(rows: list[dict], infos: dict) -> dict:
     return chosen
 
 
+LLAMA_LAYER = [
+    (4096, 4096),
+    (1024, 4096),
+    (1024, 4096),
+    (4096, 4096),
+    (14336, 4096),
+    (14336, 4096),
+    (4096, 14336),
+]
+
+
+def bench_grouped(layers: int) -> dict:
+    """One grouped launch over ``layers`` Llama-3-8B layers in one buffer vs one launch per weight."""
+    from weight_sync.fp8.block_quant_grouped import (
+        GroupedWeight,
+        fp8_block_quant_grouped_torch,
+        fp8_block_quant_grouped_triton,
+        plan_grouped,
+    )
+
+    shapes = LLAMA_LAYER * layers
+    weights, src_off, dst_off = [], 0, 0
+    for i, (n, k) in enumerate(shapes):
+        scale_off = dst_off + n * k
+        weights.append(GroupedWeight(f"w{i}", (n, k), src_off, dst_off, scale_off))
+        src_off += n * k * 2
+        dst_off = -(-(scale_off + -(-n // 128) * (k // 128) * 4) // 256) * 256
+    group = plan_grouped(weights, torch.bfloat16)
+    torch.manual_seed(0)
+    src = torch.empty(src_off, dtype=torch.uint8, device="cuda")
+    src.view(torch.bfloat16).copy_(torch.randn(src_off // 2, device="cuda") * 0.02)
+    dst = torch.empty(dst_off, dtype=torch.uint8, device="cuda")
+    views = [
+        (
+            src[w.src_offset : w.src_offset + w.shape[0] * w.shape[1] * 2].view(torch.bfloat16).view(w.shape),
+            dst[w.q_offset : w.q_offset + w.shape[0] * w.shape[1]].view(w.shape),
+            dst[w.scale_offset : w.scale_offset + -(-w.shape[0] // 128) * (w.shape[1] // 128) * 4]
+            .view(torch.float32)
+            .view(-(-w.shape[0] // 128), w.shape[1] // 128),
+        )
+        for w in weights
+    ]
+
+    def per_weight():
+        for w, q, s in views:
+            bq.fp8_block_quant_triton(w, out=q, scale_out=s, check=False)
+
+    want = torch.empty_like(dst)
+    fp8_block_quant_grouped_torch(src, want, group)
+    per_weight()
+    per_weight_bits = bool(torch.equal(dst, want))
+    dst.zero_()
+    fp8_block_quant_grouped_triton(src, dst, group)
+    grouped_bits = bool(torch.equal(dst, want))
+    moved = src_off + dst_off  # bytes read + written (the copy moves as many)
+    copy = bench_copy(moved // 2)
+    grouped = bench(lambda: fp8_block_quant_grouped_triton(src, dst, group))
+    loop = bench(per_weight)
+    row = dict(
+        layers=layers, weights=len(weights), bytes=moved, copy_ms=copy, grouped_ms=grouped,
+        per_weight_ms=loop, grouped_bitwise=grouped_bits, per_weight_bitwise=per_weight_bits,
+    )  # fmt: skip
+    log(
+        f"grouped, {layers} Llama-3-8B layers ({len(weights)} weights, {src_off / 1e9:.2f} GB bf16): "
+        f"copy {copy * 1e3:.1f} us, grouped {grouped * 1e3:.1f} us ({copy / grouped:.3f} of copy, "
+        f"bits {'ok' if grouped_bits else 'DIFF'}), per-weight launches {loop * 1e3:.1f} us "
+        f"({copy / loop:.3f} of copy, bits {'ok' if per_weight_bits else 'DIFF'})"
+    )
+    return row
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="no reference timing or division/cast variants")
@@ -224,6 +300,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--out", type=Path, default=None, help="directory for the JSON and the text tables")
     ap.add_argument("--shapes", type=str, default=None, help="e.g. 4096x4096,8192x8192")
+    ap.add_argument("--grouped", action="store_true", help="also time the grouped launch (1 and 4 layers)")
     args = ap.parse_args()
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
@@ -244,6 +321,7 @@ def main() -> None:
         log(json.dumps(row))
 
     chosen = sweep_tables(rows, infos) if args.sweep else {}
+    grouped = [bench_grouped(layers) for layers in (1, 4)] if args.grouped else []
 
     log()
     log(f"block FP8 quantization, bf16 -> e4m3 128x128, {dev}; medians of do_bench; TB/s = (read+written)/t")
@@ -282,6 +360,7 @@ def main() -> None:
         "rows": rows,
         "kernels": infos,
         "chosen": chosen,
+        "grouped": grouped,
     }
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
