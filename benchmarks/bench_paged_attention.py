@@ -9,7 +9,8 @@ Prints three tables (times from ``triton.testing.do_bench``, median, ms):
    process), and the fraction of device-to-device copy bandwidth reached on the KV bytes.
 2. extend: ``paged_attention_extend`` (ours, mma) vs SGLang's ``extend_attention_fwd`` (prefill 1k
    and 4k from scratch, 512 new tokens after a 4k cached prefix; batch 1).
-3. matmul: ``batch_invariant_linear`` vs cuBLAS ``F.linear`` at M = 1 .. 8192 (goal >= 0.9x cuBLAS).
+3. matmul: ``batch_invariant_mm`` (its M dispatch) vs cuBLAS ``F.linear`` at M = 1 .. 8192 (goal >= 0.9x
+   cuBLAS); the short form of ``benchmarks/bench_batch_invariant_matmul.py`` (its ``--sweep`` tunes it).
 
 ``--sweep`` adds the mma kernels' launch options (decode chunks per program and stages, extend
 stages: they never change the bits) to pick defaults per GPU; ``--only decode|extend|matmul``.
@@ -27,7 +28,6 @@ from functools import partial
 import torch
 import triton
 
-from parity.ops import batch_invariant_matmul as bm
 from parity.ops import paged_attention as pa
 from parity.ops import paged_attention_mma as pam
 
@@ -178,26 +178,24 @@ def extend_table(quick: bool, sweep: bool = False):
 
 
 def matmul_table(quick: bool, sweep: bool = False):
-    rows = []
+    """The matmul table, measured by ``benchmarks/bench_batch_invariant_matmul.py`` (the matmul's own
+    benchmark, with the candidate sweep and the dispatch proposal); here its short form."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "bench_batch_invariant_matmul", Path(__file__).with_name("bench_batch_invariant_matmul.py")
+    )
+    bbm = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bbm)
     shapes = (
         [(4096, 4096), (151936, 1024)]
         if quick
         else [(4096, 4096), (12288, 4096), (4096, 12288), (151936, 1024)]
     )
-    for n, k in shapes:
-        w = (torch.randn(n, k, device=DEV) * k**-0.5).to(torch.bfloat16)
-        for m in (1, 8, 64, 256, 1024, 8192):
-            x = torch.randn(m, k, device=DEV).to(torch.bfloat16)
-            ours = bench(partial(bm.batch_invariant_linear, x, w))
-            cub = bench(partial(torch.nn.functional.linear, x, w))
-            rows.append(dict(n=n, k=k, m=m, ours=ours, cublas=cub))
-    print("\n== matmul (ms): batch-invariant Triton vs cuBLAS F.linear (bf16), config", bm.CONFIG)
-    print(f"{'N':>7} {'K':>6} {'M':>5} {'ours':>8} {'cublas':>8} {'cublas/ours':>11}")
-    for r in rows:
-        print(
-            f"{r['n']:>7} {r['k']:>6} {r['m']:>5} {r['ours']:8.4f} {r['cublas']:8.4f} "
-            f"{r['cublas'] / r['ours']:11.2f}"
-        )
+    rows = bbm.measure(shapes, (1, 8, 64, 256, 1024, 8192), check=False)
+    print("\n== matmul (ms): batch-invariant Triton (dispatched) vs cuBLAS F.linear (bf16)")
+    bbm.print_table(rows, sweep=False)
     return rows
 
 

@@ -18,8 +18,9 @@ Per vocabulary size, with bf16 logits [N, V] (temperature 1, k3 KL against refer
   for ours and for plain PyTorch (what RL trainers compute: the division and the entropy add passes).
 
 ``--sweep`` first times, at every ``--vocab``, the forward launch configurations of
-``policy_loss.FWD_CANDIDATES`` (warps, unroll, pipelined tile loop, rows per program; the contract tile
-is fixed) and the backward's ``BWD_CANDIDATES``. Each forward configuration's five per-token outputs
+``policy_loss.FWD_CANDIDATES`` (warps, unroll, pipelined tile loop, rows per program, streamed rows on a
+persistent grid ``g<programs per SM>``, bf16 word pairs ``p``, packed bf16x2 max/min ``h``; the contract
+tile is fixed) and the backward's ``BWD_CANDIDATES``. Each forward configuration's five per-token outputs
 are compared bit for bit with the original launch's (one row per program, 4 warps), whose logprobs are
 compared with the plain-PyTorch contract on all N rows. Per vocabulary class (``policy_loss.v_class``)
 it picks the bitwise configuration with the best worst-case fraction of the copy, uses it for the
@@ -220,10 +221,11 @@ def sweep_vocab(n, v, copy_bw, results):
     fwd = {}
     for cfg in pl.FWD_CANDIDATES:
         try:
-            before = compiled(pl._policy_fwd_kernel)
+            kernel = pl._policy_fwd_stream_kernel if cfg.stream else pl._policy_fwd_kernel
+            before = compiled(kernel)
             out = pl._forward(x, ids, old, None, None, ref_lp, 1.0, 3, False, tile, True, cfg)
             torch.cuda.synchronize()
-            info = regs_of(pl._policy_fwd_kernel, before)
+            info = regs_of(kernel, before)  # "-": compiled by an earlier candidate (same constexprs)
             ok = contract_ok and same(out[:5], base[:5])
             t = ms(
                 lambda cfg=cfg: pl._forward(x, ids, old, None, None, ref_lp, 1.0, 3, False, tile, True, cfg)
@@ -233,7 +235,7 @@ def sweep_vocab(n, v, copy_bw, results):
             continue
         tbs = nbytes / t / 1e9
         fwd[cfg.name] = dict(ms=t, x_copy=tbs / copy_bw, bitwise=ok)
-        print(f"fwd {cfg.name:>10} regs/spills/smem {info:>12}: {t:.3f} ms {tbs:.2f} TB/s "
+        print(f"fwd {cfg.name:>13} regs/spills/smem {info:>12}: {t:.3f} ms {tbs:.2f} TB/s "
               f"({tbs / copy_bw:.3f}x copy) bitwise={ok}", flush=True)  # fmt: skip
         results["sweep_fwd"].append(
             dict(V=v, launch=cfg.name, regs=info, ms=t, x_copy=tbs / copy_bw, bitwise=ok)

@@ -292,8 +292,84 @@ def test_launch_tables_are_fixed_by_vocabulary_class():
     assert len(set(names)) == len(names) and pl.FwdLaunch() in pl.FWD_CANDIDATES
     for c in (*pl.FWD_CANDIDATES, *pl.FWD_LAUNCH.values()):
         assert c.validate() is c
-    with pytest.raises(ValueError):
-        pl.FwdLaunch(unroll=3).validate()
+    for bad in (
+        pl.FwdLaunch(unroll=3),
+        pl.FwdLaunch(stream=2, rows=2),  # a stream launch's grid is stream x SMs
+        pl.FwdLaunch(stream=2, unroll=2),
+        pl.FwdLaunch(packed=True),  # packed needs pairs
+        pl.FwdLaunch(stream=65),
+    ):
+        with pytest.raises(ValueError):
+            bad.validate()
+    assert pl.FwdLaunch(num_warps=1, num_stages=3, stream=12, pairs=True, packed=True).name == "w1u1s3r1g12ph"
+
+
+# ---------------------------------------------------------------------------------------------------
+# The forward kernels compiled for sm_90 (H100/H200) on the CPU: Triton's passes and bundled ptxas
+# ---------------------------------------------------------------------------------------------------
+def _compile_fwd_sm90(kernel, num_warps: int, num_stages: int, **consts):
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    base = dict(
+        V=32768, HAS_T=False, HAS_OLD=True, HAS_MASK=False, REF_MODE=2, KL_MODE=3, ENTROPY=False, TILE=2048,
+        LOG2_TILE=11, FMA=1, UNROLL=1, NUM_STAGES=num_stages, ROWS_LOOP=False, N_ITERS=0, N_STEPS=0,
+        INTERP=False, PAIRS=False, PACKED=False, UNIFORM=True,
+    )  # fmt: skip
+    base.update(consts)
+    consts = {k: v for k, v in base.items() if k in kernel.arg_names}
+    types = {"IDS": "*i64", "OLD": "*fp32", "REF_LP": "*fp32", "MASK": "*u8", "temperature": "fp32"}
+    types.update({n: "*fp32" for n in ("LOGP", "RATIO", "KL", "ENT", "LSE")}, inv_t="fp32")
+    sig = {
+        n: "constexpr" if n in consts else types.get(n, "*bf16" if n in "XR" else "i32")
+        for n in kernel.arg_names
+    }
+    # as a launch specializes them: 16-byte aligned pointers, strides that are multiples of 16
+    aligned = [n for n in sig if sig[n].startswith("*") or n in ("x_sb", "x_sl", "r_sb", "r_sl")]
+    attrs = {(kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
+    src = ASTSource(kernel, sig, constexprs=consts, attrs=attrs)
+    opts = dict(num_warps=num_warps, num_stages=num_stages, enable_fp_fusion=False)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
+
+
+@pytest.mark.skipif(
+    pl._interpreting(), reason="TRITON_INTERPRET=1: the kernels are interpreter functions, not compilable"
+)
+@pytest.mark.parametrize(
+    "launch", [c for c in pl.FWD_CANDIDATES if c.stream or c.pairs], ids=lambda c: c.name
+)
+def test_new_forward_launches_compile_for_sm90(launch):
+    """Every stream / pairs / packed candidate compiles for sm_90 (no GPU needed; the benchmark's case and
+    one with a mask, reference logits, entropy, T != 1 and a partial tile), with: no register spills;
+    the tiles read as 16-byte vectors (cp.async with num_stages > 1); bf16x2 max exactly when packed
+    applies (T == 1)."""
+    import re
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    import triton
+
+    kernel = pl._policy_fwd_stream_kernel if launch.stream else pl._policy_fwd_kernel
+    variants = [{}, dict(HAS_MASK=True, REF_MODE=1, ENTROPY=True, HAS_T=True, V=151936)]
+    for consts in variants:
+        k = _compile_fwd_sm90(
+            kernel, launch.num_warps, launch.num_stages, PAIRS=launch.pairs, PACKED=launch.packed, **consts
+        )
+        ptx = k.asm["ptx"]
+        assert ("max.NaN.bf16x2" in ptx) == (launch.packed and not consts.get("HAS_T", False)), consts
+        if launch.num_stages > 1:
+            assert "cp.async.cg.shared.global" in ptx, "tile loop not pipelined"
+        else:
+            assert re.search(r"ld\.global(\.\w+)*\.v4\.b32", ptx), "tiles not read as 16-byte vectors"
+        cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+        if cuobjdump.exists():
+            with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+                f.write(k.asm["cubin"])
+                f.flush()
+                res = subprocess.run([str(cuobjdump), "-res-usage", f.name], capture_output=True, text=True)
+            assert "STACK:0" in res.stdout, res.stdout  # no register spills
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -432,26 +508,55 @@ def test_packed_sequences_aggregate_like_padded_rows():
 # ---------------------------------------------------------------------------------------------------
 # Launch options of the forward kernel (GPU): none changes a bit
 # ---------------------------------------------------------------------------------------------------
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bitwise equal, NaN payloads aside (NaN where the other is NaN)."""
+    nan = torch.isnan(a)
+    return torch.equal(nan, torch.isnan(b)) and torch.equal(
+        a[~nan].view(torch.int32), b[~nan].view(torch.int32)
+    )
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("launch", pl.FWD_CANDIDATES, ids=[c.name for c in pl.FWD_CANDIDATES])
-@pytest.mark.parametrize("v", [4099, 151936])
-def test_every_swept_forward_launch_is_bitwise_the_contract(launch, v):
-    """Every configuration the benchmark may pick, with masked rows, reference logits, entropy, T != 1:
-    the original launch's bits (all six outputs) and the plain-PyTorch contract's."""
+@pytest.mark.parametrize("v", [4099, 4100, 151936])
+@pytest.mark.parametrize("temperature", [0.7, 1.0])
+def test_every_swept_forward_launch_is_bitwise_the_contract(launch, v, temperature, monkeypatch):
+    """Every configuration the benchmark may pick, with masked rows, reference logits, entropy, T != 1
+    and T == 1 (where packed applies), odd and even V (pairs), rows with NaN / +inf / -inf columns /
+    all -inf / a range wider than the clamp: the original launch's bits (all six outputs) and the
+    plain-PyTorch contract's. Stream launches run on a grid of `stream` programs (one per SM as far as
+    the launcher knows), so that each program streams several rows."""
+    monkeypatch.setattr(pl, "_sm_count", lambda device: 1)
     g = torch.Generator(device="cuda").manual_seed(v)
     n = 45  # not a multiple of any rows-per-program
-    logits = (torch.randn(n, v, generator=g, device="cuda") * 3).to(torch.bfloat16)
+    x = torch.randn(n, v, generator=g, device="cuda") * 3
+    x[1, 7], x[2, v - 3], x[3] = math.nan, math.inf, -math.inf  # NaN outputs (all -inf: no finite max)
+    x[4, :2048] = -math.inf  # a first tile of -inf only
+    x[5, 100:900] = -math.inf  # -inf columns
+    x[6] *= 40  # lanes below the clamp max(t, -86)
+    x[7, v // 2] = 300.0  # the max grows late, by a lot
+    logits = x.to(torch.bfloat16)
     ref_logits = (logits.float() + torch.randn(n, v, generator=g, device="cuda") * 0.5).to(torch.bfloat16)
     ids = torch.randint(0, v, (n,), generator=g, device="cuda")
     old = torch.randn(n, generator=g, device="cuda") * 0.1 - 8.0
     mask = torch.rand(n, generator=g, device="cuda") > 0.25
-    args = (logits, ids, old, mask, ref_logits, None, 0.7, 3, True, pl.CONTRACT_TILE, True)
+    mask[:8] = True
+    args = (logits, ids, old, mask, ref_logits, None, temperature, 3, True, pl.CONTRACT_TILE, True)
     got = pl._forward(*args, launch)
     want = pl._forward(*args, pl.FwdLaunch())  # the original launch: one row per program
     for name, a, b in zip(("logp", "ratio", "kl", "ent", "lse", "ref_lp"), got, want, strict=True):
         if name == "ref_lp":  # written for unmasked rows only (the backward reads no other)
             a, b = a[mask], b[mask]
-        assert torch.equal(a.view(torch.int32), b.view(torch.int32)), name
-    ref = pl.policy_loss_reference(logits, ids, old, mask, 0.7, ref_logits=ref_logits, entropy=True)
+        assert _same_bits(a, b), name
+    ref = pl.policy_loss_reference(logits, ids, old, mask, temperature, ref_logits=ref_logits, entropy=True)
     for name, a, b in zip(("logp", "ratio", "kl", "entropy"), got[:4], ref, strict=True):
-        assert torch.equal(a.view(torch.int32), b.detach().view(torch.int32)), name
+        assert _same_bits(a, b.detach()), name
+    # no mask, reference logprobs (the benchmark's case) and a 3-D view with a dropped position
+    view = logits.view(5, 9, v)[:, :-1]
+    ids3 = ids.view(5, 9)[:, :-1]
+    args = (view, ids3.reshape(-1), old.view(5, 9)[:, :-1].reshape(-1), None, None, old[:40] + 0.1,
+            temperature, 3, False, pl.CONTRACT_TILE, True)  # fmt: skip
+    got = pl._forward(*args, launch)
+    want = pl._forward(*args, pl.FwdLaunch())
+    for name, a, b in zip(("logp", "ratio", "kl", "ent", "lse"), got, want, strict=False):
+        assert _same_bits(a, b), name

@@ -8,6 +8,7 @@ the kernel code that runs on the GPU. Forward outputs must be bitwise the plain-
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import os
@@ -125,7 +126,8 @@ class _BigOps(torch.utils._python_dispatch.TorchDispatchMode):
 
 
 def _quiet_launches(pl, mode):
-    """Wrap the two kernels so that ``mode`` ignores what the interpreter does inside a launch."""
+    """Wrap the kernels so that ``mode`` ignores what the interpreter does inside a launch: (forward,
+    stream forward, backward)."""
 
     class Quiet:
         def __init__(self, kernel):
@@ -143,7 +145,7 @@ def _quiet_launches(pl, mode):
 
             return run
 
-    return Quiet(pl._policy_fwd_kernel), Quiet(pl._policy_bwd_kernel)
+    return Quiet(pl._policy_fwd_kernel), Quiet(pl._policy_fwd_stream_kernel), Quiet(pl._policy_bwd_kernel)
 
 
 def _ppo_checks(pl):
@@ -171,15 +173,15 @@ def _ppo_checks(pl):
     # No zero fill for the gradients of logp / entropy (unused by the loss), no host sync but the ids check.
     for inplace in (False, True):
         mode = _BigOps(n * v)
-        saved = pl._policy_fwd_kernel, pl._policy_bwd_kernel, pl._empty
-        pl._policy_fwd_kernel, pl._policy_bwd_kernel = _quiet_launches(pl, mode)
+        saved = pl._policy_fwd_kernel, pl._policy_fwd_stream_kernel, pl._policy_bwd_kernel, pl._empty
+        pl._policy_fwd_kernel, pl._policy_fwd_stream_kernel, pl._policy_bwd_kernel = _quiet_launches(pl, mode)
         pl._empty = torch.empty  # not the poisoning allocator (a fill of every output)
         x = logits.clone().requires_grad_(True)
         try:
             with mode:
                 step(inplace=inplace, x=x)
         finally:
-            pl._policy_fwd_kernel, pl._policy_bwd_kernel, pl._empty = saved
+            pl._policy_fwd_kernel, pl._policy_fwd_stream_kernel, pl._policy_bwd_kernel, pl._empty = saved
         assert mode.big == ([] if inplace else ["aten.empty.memory_format"]), (inplace, mode.big)
         assert mode.names.count("aten.zeros.default") == 0, "zero-filled gradients of unused outputs"
         assert mode.names.count("aten._local_scalar_dense.default") <= 2  # at most: the ids' min and max
@@ -229,6 +231,96 @@ def _ppo_checks(pl):
     print("ppo_loss checks passed", flush=True)
 
 
+def _same_bits(a, b):
+    nan = torch.isnan(a)
+    return torch.equal(nan, torch.isnan(b)) and torch.equal(
+        a[~nan].view(torch.int32), b[~nan].view(torch.int32)
+    )
+
+
+def _special_rows(v, g):
+    """bf16 rows with NaN / +inf / all -inf (NaN outputs), a first tile of -inf, -inf columns, a range
+    wider than the clamp max(t, -86), a max that grows late by a lot, subnormal-sized values."""
+    x = torch.randn(9, v, generator=g) * 3
+    x[0, 5], x[1, v - 2], x[2] = math.nan, math.inf, -math.inf
+    x[3, : min(2048, v - 1)] = -math.inf
+    x[4, 100:300] = -math.inf
+    x[5] *= 40
+    x[6, v // 2] = 200.0
+    x[7] = torch.randn(v, generator=g) * 1e-39
+    return x.to(torch.bfloat16)
+
+
+def _new_launch_checks(pl):
+    """Every stream / pairs / packed candidate of FWD_CANDIDATES: all six forward outputs bitwise the
+    original launch's (and the logprobs the plain-PyTorch contract's), with masks, reference logits or
+    logprobs, entropy, T == 1 (packed applies) and T != 1, even V (pairs apply), full and partial
+    tiles, strided [B, L, V] rows, special values; V < TILE, fp32 and the gradient through autograd.
+
+    The interpreter runs one program per grid point whatever num_warps / num_stages, and the stream
+    width only sets the grid, so the candidates are checked per distinct program (kernel, pairs, packed,
+    unroll, rows), on a grid of 3 stream programs (the SM count is 1 here): each program streams several
+    rows, masked ones among them."""
+    new = [c for c in pl.FWD_CANDIDATES if c.stream or c.pairs]
+    assert len(new) >= 8
+    programs = {}
+    extra = pl.FwdLaunch(unroll=2, rows=2, pairs=True, packed=True)  # not swept: two tiles per step, pairs
+    for c in [*new, extra]:
+        key = (c.stream > 0, c.pairs, c.packed, c.unroll, c.rows)
+        programs.setdefault(key, (dataclasses.replace(c, stream=min(c.stream, 3)), []))[1].append(c.name)
+    g = torch.Generator().manual_seed(17)
+    cases = []  # (inputs, the original launch's outputs, live rows, with reference logits)
+    # V: 2 full tiles + a partial one (TILE 1024); 2 full tiles; a full tile + a partial one
+    for v, tile, temperature, ref_kind, entropy, masked, rows in (
+        (2500, 1024, 1.0, "logits", True, True, "strided"),
+        (4096, 2048, 1.0, "logprobs", False, False, "special"),
+        (2050, 2048, 0.8, "logprobs", True, True, "special"),
+    ):
+        if rows == "strided":
+            logits = (torch.randn(2, 5, v, generator=g) * 3).to(torch.bfloat16)[:, :-1]  # [2, 4, V] view
+        else:
+            logits = torch.cat([(torch.randn(2, v, generator=g) * 3).to(torch.bfloat16), _special_rows(v, g)])
+        shape = logits.shape[:-1]
+        m = math.prod(shape)
+        ids = torch.randint(0, v, (m,), generator=g)
+        live = torch.ones(m, dtype=torch.bool)
+        if masked:
+            live = torch.rand(m, generator=g) > 0.3
+            live[:2] = True
+            ids[~live] = v + 7  # masked rows' ids are never used
+        ref_logits = (logits.float() + torch.randn(logits.shape, generator=g) * 0.5).to(torch.bfloat16)
+        old = torch.randn(m, generator=g) * 0.1 - 6.0
+        args = (
+            logits, ids, old, live if masked else None, ref_logits if ref_kind == "logits" else None,
+            old + 0.1 if ref_kind == "logprobs" else None, temperature, 3, entropy, tile, True,
+        )  # fmt: skip
+        want = pl._forward(*args, pl.FwdLaunch())
+        ref = pl.logprobs_reference(logits, torch.where(live, ids, 0).view(shape), temperature, tile=tile)
+        assert _same_bits(want[0][live], ref.reshape(m)[live])
+        cases.append((args, want, live, ref_kind == "logits"))
+    for cfg, names in programs.values():
+        for args, want, live, ref_logits in cases:
+            got = pl._forward(*args, cfg)
+            for name, a, b in zip(("logp", "ratio", "kl", "ent", "lse", "ref_lp"), got, want, strict=True):
+                if name == "ref_lp":  # written for unmasked rows, with reference logits only
+                    if not ref_logits:
+                        continue
+                    a, b = a[live], b[live]
+                assert _same_bits(a, b), (cfg.name, name, args[0].shape, args[6])
+        print(f"{cfg.name} bitwise (the program of {', '.join(names)})", flush=True)
+    # the first program through fused_policy_loss (FWD_LAUNCH) with the gradient, also at V < TILE (the
+    # stream kernel falls back to one row per program) and with fp32 logits (pairs do not apply)
+    saved = dict(pl.FWD_LAUNCH)
+    cfg = next(iter(programs.values()))[0]
+    pl.FWD_LAUNCH.update(small=cfg, large=cfg)
+    try:
+        print(cfg.name, _check_case(pl, 33, (2, 5), 2050, torch.bfloat16, 1.0, "logits", True, True, "k1"))
+        print(cfg.name, _check_case(pl, 31, (2, 3), 300, torch.bfloat16, 1.0, "logits", True, True, "k3"))
+        print(cfg.name, _check_case(pl, 32, (5,), 2051, torch.float32, 0.7, "logprobs", True, False, "k2"))
+    finally:
+        pl.FWD_LAUNCH.update(saved)
+
+
 def _checks():
     from parity.ops import policy_loss as pl
 
@@ -262,6 +354,7 @@ def _checks():
     cfg = pl.FwdLaunch(num_stages=2, rows=4)
     got = pl._forward(logits, ids, None, None, None, None, 1.0, 0, False, pl.CONTRACT_TILE, True, cfg)[0]
     assert torch.equal(got, pl.logprobs_reference(logits, ids)), cfg
+    _new_launch_checks(pl)
     # ratio == 1 exactly when the old logprobs come from the same computation (or the reference)
     lp = pl.fused_logprobs(logits, ids)
     assert torch.equal(lp, pl.logprobs_reference(logits, ids))

@@ -17,31 +17,65 @@ Semantics (the contract of this op)
   (``tl.dot``: bf16/fp16 products, fp32 accumulation; the K tail padded with exact zeros);
 - then ``acc + float32(bias[n])`` and one rounding to the output dtype (nearest even).
 
-No split-K, no stream-K, one fixed tile configuration (``CONFIG``: ``BLOCK_M, BLOCK_N, BLOCK_K``,
-warps, stages) for every M. The configuration may depend on (N, K, dtype, GPU) -- a weight's shape,
-the same on server and trainer -- never on M. The row index M is not specialised by the JIT
-(``do_not_specialize``), so one compiled kernel serves every M.
+No split-K, no stream-K. ``BLOCK_K`` (``FAMILY_BLOCK_K`` = 64) and the MMA instruction family are part
+of the definition; the rest of the launch -- ``BLOCK_M``, ``BLOCK_N``, ``GROUP_M``, warps, stages --
+is a *member of the family* chosen per call by :func:`config_for` from M and the weight's shape.
 
-What is guaranteed: row ``m``'s bits depend only on ``x[m]``, ``W``, ``bias``, the configuration and the
-GPU -- not on M, not on the other rows, not on where the row sits in its M tile (each output element
-of an MMA is computed by the same instruction sequence over K). Server and trainer get the same bits
-by calling this same kernel. What is *not* claimed: bitwise agreement with a plain-PyTorch
-reference. Tensor cores accumulate the products of one MMA with their own internal alignment and
-truncation, which no sequence of IEEE operations in PyTorch reproduces; :func:`linear_reference`
-(fp32 accumulation in the same K order) agrees to within fp32 rounding of the accumulation, and the
-tests hold it to an error bound, as a check that the kernel computes the right product -- exactness
-is tested as M-invariance, bit for bit.
+Configuration families, and why the launch may depend on M
+----------------------------------------------------------
+On Hopper (sm_90) Triton lowers ``tl.dot`` to ``wgmma`` when the tile allows it (``BLOCK_M`` a
+multiple of 64, ``num_warps`` a multiple of 4), else to ``mma.sync``. With wgmma an output element's
+K loop is a chain of ``m64nNk16`` instructions over increasing 16-wide K groups into one fp32
+accumulator, whatever the tile. The *family* is the set of configurations with ``FAMILY_BLOCK_K`` that
+lower to wgmma: ``CANDIDATES`` lists its members that the launcher may use, ``CONFIG`` is the
+canonical one (64 x 128 x 64, 4 warps, 3 stages: the single configuration of earlier versions).
+
+The claim: every member computes every output element with bitwise the same result, so the choice of
+member -- and hence M -- never changes a bit. Tile sizes change which program and which warp group
+computes an element and the instruction's N width, not the element's K order or its instructions'
+arithmetic. NVIDIA does not document wgmma's internal accumulation, so this rests on evidence, checked
+per GPU and Triton version:
+
+- ``tests/test_batch_invariant_matmul_gpu.py::test_family_members_give_the_canonical_bits`` (GPU):
+  every member of ``CANDIDATES`` gives the canonical configuration's bits on fresh random and
+  wide-exponent inputs (odd M, K tails, odd N, bias, bf16 and fp16), and
+  ``::test_dispatched_rows_alone_equal_rows_in_large_batches`` / ``::test_rows_do_not_depend_on_m``
+  check rows under the dispatch (M = 1 alone vs inside M = 4096 / 8192, other members);
+- ``tests/test_batch_invariant_matmul.py::test_table_configs_compile_to_wgmma_on_sm90`` (CPU): every
+  member compiles for sm_90 to ``wgmma ... k16.f32`` only, no ``mma.sync`` (no silent fallback);
+- ``benchmarks/bench_batch_invariant_matmul.py --sweep`` re-checks each candidate bitwise on every
+  benchmarked input and never proposes one that differs.
+
+If the family test fails on some GPU, ``DISPATCH = ((None, CONFIG),)`` restores one configuration for
+every M (the pre-dispatch contract: slower, but then no equivalence is assumed).
+
+What is guaranteed: row ``m``'s bits depend only on ``x[m]``, ``W``, ``bias``, the family and the GPU --
+not on M, not on the other rows, not on where the row sits in its M tile, and (by the family test)
+not on the member the dispatch picked. Server and trainer get the same bits by calling this same
+kernel. What is *not* claimed: bitwise agreement with a plain-PyTorch reference. Tensor cores
+accumulate the products of one MMA with their own internal alignment and truncation, which no
+sequence of IEEE operations in PyTorch reproduces; :func:`linear_reference` (fp32 accumulation in the
+same K order) agrees to within fp32 rounding of the accumulation, and the tests hold it to an error
+bound, as a check that the kernel computes the right product -- exactness is tested as M-invariance,
+bit for bit.
 
 Trade-offs
 ----------
-* One configuration for all M: small M (decode) reads W once per N tile with few programs (no split-K
-  to spread K over more SMs), large M (prefill) cannot switch to cuBLAS's best tile. The default
-  (``CONFIG``: 64 x 128 x 64 tiles, 4 warps, 3 stages; not yet tuned on a GPU) is a middle ground;
-  ``benchmarks/bench_paged_attention.py`` reports the ratio to cuBLAS at M = 1 .. 8192 to tune it per GPU.
+* Without split-K a program owns whole output tiles: at decode (M <= 64, one M tile) the parallelism
+  is ``cdiv(N, BLOCK_N)`` programs, so small ``BLOCK_N`` (16: 256 programs for N = 4096, but only 64
+  for N = 1024) and deep pipelines keep W streaming; narrow layers (N = 1024) at M = 1 may stay below
+  what cuBLAS's split-K GEMV reaches. Large M uses 128 x 256 tiles, but no TMA, persistent or
+  warp-specialised schedule. Not yet measured: ``DISPATCH`` is a first-principles default until a GPU
+  sweep (``benchmarks/bench_batch_invariant_matmul.py --sweep``, which prints a pasteable table)
+  replaces it.
+* The equivalence is an empirical property of sm_90 wgmma (and of the Triton version's lowering), not a
+  theorem: a new GPU or Triton needs the family test re-run before the dispatch is trusted.
 * Grouped tile order (``GROUP_M`` M tiles share a band of W in L2) changes only which program runs
   when, never a value.
 * On the CPU (not interpreting), :func:`batch_invariant_linear` is ``F.linear``: bf16 ``F.linear`` is
-  already row-invariant there (tests/test_contract_ops.py), and the kernel needs a GPU.
+  already row-invariant there (tests/test_contract_ops.py), and the kernel needs a GPU. Under the
+  Triton interpreter ``tl.dot`` is numpy, so interpreter tests check the launcher and masks, not the
+  family claim.
 """
 
 from __future__ import annotations
@@ -62,8 +96,116 @@ class MatmulConfig(NamedTuple):
     num_warps: int = 4
     num_stages: int = 3
 
+    @property
+    def name(self) -> str:
+        return (
+            f"{self.block_m}x{self.block_n}x{self.block_k} w{self.num_warps} s{self.num_stages}"
+            f" g{self.group_m}"
+        )
 
-CONFIG = MatmulConfig()  # part of the contract on a given GPU: server and trainer use the same one
+
+FAMILY_BLOCK_K = 64  # part of the contract: the K chunk order of every family member
+CONFIG = MatmulConfig()  # the canonical family member (the GPU family test compares every member to it)
+
+
+def _c(block_m: int, block_n: int, num_warps: int, num_stages: int) -> MatmulConfig:
+    return MatmulConfig(block_m, block_n, FAMILY_BLOCK_K, 8, num_warps, num_stages)
+
+
+# Every configuration the launcher may use: one family (FAMILY_BLOCK_K, wgmma-eligible tiles), each
+# member checked bitwise against CONFIG on the GPU and for its wgmma lowering on the CPU. Shared memory
+# per stage is (BLOCK_M + BLOCK_N) * 64 * 2 bytes; sm_90 allows 227 KiB per program.
+CANDIDATES: tuple[MatmulConfig, ...] = (
+    _c(64, 16, 4, 8),  # decode: N/16 programs, 7 x 2 KiB of W in flight each, 80 KiB smem (2 per SM)
+    _c(64, 32, 4, 6),
+    _c(64, 64, 4, 5),
+    CONFIG,  # 64 x 128, 4 warps, 3 stages
+    _c(64, 128, 4, 4),
+    _c(64, 256, 8, 3),  # two warp groups side by side along N
+    _c(128, 32, 4, 5),  # M ~ 128: W read once, N/32 programs
+    _c(128, 64, 4, 4),
+    _c(128, 128, 4, 4),
+    _c(128, 128, 8, 4),  # two warp groups stacked along M
+    _c(128, 256, 8, 3),  # prefill: the Triton Hopper GEMM tile (144 KiB smem)
+    _c(128, 256, 8, 4),  # 192 KiB smem
+)
+
+# M ranges -> family member: (largest M of the range, config); the last row's None is "any larger M".
+# First-principles defaults, to be replaced by the GPU sweep's table:
+# - M <= 64 (one 64-row tile; W's N*K*2 bytes dominate): BLOCK_N 16 -> most SMs stream W (N = 4096:
+#   256 programs on 132 SMs), 8 stages keep ~14 KiB of W in flight per program;
+# - M <= 256: still memory-bound on W (M flops per byte of W, H100's ridge is ~300): grow BLOCK_N with M
+#   so that cdiv(M, 64) * cdiv(N, BLOCK_N) stays ~256 programs and grouped M tiles share W in L2;
+# - M <= 4096: 128 x 128 tiles, enough programs for 132 SMs even at N = 1024;
+# - larger M: 128 x 256 x 64, 8 warps, 3 stages (compute-bound: fewest bytes of smem per flop).
+DISPATCH: tuple[tuple[int | None, MatmulConfig], ...] = (
+    (64, _c(64, 16, 4, 8)),
+    (128, _c(64, 32, 4, 6)),
+    (256, _c(64, 64, 4, 5)),
+    (1024, _c(128, 128, 4, 4)),
+    (4096, _c(128, 128, 8, 4)),
+    (None, _c(128, 256, 8, 3)),
+)
+
+# Optional per-weight-shape tables, (N, K) -> rows like DISPATCH (the sweep prints them where a shape
+# gains from its own table). Empty: every shape uses DISPATCH.
+SHAPE_DISPATCH: dict[tuple[int, int], tuple[tuple[int | None, MatmulConfig], ...]] = {}
+
+
+def wgmma_eligible(c: MatmulConfig) -> bool:
+    """Whether Triton lowers this tile's ``tl.dot`` to sm_90's wgmma (its MMAv3 conditions for 16-bit
+    inputs: BLOCK_M a multiple of 64, warps a multiple of 4, BLOCK_N a multiple of 8 and K >= 16;
+    ``tl.dot`` itself needs every dimension >= 16)."""
+    return (
+        c.block_m % 64 == 0
+        and c.num_warps % 4 == 0
+        and c.block_n % 8 == 0
+        and c.block_n >= 16
+        and c.block_k % 16 == 0
+        and c.block_k >= 16
+    )
+
+
+def in_family(c: MatmulConfig) -> bool:
+    """A member of the family: the contract's BLOCK_K and a wgmma-eligible tile."""
+    return c.block_k == FAMILY_BLOCK_K and wgmma_eligible(c)
+
+
+def _check_table(rows) -> None:
+    bounds = [b for b, _ in rows]
+    if not rows or bounds[-1] is not None or any(b is None or b < 1 for b in bounds[:-1]):
+        raise ValueError(f"dispatch rows must be (M bound >= 1, config)..., (None, config): {bounds}")
+    if bounds[:-1] != sorted(set(bounds[:-1])):
+        raise ValueError(f"dispatch M bounds must increase: {bounds}")
+    for _, c in rows:
+        if c not in CANDIDATES:
+            raise ValueError(f"dispatch config {c} is not in CANDIDATES (the GPU-tested family)")
+
+
+def _check_tables() -> None:
+    for c in CANDIDATES:
+        if not in_family(c):
+            raise ValueError(f"candidate {c} is outside the family (BLOCK_K {FAMILY_BLOCK_K}, wgmma)")
+    if CONFIG not in CANDIDATES:
+        raise ValueError("CONFIG must be one of CANDIDATES")
+    _check_table(DISPATCH)
+    for rows in SHAPE_DISPATCH.values():
+        _check_table(rows)
+
+
+_check_tables()
+
+
+def config_for(m: int, n: int, k: int) -> MatmulConfig:
+    """The family member for an ``[m, k] @ [n, k]^T`` product: the first row of ``SHAPE_DISPATCH[(n, k)]``
+    (else ``DISPATCH``) whose M bound is >= m. A pure function of (m, n, k): no device, dtype, timing or
+    autotuning state. Any member gives the same bits (the family test, see the module docstring), so
+    the choice affects speed only."""
+    for bound, c in SHAPE_DISPATCH.get((n, k), DISPATCH):
+        if bound is None or m <= bound:
+            return c
+    raise AssertionError("unreachable: the last dispatch row has no bound")
+
 
 _empty = torch.empty  # tests poison outputs through this
 
@@ -131,9 +273,12 @@ def batch_invariant_mm(
     bias: torch.Tensor | None = None,
     *,
     out: torch.Tensor | None = None,
-    config: MatmulConfig = CONFIG,
+    config: MatmulConfig | None = None,
 ) -> torch.Tensor:
-    """``x`` [M, K] @ ``weight`` [N, K]^T (+ bias) -> [M, N] in x's dtype, by the Triton kernel."""
+    """``x`` [M, K] @ ``weight`` [N, K]^T (+ bias) -> [M, N] in x's dtype, by the Triton kernel.
+
+    ``config=None``: the family member :func:`config_for` picks for (M, N, K) (same bits as any
+    other member). An explicit ``config`` is used as given, in the family or not (tests, sweeps)."""
     if x.dtype not in (torch.bfloat16, torch.float16) or weight.dtype != x.dtype:
         raise NotImplementedError(f"batch-invariant matmul: x {x.dtype}, weight {weight.dtype} (bf16/fp16)")
     if x.dtype == torch.float16 and _interpreting():
@@ -146,7 +291,7 @@ def batch_invariant_mm(
         out = _empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0:
         return out
-    c = config
+    c = config if config is not None else config_for(m, n, k)
     grid = (triton.cdiv(m, c.block_m) * triton.cdiv(n, c.block_n),)
     _bi_matmul_kernel[grid](
         x, weight, bias if bias is not None else x, out,
@@ -182,11 +327,16 @@ class _BatchInvariantLinear(torch.autograd.Function):
 
 
 def batch_invariant_linear(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, config: MatmulConfig = CONFIG
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    config: MatmulConfig | None = None,
 ) -> torch.Tensor:
     """``F.linear`` with M-invariant rows: the Triton kernel on CUDA (and under the interpreter),
     ``F.linear`` elsewhere (bf16 CPU linear rows are already M-invariant). Differentiable (the kernel
-    path with ``F.linear``'s backward), so the trainer trains through it."""
+    path with ``F.linear``'s backward), so the trainer trains through it. ``config``: as
+    :func:`batch_invariant_mm` (None: the dispatch, with M = the product of x's leading dimensions)."""
     if not (x.is_cuda or _interpreting()):
         return torch.nn.functional.linear(x, weight, bias)
     return _BatchInvariantLinear.apply(x, weight, bias, config)
@@ -198,7 +348,8 @@ def linear_reference(
 ) -> torch.Tensor:
     """Plain PyTorch, the same K blocks in the same order with fp32 accumulation (float64 inside each
     block): the kernel's value up to the tensor cores' rounding inside a block. Not bitwise (see the
-    module docstring); for error-bound checks."""
+    module docstring); for error-bound checks. Only ``config.block_k`` matters, the same for every
+    family member (the default, ``CONFIG``, stands for whichever member the dispatch picks)."""
     x2 = x.reshape(-1, x.shape[-1]).double()
     w = weight.double()
     acc = torch.zeros(x2.shape[0], w.shape[0], dtype=torch.float32, device=x.device)

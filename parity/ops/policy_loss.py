@@ -67,16 +67,20 @@ Trade-offs
   ``enable_fp_fusion=False``. The backward is not in the contract and uses the hardware ``exp2``.
 * Kernel configuration never changes the bits: only ``TILE`` does, and it is part of the contract (2048
   was the fastest of 1024 / 2048 / 4096 / 8192). The forward's launch options (:class:`FwdLaunch`:
-  warps, two tiles per step, a software-pipelined tile loop, several rows per program) only decide
-  which program runs which row and when a tile's loads are issued; each row still runs the contract's
-  steps in order, and the only reductions whose order the hardware picks are exact (a max, and the
+  warps, two tiles per step, a software-pipelined tile loop, several rows per program, a persistent
+  grid streaming rows through one pipelined loop, bf16 read as word pairs, packed bf16x2 max/min) only
+  decide which program runs which row, when a tile's loads are issued and how a tile's exact max is
+  found; each row still runs the contract's steps in order, and the only reductions whose order the
+  hardware picks are exact (a max, a min that only selects between two equal-valued formulas, and the
   sums of two of the lane tree). The defaults are a fixed table per vocabulary class
   (``FWD_LAUNCH`` / ``BWD_LAUNCH``, :func:`v_class`), chosen by the benchmark's sweep, never tuned at
   run time.
 * ``T != 1`` costs 3 more instructions per element (the Markstein division), entropy 3 more.
 * With one row per program (the original launch), the per-row tail (lane tree, fp64 log) and the
   load latency that nothing hides while a program reduces a tile are visible at small V (0.85 of the
-  copy bandwidth at V = 32768); the pipelined tile loop and rows-per-program options address that.
+  copy bandwidth at V = 32768); the pipelined tile loop and rows-per-program options address that, and
+  the stream option removes the two DRAM waits left per row (its first tiles; its action logit / old /
+  reference logprob, which every launch now loads before the tile loop instead of after it).
 
 KL conventions (``d = ref_logp - logp``, per sampled token, estimating KL(pi || pi_ref)):
 ``k1 = logp - ref_logp``, ``k2 = d^2 / 2``, ``k3 = exp(d) - d - 1`` (>= 0; for ``|d| < 1/2`` the
@@ -178,23 +182,46 @@ class FwdLaunch:
     - ``num_stages``: > 1 lets Triton software-pipeline the tile loop (``cp.async`` of the next
       ``num_stages - 1`` tiles into shared memory while the current one is reduced);
     - ``rows``: rows per program: the grid is ``ceil(N / rows)`` programs and program ``p`` handles rows
-      ``p, p + grid, p + 2 grid, ...`` (fewer, longer-lived programs; no per-row program launch).
+      ``p, p + grid, p + 2 grid, ...`` (fewer, longer-lived programs; no per-row program launch);
+    - ``stream``: > 0 runs :func:`_policy_fwd_stream_kernel` on a persistent grid of ``stream`` programs
+      per SM (at most N), each streaming its rows' tiles through ONE pipelined loop: the next row's first
+      tiles are in flight during this row's last tiles and tail, and the per-row inputs (action logit,
+      old / reference logprob) are fetched a row ahead (``unroll`` and ``rows`` must be 1; V < TILE, or
+      reference logits of another dtype, run the one-row-per-program kernel with the same warps/stages);
+    - ``pairs``: bf16 rows are read as 32-bit words of two logits, split with one instruction per element
+      (lanes kept as even / odd halves; the lane tree's first level is their sum). Needs bf16, an even V
+      and 4-byte aligned rows, else ignored;
+    - ``packed`` (with ``pairs``, T == 1, else ignored): each tile's max and min come from packed
+      ``max/min.NaN.bf16x2`` reductions (Hopper fuses three operands: ~0.25 instructions per element
+      instead of one FMNMX), and a tile whose min is within 86 of the running max skips the clamp
+      ``max(t, -86)``, which is then the identity (rounding is monotone). sm_90 SASS of the tile loop,
+      1 warp, per 2048-column tile: 996 instructions (w1u1s3r1), 985 streamed with pairs, ~909 with
+      packed too (a tile needing the clamp: ~972). With 4 warps the min / max cross warps: no gain.
     """
 
     num_warps: int = 4
     unroll: int = 1
     num_stages: int = 1
     rows: int = 1
+    stream: int = 0
+    pairs: bool = False
+    packed: bool = False
 
     @property
     def name(self) -> str:
-        return f"w{self.num_warps}u{self.unroll}s{self.num_stages}r{self.rows}"
+        name = f"w{self.num_warps}u{self.unroll}s{self.num_stages}r{self.rows}"
+        name += f"g{self.stream}" if self.stream else ""
+        return name + ("p" if self.pairs else "") + ("h" if self.packed else "")
 
     def validate(self) -> FwdLaunch:
         if self.num_warps not in (1, 2, 4, 8, 16) or self.unroll not in (1, 2):
             raise ValueError(f"bad forward launch {self}")
-        if self.num_stages < 1 or self.rows < 1:
+        if self.num_stages < 1 or self.rows < 1 or not 0 <= self.stream <= 64:
             raise ValueError(f"bad forward launch {self}")
+        if self.stream and (self.unroll != 1 or self.rows != 1):
+            raise ValueError(f"a stream launch has unroll 1 and rows 1 (its grid is stream x SMs): {self}")
+        if self.packed and not self.pairs:
+            raise ValueError(f"packed needs pairs: {self}")
         return self
 
 
@@ -236,6 +263,18 @@ FWD_CANDIDATES: tuple[FwdLaunch, ...] = tuple(
         # ^ several rows per program
         (1, 1, 2, 1), (1, 1, 4, 1), (1, 1, 5, 1), (1, 2, 3, 1), (1, 1, 3, 4), (2, 1, 5, 1),
         # ^ around the best at V=32768 on an H200 (w1u1s3r1, 0.72 of copy)
+    ]
+) + tuple(
+    FwdLaunch(num_warps=w, num_stages=st, stream=g, pairs=True, packed=h)
+    for w, st, g, h in [
+        # streamed rows (persistent grid, pipeline across rows), bf16 pairs, packed max/min: 1 warp per
+        # program (168 registers on sm_90: at most 12 resident per SM, 8-12 KB of tiles in flight each)
+        (1, 3, 12, True), (1, 2, 12, True), (1, 4, 12, True), (1, 3, 12, False),
+        (1, 3, 8, True),  # 8 per SM: N = 8192 rows on 132 SMs split 7.8 / program (12: 5.2, a ragged tail)
+        (2, 3, 8, True),  # 2 warps per program (96 registers), 16 warps per SM
+        # the one-row-per-program kernel: the small-V best with pairs + packed; the large-V default with
+        # pairs only (with 4 warps the packed min / max each need a cross-warp reduction: no gain)
+        (1, 3, 0, True), (4, 1, 0, False),
     ]
 )  # fmt: skip
 BWD_CANDIDATES: tuple[BwdLaunch, ...] = tuple(
@@ -439,6 +478,157 @@ def _load_scaled(ptr, temperature, inv_t, HAS_T: tl.constexpr, FMA: tl.constexpr
     return _scale(x, temperature, inv_t, HAS_T, FMA)
 
 
+# PAIRS (bf16 logits only): a tile is loaded as TILE / 2 32-bit words, each holding two logits (little
+# endian: the even column in the low half), and split with one shift or one AND per element -- the
+# generic bf16 -> fp32 conversion spends two instructions on every high half (PRMT + SHF). Lanes 2i and
+# 2i + 1 live in two [TILE / 2] tensors ``s_even[i]`` and ``s_odd[i]``: every lane sees the same operations
+# in the same order, and the first level of the lane tree, s[2i] + s[2i+1], is ``s_even + s_odd``.
+NEG_INF_PAIR: tl.constexpr = tl.constexpr(-8323200)  # int32 0xFF80FF80: two bf16 -inf (the tile padding)
+
+
+@triton.jit
+def _split_pair(wd, temperature, inv_t, HAS_T: tl.constexpr, FMA: tl.constexpr):
+    """int32 words of two bf16 -> (even, odd) columns as fp32 (exact), scaled."""
+    xe = (wd << 16).to(tl.float32, bitcast=True)
+    xo = (wd & -65536).to(tl.float32, bitcast=True)  # -65536 == 0xFFFF0000
+    return _scale(xe, temperature, inv_t, HAS_T, FMA), _scale(xo, temperature, inv_t, HAS_T, FMA)
+
+
+@triton.jit
+def _tile_update_pairs(
+    xe, xo, m, se, so, we, wo, FMA: tl.constexpr, ENTROPY: tl.constexpr, INTERP: tl.constexpr
+):
+    """:func:`_tile_update` of one tile held as its even and odd columns (lanes): the same operations
+    per lane. The tile max is exact whatever the order (a pairwise max first, then the reduction)."""
+    m_new = _max_nan(m, _tile_max(_max_nan(xe, xo), INTERP)) + 0.0
+    if m_new > m:
+        alpha = _exp_neg(m - m_new, FMA)
+        if ENTROPY:
+            delta = tl.where(m == float("-inf"), 0.0, m - m_new)
+            we = (we + se * delta) * alpha
+            wo = (wo + so * delta) * alpha
+        se = se * alpha
+        so = so * alpha
+    m = m_new
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    te = xe - m_safe
+    to = xo - m_safe
+    ee = _exp_neg(te, FMA)
+    eo = _exp_neg(to, FMA)
+    se = se + ee
+    so = so + eo
+    if ENTROPY:
+        we = we + ee * _max_nan(te, T_MIN)
+        wo = wo + eo * _max_nan(to, T_MIN)
+    return m, se, so, we, wo
+
+
+@triton.jit
+def _bf16x2_max(a, b):
+    """Per-half max.NaN of two words of two bf16 (exact; a NaN half gives a NaN half)."""
+    return tl.inline_asm_elementwise(
+        "max.NaN.bf16x2 $0, $1, $2;", "=r,r,r", [a, b], dtype=tl.int32, is_pure=True, pack=1
+    )
+
+
+@triton.jit
+def _bf16x2_min(a, b):
+    """Per-half min.NaN of two words of two bf16 (exact; a NaN half gives a NaN half)."""
+    return tl.inline_asm_elementwise(
+        "min.NaN.bf16x2 $0, $1, $2;", "=r,r,r", [a, b], dtype=tl.int32, is_pure=True, pack=1
+    )
+
+
+@triton.jit
+def _min_nan(a, b):
+    return tl.minimum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _tile_min(x, INTERP: tl.constexpr):
+    """Exact min of a tile, NaN-propagating (see _tile_max)."""
+    if INTERP:
+        mn, _i = tl.min(x, 0, return_indices=True)
+        return mn
+    else:
+        return tl.reduce(x, 0, _min_nan)
+
+
+@triton.jit
+def _tile_update_packed(
+    wd, m, se, so, we, wo, FMA: tl.constexpr, ENTROPY: tl.constexpr, INTERP: tl.constexpr
+):
+    """:func:`_tile_update_pairs` of a tile of bf16 words (PACKED, T == 1: the words are the values).
+    The tile's max and min come from packed reductions of the words (max.NaN / min.NaN.bf16x2; Hopper
+    fuses three operands per instruction: ~0.25 instructions per element, instead of one FMNMX per
+    element for the max), exact whatever the order. With the min, a tile where no lane can reach the
+    clamp skips it: every t = RN(x - M) >= RN(min - M) (rounding is monotone), so when RN(min - M) >=
+    -86, max(t, -86) == t for every lane and the clamp-free exp_c is the same value (one FMNMX per
+    element saved); otherwise (a wide tile, -inf, NaN) the lanes take the clamped path. Under the
+    interpreter (no inline asm) the tile max / min are taken over the fp32 halves: the same values."""
+    xe = (wd << 16).to(tl.float32, bitcast=True)
+    xo = (wd & -65536).to(tl.float32, bitcast=True)
+    if INTERP:
+        tmax = _max_nan(_tile_max(xe, INTERP), _tile_max(xo, INTERP))
+        tmin = _min_nan(_tile_min(xe, INTERP), _tile_min(xo, INTERP))
+    else:
+        mw = tl.reduce(wd, 0, _bf16x2_max)
+        nw = tl.reduce(wd, 0, _bf16x2_min)
+        tmax = _max_nan((mw << 16).to(tl.float32, bitcast=True), (mw & -65536).to(tl.float32, bitcast=True))
+        tmin = _min_nan((nw << 16).to(tl.float32, bitcast=True), (nw & -65536).to(tl.float32, bitcast=True))
+    m_new = _max_nan(m, tmax) + 0.0
+    if m_new > m:
+        alpha = _exp_neg(m - m_new, FMA)
+        if ENTROPY:
+            delta = tl.where(m == float("-inf"), 0.0, m - m_new)
+            we = (we + se * delta) * alpha
+            wo = (wo + so * delta) * alpha
+        se = se * alpha
+        so = so * alpha
+    m = m_new
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    te = xe - m_safe
+    to = xo - m_safe
+    if tmin - m_safe >= T_MIN:  # no lane below the clamp (False for NaN, -inf): exp_c(t) directly
+        _k, ee = _exp2_parts(te, FMA)
+        _k, eo = _exp2_parts(to, FMA)
+        se = se + ee
+        so = so + eo
+        if ENTROPY:
+            we = we + ee * te
+            wo = wo + eo * to
+    else:
+        ee = _exp_neg(te, FMA)
+        eo = _exp_neg(to, FMA)
+        se = se + ee
+        so = so + eo
+        if ENTROPY:
+            we = we + ee * _max_nan(te, T_MIN)
+            wo = wo + eo * _max_nan(to, T_MIN)
+    return m, se, so, we, wo
+
+
+@triton.jit
+def _pairs_update(wd, m, se, so, we, wo, temperature, inv_t, HAS_T: tl.constexpr, FMA: tl.constexpr,
+                  ENTROPY: tl.constexpr, INTERP: tl.constexpr, PACKED: tl.constexpr):  # fmt: skip
+    """One tile of bf16 words: PACKED (T == 1 only) or the plain pairs update."""
+    if PACKED and not HAS_T:
+        m, se, so, we, wo = _tile_update_packed(wd, m, se, so, we, wo, FMA, ENTROPY, INTERP)
+    else:
+        xe, xo = _split_pair(wd, temperature, inv_t, HAS_T, FMA)
+        m, se, so, we, wo = _tile_update_pairs(xe, xo, m, se, so, we, wo, FMA, ENTROPY, INTERP)
+    return m, se, so, we, wo
+
+
+@triton.jit
+def _pairs_partial(words, n_full, V: tl.constexpr, HALF: tl.constexpr, temperature, inv_t,
+                   HAS_T: tl.constexpr, FMA: tl.constexpr):  # fmt: skip
+    """The last, partial tile as (even, odd) columns, padded with -inf (V is even)."""
+    wc = n_full * HALF + tl.arange(0, HALF)
+    wd = tl.load(words + wc, mask=wc < V // 2, other=NEG_INF_PAIR)
+    return _split_pair(wd, temperature, inv_t, HAS_T, FMA)
+
+
 @triton.jit
 def _row_stats(
     row_ptr,
@@ -453,14 +643,23 @@ def _row_stats(
     UNROLL: tl.constexpr,
     NUM_STAGES: tl.constexpr,
     INTERP: tl.constexpr,
+    PAIRS: tl.constexpr = False,
+    PACKED: tl.constexpr = False,
 ):
     """(M, log S in fp64, S, W) of one row under the contract. UNROLL = 2 issues the loads of two tiles
     before reducing them (more bytes in flight); the tiles are still reduced one after the other.
-    NUM_STAGES > 1 has Triton pipeline the loop's loads (the next tiles arrive during this one's math)."""
-    lanes = tl.arange(0, TILE)
+    NUM_STAGES > 1 has Triton pipeline the loop's loads (the next tiles arrive during this one's math).
+    PAIRS: bf16 rows read as 32-bit words (4-byte aligned row, V even; see NEG_INF_PAIR); PACKED: with
+    PAIRS and T == 1, the tile max / min from packed bf16x2 reductions (see _tile_update_packed)."""
     # -inf, but not a compile-time constant: with a constant, LLVM's optimizer of rows of a single tile
     # (V <= TILE) ran for minutes (Triton 3.6). temperature * 0.0 is 0.0 at run time (T > 0 finite).
     m = tl.full([], float("-inf"), tl.float32) + temperature * 0.0
+    if PAIRS:
+        return _row_stats_pairs(
+            row_ptr, m, V, temperature, inv_t, HAS_T, TILE, LOG2_TILE, FMA, ENTROPY, UNROLL, NUM_STAGES,
+            INTERP, PACKED,
+        )  # fmt: skip
+    lanes = tl.arange(0, TILE)
     s = tl.zeros([TILE], tl.float32)
     w = tl.zeros([TILE], tl.float32)
     n_full: tl.constexpr = V // TILE
@@ -492,13 +691,102 @@ def _row_stats(
 
 
 @triton.jit
-def _row_logp(row_ptr, tok, m, log_s, temperature, inv_t, HAS_T: tl.constexpr, FMA: tl.constexpr):
-    xt = _load_scaled(row_ptr + tok, temperature, inv_t, HAS_T, FMA)
+def _row_stats_pairs(
+    row_ptr, m, V: tl.constexpr, temperature, inv_t, HAS_T: tl.constexpr, TILE: tl.constexpr,
+    LOG2_TILE: tl.constexpr, FMA: tl.constexpr, ENTROPY: tl.constexpr, UNROLL: tl.constexpr,
+    NUM_STAGES: tl.constexpr, INTERP: tl.constexpr, PACKED: tl.constexpr,
+):  # fmt: skip
+    """:func:`_row_stats` with PAIRS: the same tiles in the same order, lanes split even / odd."""
+    HALF: tl.constexpr = TILE // 2
+    words = row_ptr.to(tl.pointer_type(tl.int32))
+    half = tl.arange(0, HALF)
+    se = tl.zeros([HALF], tl.float32)
+    so = tl.zeros([HALF], tl.float32)
+    we = tl.zeros([HALF], tl.float32)
+    wo = tl.zeros([HALF], tl.float32)
+    n_full: tl.constexpr = V // TILE
+    if UNROLL == 2:
+        n_pairs: tl.constexpr = n_full // 2
+        for it in tl.range(0, n_pairs, num_stages=NUM_STAGES):
+            w0 = tl.load(words + (2 * it) * HALF + half)
+            w1 = tl.load(words + (2 * it + 1) * HALF + half)
+            m, se, so, we, wo = _pairs_update(
+                w0, m, se, so, we, wo, temperature, inv_t, HAS_T, FMA, ENTROPY, INTERP, PACKED
+            )
+            m, se, so, we, wo = _pairs_update(
+                w1, m, se, so, we, wo, temperature, inv_t, HAS_T, FMA, ENTROPY, INTERP, PACKED
+            )
+        if n_full % 2 == 1:
+            wd = tl.load(words + (n_full - 1) * HALF + half)
+            m, se, so, we, wo = _pairs_update(
+                wd, m, se, so, we, wo, temperature, inv_t, HAS_T, FMA, ENTROPY, INTERP, PACKED
+            )
+    else:
+        for it in tl.range(0, n_full, num_stages=NUM_STAGES):
+            wd = tl.load(words + it * HALF + half)
+            m, se, so, we, wo = _pairs_update(
+                wd, m, se, so, we, wo, temperature, inv_t, HAS_T, FMA, ENTROPY, INTERP, PACKED
+            )
+    if n_full * TILE < V:
+        xe, xo = _pairs_partial(words, n_full, V, HALF, temperature, inv_t, HAS_T, FMA)
+        m, se, so, we, wo = _tile_update_pairs(xe, xo, m, se, so, we, wo, FMA, ENTROPY, INTERP)
+    s_tot = _tree_sum(se + so, HALF, LOG2_TILE - 1)  # level 1 of the lane tree, then the other levels
+    if ENTROPY:
+        w_tot = _tree_sum(we + wo, HALF, LOG2_TILE - 1)
+    else:
+        w_tot = 0.0
+    return m, _log_f64(s_tot), s_tot, w_tot
+
+
+@triton.jit
+def _logp_of(xt, m, log_s):
+    """The contract's logprob of the (scaled) action logit ``xt``; NaN unless M is finite."""
     # fp32 -> fp64 casts are exact; the difference of two fp32 is exact in fp64 (for |xt|, |m| within
     # 2^29 of each other), so the only rounding is the final one to fp32
     logp = ((xt.to(tl.float64) - m.to(tl.float64)) - log_s).to(tl.float32)
     ok = (m > float("-inf")) & (m < float("inf"))  # False for NaN too
     return tl.where(ok, logp, float("nan")), ok
+
+
+@triton.jit
+def _store_policy(row, logp, ok, m, log_s, s_tot, w_tot, old, LOGP, RATIO, ENT, LSE,
+                  HAS_OLD: tl.constexpr, ENTROPY: tl.constexpr, FMA: tl.constexpr):  # fmt: skip
+    """LOGP, LSE, RATIO and ENT of one live row (``old``: the rollout's logprob, unused without HAS_OLD)."""
+    tl.store(LOGP + row, logp)
+    tl.store(LSE + row, tl.where(ok, (m.to(tl.float64) + log_s).to(tl.float32), float("nan")))
+    if HAS_OLD:
+        ratio = _exp_any(logp - old, FMA)
+    else:
+        ratio = _exp_any(logp - logp, FMA)
+    tl.store(RATIO + row, ratio)
+    if ENTROPY:
+        # H = log S - sum e_i (xs_i - M) / S, in fp64 from the fp32 lane sums.
+        ent = (log_s - w_tot.to(tl.float64) / s_tot.to(tl.float64)).to(tl.float32)
+        tl.store(ENT + row, tl.where(ok, ent, float("nan")))
+    else:
+        tl.store(ENT + row, 0.0)
+
+
+@triton.jit
+def _kl_of(logp, ref, KL_MODE: tl.constexpr, FMA: tl.constexpr):
+    if KL_MODE == 1:
+        kl = logp - ref
+    elif KL_MODE == 2:
+        d = ref - logp
+        kl = (d * d) * 0.5
+    else:
+        kl = _k3(ref - logp, FMA)
+    return kl
+
+
+@triton.jit
+def _store_masked(row, LOGP, RATIO, KL, ENT, LSE):
+    """Neutral outputs of a masked row."""
+    tl.store(LOGP + row, 0.0)
+    tl.store(RATIO + row, 1.0)
+    tl.store(KL + row, 0.0)
+    tl.store(ENT + row, 0.0)
+    tl.store(LSE + row, 0.0)
 
 
 # ====================================================================================================
@@ -512,26 +800,23 @@ def _policy_fwd_row(
     HAS_T: tl.constexpr, HAS_OLD: tl.constexpr, HAS_MASK: tl.constexpr, REF_MODE: tl.constexpr,
     KL_MODE: tl.constexpr, ENTROPY: tl.constexpr, TILE: tl.constexpr, LOG2_TILE: tl.constexpr,
     FMA: tl.constexpr, UNROLL: tl.constexpr, NUM_STAGES: tl.constexpr, INTERP: tl.constexpr,
+    PAIRS: tl.constexpr, PACKED: tl.constexpr,
 ):  # fmt: skip
     """Every output of one row."""
     if HAS_MASK:
         if tl.load(MASK + row) == 0:  # neutral outputs; the action id is not read
-            tl.store(LOGP + row, 0.0)
-            tl.store(RATIO + row, 1.0)
-            tl.store(KL + row, 0.0)
-            tl.store(ENT + row, 0.0)
-            tl.store(LSE + row, 0.0)
+            _store_masked(row, LOGP, RATIO, KL, ENT, LSE)
         else:
             _policy_fwd_live_row(
                 row, X, x_sb, x_sl, R, r_sb, r_sl, IDS, OLD, REF_LP, LOGP, RATIO, KL, ENT, LSE,
                 L, V, temperature, inv_t, HAS_T, HAS_OLD, REF_MODE, KL_MODE, ENTROPY, TILE, LOG2_TILE,
-                FMA, UNROLL, NUM_STAGES, INTERP,
+                FMA, UNROLL, NUM_STAGES, INTERP, PAIRS, PACKED,
             )  # fmt: skip
     else:
         _policy_fwd_live_row(
             row, X, x_sb, x_sl, R, r_sb, r_sl, IDS, OLD, REF_LP, LOGP, RATIO, KL, ENT, LSE,
             L, V, temperature, inv_t, HAS_T, HAS_OLD, REF_MODE, KL_MODE, ENTROPY, TILE, LOG2_TILE,
-            FMA, UNROLL, NUM_STAGES, INTERP,
+            FMA, UNROLL, NUM_STAGES, INTERP, PAIRS, PACKED,
         )  # fmt: skip
 
 
@@ -543,48 +828,41 @@ def _policy_fwd_live_row(
     HAS_T: tl.constexpr, HAS_OLD: tl.constexpr, REF_MODE: tl.constexpr,
     KL_MODE: tl.constexpr, ENTROPY: tl.constexpr, TILE: tl.constexpr, LOG2_TILE: tl.constexpr,
     FMA: tl.constexpr, UNROLL: tl.constexpr, NUM_STAGES: tl.constexpr, INTERP: tl.constexpr,
+    PAIRS: tl.constexpr, PACKED: tl.constexpr,
 ):  # fmt: skip
     b = row // L
     li = row - b * L
     tok = tl.load(IDS + row)  # int64, validated on the host
     x_row = X + (b * x_sb + li * x_sl)  # int64 offsets: N * V may exceed 2^31
-    m, log_s, s_tot, w_tot = _row_stats(
-        x_row, V, temperature, inv_t, HAS_T, TILE, LOG2_TILE, FMA, ENTROPY, UNROLL, NUM_STAGES, INTERP
-    )
-    logp, ok = _row_logp(x_row, tok, m, log_s, temperature, inv_t, HAS_T, FMA)
-    tl.store(LOGP + row, logp)
-    tl.store(LSE + row, tl.where(ok, (m.to(tl.float64) + log_s).to(tl.float32), float("nan")))
+    # The per-row scalars are loaded before the tile loop, which hides their latency (the action's logit
+    # is a DRAM access: the row streamed through L2 long before the loop ends).
+    xt = _load_scaled(x_row + tok, temperature, inv_t, HAS_T, FMA)
     if HAS_OLD:
         old = tl.load(OLD + row)
     else:
-        old = logp
-    tl.store(RATIO + row, _exp_any(logp - old, FMA))
+        old = 0.0  # unused
+    if REF_MODE == 1:
+        r_row = R + (b * r_sb + li * r_sl)
+        rxt = _load_scaled(r_row + tok, temperature, inv_t, HAS_T, FMA)
+    elif REF_MODE == 2:
+        ref = tl.load(REF_LP + row)
+    m, log_s, s_tot, w_tot = _row_stats(
+        x_row, V, temperature, inv_t, HAS_T, TILE, LOG2_TILE, FMA, ENTROPY, UNROLL, NUM_STAGES, INTERP, PAIRS,
+        PACKED,
+    )  # fmt: skip
+    logp, ok = _logp_of(xt, m, log_s)
+    _store_policy(row, logp, ok, m, log_s, s_tot, w_tot, old, LOGP, RATIO, ENT, LSE, HAS_OLD, ENTROPY, FMA)
     if REF_MODE != 0:
         if REF_MODE == 1:
-            r_row = R + (b * r_sb + li * r_sl)
             rm, rlog_s, _rs, _rw = _row_stats(
-                r_row, V, temperature, inv_t, HAS_T, TILE, LOG2_TILE, FMA, False, UNROLL, NUM_STAGES, INTERP
-            )
-            ref, _rok = _row_logp(r_row, tok, rm, rlog_s, temperature, inv_t, HAS_T, FMA)
+                r_row, V, temperature, inv_t, HAS_T, TILE, LOG2_TILE, FMA, False, UNROLL, NUM_STAGES, INTERP,
+                PAIRS, PACKED,
+            )  # fmt: skip
+            ref, _rok = _logp_of(rxt, rm, rlog_s)
             tl.store(REF_LP + row, ref)  # saved for the backward
-        else:
-            ref = tl.load(REF_LP + row)
-        if KL_MODE == 1:
-            kl = logp - ref
-        elif KL_MODE == 2:
-            d = ref - logp
-            kl = (d * d) * 0.5
-        else:
-            kl = _k3(ref - logp, FMA)
-        tl.store(KL + row, kl)
+        tl.store(KL + row, _kl_of(logp, ref, KL_MODE, FMA))
     else:
         tl.store(KL + row, 0.0)
-    if ENTROPY:
-        # H = log S - sum e_i (xs_i - M) / S, in fp64 from the fp32 lane sums.
-        ent = (log_s - w_tot.to(tl.float64) / s_tot.to(tl.float64)).to(tl.float32)
-        tl.store(ENT + row, tl.where(ok, ent, float("nan")))
-    else:
-        tl.store(ENT + row, 0.0)
 
 
 @triton.jit
@@ -600,6 +878,8 @@ def _policy_fwd_kernel(
     ROWS_LOOP: tl.constexpr,  # program p handles rows p, p + grid, ... (else: row p only)
     N_ITERS: tl.constexpr,  # ROWS_LOOP under the interpreter: ceil(N / grid) (else 0)
     INTERP: tl.constexpr,
+    PAIRS: tl.constexpr = False,  # bf16 logits read as 32-bit words (see NEG_INF_PAIR)
+    PACKED: tl.constexpr = False,  # with PAIRS and T == 1: packed tile max / min (_tile_update_packed)
 ):  # fmt: skip
     if ROWS_LOOP:
         pid = tl.program_id(0)
@@ -611,7 +891,7 @@ def _policy_fwd_kernel(
                         (pid + i * nprog).to(tl.int64),
                         X, x_sb, x_sl, R, r_sb, r_sl, IDS, OLD, REF_LP, MASK, LOGP, RATIO, KL, ENT, LSE,
                         L, V, temperature, inv_t, HAS_T, HAS_OLD, HAS_MASK, REF_MODE, KL_MODE, ENTROPY,
-                        TILE, LOG2_TILE, FMA, UNROLL, NUM_STAGES, INTERP,
+                        TILE, LOG2_TILE, FMA, UNROLL, NUM_STAGES, INTERP, PAIRS, PACKED,
                     )  # fmt: skip
         else:
             for row in range(pid, N, nprog):
@@ -619,15 +899,246 @@ def _policy_fwd_kernel(
                     row.to(tl.int64),
                     X, x_sb, x_sl, R, r_sb, r_sl, IDS, OLD, REF_LP, MASK, LOGP, RATIO, KL, ENT, LSE,
                     L, V, temperature, inv_t, HAS_T, HAS_OLD, HAS_MASK, REF_MODE, KL_MODE, ENTROPY,
-                    TILE, LOG2_TILE, FMA, UNROLL, NUM_STAGES, INTERP,
+                    TILE, LOG2_TILE, FMA, UNROLL, NUM_STAGES, INTERP, PAIRS, PACKED,
                 )  # fmt: skip
     else:
         _policy_fwd_row(
             tl.program_id(0).to(tl.int64),
             X, x_sb, x_sl, R, r_sb, r_sl, IDS, OLD, REF_LP, MASK, LOGP, RATIO, KL, ENT, LSE,
             L, V, temperature, inv_t, HAS_T, HAS_OLD, HAS_MASK, REF_MODE, KL_MODE, ENTROPY,
-            TILE, LOG2_TILE, FMA, UNROLL, NUM_STAGES, INTERP,
+            TILE, LOG2_TILE, FMA, UNROLL, NUM_STAGES, INTERP, PAIRS, PACKED,
         )  # fmt: skip
+
+
+@triton.jit
+def _stream_update(raw, m, s, s2, w, w2, temperature, inv_t, HAS_T: tl.constexpr, FMA: tl.constexpr,
+                   ENTROPY: tl.constexpr, INTERP: tl.constexpr, PAIRS: tl.constexpr,
+                   PACKED: tl.constexpr):  # fmt: skip
+    """One full tile of the streaming kernel (``raw``: its loaded elements, or words with PAIRS)."""
+    if PAIRS:
+        m, s, s2, w, w2 = _pairs_update(
+            raw, m, s, s2, w, w2, temperature, inv_t, HAS_T, FMA, ENTROPY, INTERP, PACKED
+        )
+    else:
+        x = _scale(raw.to(tl.float32), temperature, inv_t, HAS_T, FMA)
+        m, s, w = _tile_update(x, m, s, w, FMA, ENTROPY, INTERP)
+    return m, s, s2, w, w2
+
+
+@triton.jit
+def _stream_finish(base, m, s, s2, w, w2, V: tl.constexpr, temperature, inv_t, HAS_T: tl.constexpr,
+                   TILE: tl.constexpr, LOG2_TILE: tl.constexpr, FMA: tl.constexpr, ENTROPY: tl.constexpr,
+                   INTERP: tl.constexpr, PAIRS: tl.constexpr):  # fmt: skip
+    """The end of one row's pass: its partial tile (if any), the lane tree and log S."""
+    n_full: tl.constexpr = V // TILE
+    if PAIRS:
+        if n_full * TILE < V:
+            words = base.to(tl.pointer_type(tl.int32))
+            xe, xo = _pairs_partial(words, n_full, V, TILE // 2, temperature, inv_t, HAS_T, FMA)
+            m, s, s2, w, w2 = _tile_update_pairs(xe, xo, m, s, s2, w, w2, FMA, ENTROPY, INTERP)
+        s_tot = _tree_sum(s + s2, TILE // 2, LOG2_TILE - 1)
+        if ENTROPY:
+            w_tot = _tree_sum(w + w2, TILE // 2, LOG2_TILE - 1)
+        else:
+            w_tot = 0.0
+    else:
+        if n_full * TILE < V:
+            cols = n_full * TILE + tl.arange(0, TILE)
+            x = tl.load(base + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+            x = _scale(x, temperature, inv_t, HAS_T, FMA)
+            m, s, w = _tile_update(x, m, s, w, FMA, ENTROPY, INTERP)
+        s_tot = _tree_sum(s, TILE, LOG2_TILE)
+        if ENTROPY:
+            w_tot = _tree_sum(w, TILE, LOG2_TILE)
+        else:
+            w_tot = 0.0
+    return m, _log_f64(s_tot), s_tot, w_tot
+
+
+@triton.jit
+def _row_offsets(row64, L, x_sb, x_sl, r_sb, r_sl, UNIFORM: tl.constexpr):
+    """Element offsets of a row of the logits and of the reference logits."""
+    if UNIFORM:
+        return row64 * x_sl, row64 * r_sl
+    else:
+        b = row64 // L
+        li = row64 - b * L
+        return b * x_sb + li * x_sl, b * r_sb + li * r_sl
+
+
+@triton.jit
+def _row_inputs(row, N, L, X, x_sb, x_sl, R, r_sb, r_sl, IDS, OLD, REF_LP, MASK, HAS_OLD: tl.constexpr,
+                HAS_MASK: tl.constexpr, REF_MODE: tl.constexpr, UNIFORM: tl.constexpr):  # fmt: skip
+    """A row's per-token inputs for the stream kernel's tail: (action logit, reference logit, old logprob,
+    reference logprob), raw; zeros where unused, for a masked row (whose id is not used) or row >= N."""
+    ok = row < N
+    if HAS_MASK:
+        ok = ok & (tl.load(MASK + row, mask=ok, other=0) != 0)
+    tok = tl.load(IDS + row, mask=ok, other=0)
+    x_off, r_off = _row_offsets(row.to(tl.int64), L, x_sb, x_sl, r_sb, r_sl, UNIFORM)
+    xt = tl.load(X + x_off + tok, mask=ok, other=0.0)
+    if REF_MODE == 1:
+        rxt = tl.load(R + r_off + tok, mask=ok, other=0.0)
+    else:
+        rxt = xt
+    if HAS_OLD:
+        old = tl.load(OLD + row, mask=ok, other=0.0)
+    else:
+        old = 0.0
+    if REF_MODE == 2:
+        ref = tl.load(REF_LP + row, mask=ok, other=0.0)
+    else:
+        ref = 0.0
+    return xt, rxt, old, ref
+
+
+@triton.jit
+def _policy_fwd_stream_kernel(
+    X, x_sb, x_sl, R, r_sb, r_sl, IDS, OLD, REF_LP, MASK, LOGP, RATIO, KL, ENT, LSE,
+    N, L, V: tl.constexpr, temperature, inv_t,
+    HAS_T: tl.constexpr, HAS_OLD: tl.constexpr, HAS_MASK: tl.constexpr, REF_MODE: tl.constexpr,
+    KL_MODE: tl.constexpr, ENTROPY: tl.constexpr, TILE: tl.constexpr, LOG2_TILE: tl.constexpr,
+    FMA: tl.constexpr, NUM_STAGES: tl.constexpr,
+    PAIRS: tl.constexpr,  # bf16 logits read as 32-bit words (see NEG_INF_PAIR)
+    PACKED: tl.constexpr,  # with PAIRS and T == 1: packed tile max / min (_tile_update_packed)
+    UNIFORM: tl.constexpr,  # row r starts at r * x_sl (and r * r_sl): no division by L
+    N_STEPS: tl.constexpr,  # under the interpreter: ceil(N / grid) * NTR loop steps (else 0)
+    INTERP: tl.constexpr,
+):  # fmt: skip
+    """The forward as a stream of tiles (``FwdLaunch.stream``): a persistent grid, program p handles rows
+    p, p + G, p + 2G, ... (G programs), and ONE loop runs over all of its (row, pass, tile) steps -- pass 1
+    being the reference logits' row with REF_MODE == 1. Each row still runs the contract's steps in order
+    (its tiles left to right, then the partial tile, lane tree and fp64 log at its last full tile), so the
+    bits are those of :func:`_policy_fwd_kernel`. What changes is the schedule: the software pipeline
+    (NUM_STAGES) issues the loads of the next row's first tiles while this row's last tiles and its
+    per-row tail run, so no row waits for DRAM at its start; the tail loads the next row's per-token
+    inputs (action id and logit, old / reference logprob), a whole row before they are used, and the
+    steady-state step does nothing but its tile. Needs V >= TILE (a full tile per row); masked rows'
+    tiles are neither read (predicated loads) nor reduced."""
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    NT: tl.constexpr = V // TILE  # full tiles per row (>= 1)
+    PASSES: tl.constexpr = 2 if REF_MODE == 1 else 1
+    NTR: tl.constexpr = NT * PASSES  # loop steps per row
+    LW: tl.constexpr = TILE // 2 if PAIRS else TILE  # lanes per tensor (two tensors with PAIRS)
+    lanes = tl.arange(0, LW)
+    neg_inf = tl.full([], float("-inf"), tl.float32) + temperature * 0.0  # see _row_stats
+    m = neg_inf
+    s = tl.zeros([LW], tl.float32)
+    s2 = tl.zeros([LW], tl.float32)
+    w = tl.zeros([LW], tl.float32)
+    w2 = tl.zeros([LW], tl.float32)
+    lp0 = tl.zeros([], tl.float32)  # PASSES == 2: the policy logp, carried to the reference pass
+    # the per-token inputs of the program's first row
+    xt_c, rxt_c, old_c, ref_c = _row_inputs(
+        pid, N, L, X, x_sb, x_sl, R, r_sb, r_sl, IDS, OLD, REF_LP, MASK, HAS_OLD, HAS_MASK, REF_MODE, UNIFORM
+    )
+    # (the interpreter's scalars cannot bound a range() (numpy 2): a counted loop there, rows >= N skipped)
+    for i in tl.range(0, N_STEPS if INTERP else tl.cdiv(N - pid, nprog) * NTR, num_stages=NUM_STAGES):
+        j = i // NTR
+        t = i - j * NTR
+        row = pid + j * nprog
+        x_off, r_off = _row_offsets(row.to(tl.int64), L, x_sb, x_sl, r_sb, r_sl, UNIFORM)
+        if PASSES == 2:
+            second = t >= NT
+            tp = tl.where(second, t - NT, t)  # the tile within the pass
+            base = tl.where(second, R + r_off, X + x_off)  # same dtype (checked by the launcher)
+        else:
+            second = False
+            tp = t
+            base = X + x_off
+        if PAIRS:
+            ptrs = base.to(tl.pointer_type(tl.int32)) + (tp * LW + lanes)
+        else:
+            ptrs = base + (tp * TILE + lanes)
+        live = True
+        if HAS_MASK:
+            live = tl.load(MASK + row, mask=row < N, other=0) != 0
+        elif INTERP:
+            live = row < N
+        if HAS_MASK or INTERP:
+            raw = tl.load(ptrs, mask=live, cache_modifier=".cg")  # a masked row's tiles are not read
+        else:
+            raw = tl.load(ptrs, cache_modifier=".cg")
+        if live:
+            if ENTROPY and PASSES == 2:  # the reference pass needs no entropy
+                if second:
+                    m, s, s2, w, w2 = _stream_update(
+                        raw, m, s, s2, w, w2, temperature, inv_t, HAS_T, FMA, False, INTERP, PAIRS, PACKED
+                    )
+                else:
+                    m, s, s2, w, w2 = _stream_update(
+                        raw, m, s, s2, w, w2, temperature, inv_t, HAS_T, FMA, True, INTERP, PAIRS, PACKED
+                    )
+            else:
+                m, s, s2, w, w2 = _stream_update(
+                    raw, m, s, s2, w, w2, temperature, inv_t, HAS_T, FMA, ENTROPY, INTERP, PAIRS, PACKED
+                )
+        if tp == NT - 1:  # the pass's last full tile: the pass's tail
+            last = t == NTR - 1
+            if last:  # the next row's inputs, issued first: their latency hides under this tail and row
+                xt_n, rxt_n, old_n, ref_n = _row_inputs(
+                    row + nprog, N, L, X, x_sb, x_sl, R, r_sb, r_sl, IDS, OLD, REF_LP, MASK, HAS_OLD,
+                    HAS_MASK, REF_MODE, UNIFORM,
+                )  # fmt: skip
+            else:
+                xt_n, rxt_n, old_n, ref_n = xt_c, rxt_c, old_c, ref_c
+            if live:
+                if ENTROPY and PASSES == 2:
+                    if second:
+                        m, log_s, s_tot, w_tot = _stream_finish(
+                            base, m, s, s2, w, w2, V, temperature, inv_t, HAS_T, TILE, LOG2_TILE, FMA,
+                            False, INTERP, PAIRS,
+                        )  # fmt: skip
+                    else:
+                        m, log_s, s_tot, w_tot = _stream_finish(
+                            base, m, s, s2, w, w2, V, temperature, inv_t, HAS_T, TILE, LOG2_TILE, FMA,
+                            True, INTERP, PAIRS,
+                        )  # fmt: skip
+                else:
+                    m, log_s, s_tot, w_tot = _stream_finish(
+                        base, m, s, s2, w, w2, V, temperature, inv_t, HAS_T, TILE, LOG2_TILE, FMA,
+                        ENTROPY, INTERP, PAIRS,
+                    )  # fmt: skip
+                if PASSES == 2:
+                    if second:  # the reference logprob
+                        ref, _rok = _logp_of(
+                            _scale(rxt_c.to(tl.float32), temperature, inv_t, HAS_T, FMA), m, log_s
+                        )
+                        tl.store(REF_LP + row, ref)  # saved for the backward
+                        tl.store(KL + row, _kl_of(lp0, ref, KL_MODE, FMA))
+                    else:
+                        xt = _scale(xt_c.to(tl.float32), temperature, inv_t, HAS_T, FMA)
+                        lp, ok = _logp_of(xt, m, log_s)
+                        _store_policy(
+                            row, lp, ok, m, log_s, s_tot, w_tot, old_c, LOGP, RATIO, ENT, LSE, HAS_OLD,
+                            ENTROPY, FMA,
+                        )  # fmt: skip
+                        lp0 = lp
+                else:
+                    lp, ok = _logp_of(_scale(xt_c.to(tl.float32), temperature, inv_t, HAS_T, FMA), m, log_s)
+                    _store_policy(
+                        row, lp, ok, m, log_s, s_tot, w_tot, old_c, LOGP, RATIO, ENT, LSE, HAS_OLD,
+                        ENTROPY, FMA,
+                    )  # fmt: skip
+                    if REF_MODE == 2:
+                        tl.store(KL + row, _kl_of(lp, ref_c, KL_MODE, FMA))
+                    else:
+                        tl.store(KL + row, 0.0)
+            elif row < N:  # a masked row: neutral outputs, once
+                if t < NT:
+                    _store_masked(row, LOGP, RATIO, KL, ENT, LSE)
+            xt_c, rxt_c, old_c, ref_c = xt_n, rxt_n, old_n, ref_n
+            # the next pass starts from the contract's initial state (reset here, in the tail's branch: a
+            # reset at a pass's first tile would be if-converted into a select per lane at every tile)
+            m = neg_inf
+            s = tl.zeros([LW], tl.float32)
+            if PAIRS:
+                s2 = tl.zeros([LW], tl.float32)
+            if ENTROPY:
+                w = tl.zeros([LW], tl.float32)
+                if PAIRS:
+                    w2 = tl.zeros([LW], tl.float32)
 
 
 @triton.jit
@@ -836,21 +1347,52 @@ def _forward(
     t32 = _fp32_scalar(temperature)
     dummy = logp
     cfg = (launch if launch is not None else FWD_LAUNCH[v_class(V)]).validate()
-    grid = triton.cdiv(n, cfg.rows)
-    _policy_fwd_kernel[(grid,)](
+    pairs = cfg.pairs and _pairs_ok(x, x_sb, x_sl, V) and (ref_mode != 1 or _pairs_ok(r, r_sb, r_sl, V))
+    args = (
         x, x_sb, x_sl, r, r_sb, r_sl,
         ids, old if old is not None else dummy, ref_lp if ref_lp is not None else dummy,
         mask.view(torch.uint8) if mask is not None else dummy,
         logp, ratio, kl, ent, lse,
         n, L, V, t32, _fp32_inverse(t32),
-        HAS_T=t32 != 1.0, HAS_OLD=old is not None, HAS_MASK=mask is not None, REF_MODE=ref_mode,
-        KL_MODE=kl_mode, ENTROPY=bool(entropy),
-        TILE=tile, LOG2_TILE=_check_tile(tile), FMA=_fma_mode(fma),
-        UNROLL=cfg.unroll, NUM_STAGES=cfg.num_stages, ROWS_LOOP=grid < n,
-        N_ITERS=triton.cdiv(n, grid) if grid < n and _interpreting() else 0,
-        INTERP=_interpreting(), num_warps=cfg.num_warps, enable_fp_fusion=False,
     )  # fmt: skip
+    flags = dict(
+        HAS_T=t32 != 1.0, HAS_OLD=old is not None, HAS_MASK=mask is not None, REF_MODE=ref_mode,
+        KL_MODE=kl_mode, ENTROPY=bool(entropy), TILE=tile, LOG2_TILE=_check_tile(tile), FMA=_fma_mode(fma),
+        NUM_STAGES=cfg.num_stages, PAIRS=pairs, PACKED=pairs and cfg.packed, INTERP=_interpreting(),
+        num_warps=cfg.num_warps,
+        enable_fp_fusion=False,
+    )  # fmt: skip
+    if cfg.stream and tile <= V and (ref_mode != 1 or r.dtype == x.dtype):
+        grid = min(n, cfg.stream * _sm_count(dev))
+        uniform = (n <= L or x_sb == L * x_sl) and (ref_mode != 1 or n <= L or r_sb == L * r_sl)
+        steps = triton.cdiv(n, grid) * (V // tile) * (2 if ref_mode == 1 else 1)
+        _policy_fwd_stream_kernel[(grid,)](
+            *args, UNIFORM=uniform, N_STEPS=steps if _interpreting() else 0, **flags
+        )
+    else:  # (a stream launch where the stream kernel does not apply: its warps, stages and pairs)
+        grid = triton.cdiv(n, cfg.rows)
+        _policy_fwd_kernel[(grid,)](
+            *args, UNROLL=cfg.unroll, ROWS_LOOP=grid < n,
+            N_ITERS=triton.cdiv(n, grid) if grid < n and _interpreting() else 0, **flags,
+        )  # fmt: skip
     return logp, ratio, kl, ent, lse, ref_lp
+
+
+def _pairs_ok(x: torch.Tensor, sb: int, sl: int, vocab: int) -> bool:
+    """PAIRS applies: bf16 rows that are sequences of whole 4-byte words (aligned start, even V)."""
+    even = vocab % 2 == 0 and sb % 2 == 0 and sl % 2 == 0
+    return x.dtype == torch.bfloat16 and even and x.data_ptr() % 4 == 0
+
+
+@functools.lru_cache(maxsize=8)
+def _sm_count_of(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (the persistent grid is FwdLaunch.stream per SM); 1
+    elsewhere (the interpreter), so that small test batches give programs several rows."""
+    return _sm_count_of(device) if device.type == "cuda" else 1
 
 
 def _backward(logits, ids, mask, lse, logp, ratio, ref_lp, ent, g_logp, g_ratio, g_kl, g_ent, temperature,
