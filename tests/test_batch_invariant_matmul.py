@@ -36,15 +36,17 @@ def test_dispatch_is_a_pure_function_of_the_shape():
             c = bm.config_for(m, n, k)
             assert c in bm.CANDIDATES, (m, n, k, c)
             assert bm.config_for(m, n, k) == c
-            # the first row whose bound admits m (no shape tables by default)
-            want = next(cfg for b, cfg in bm.DISPATCH if b is None or m <= b)
+            # the first row whose bound admits m, in the shape's own table if it has one
+            table = bm.SHAPE_DISPATCH.get((n, k), bm.DISPATCH)
+            want = next(cfg for b, cfg in table if b is None or m <= b)
             assert c == want, (m, n, k, c, want)
     # the same (m, n, k) after other calls: the same config (no state)
     first = [bm.config_for(m, 4096, 4096) for m in (1, 100, 300, 2000, 9000)]
     for m in range(1, 9000, 97):
         bm.config_for(m, 151936, 1024)
     assert [bm.config_for(m, 4096, 4096) for m in (1, 100, 300, 2000, 9000)] == first
-    assert bounds[-1] is None and bm.SHAPE_DISPATCH == {}
+    assert bounds[-1] is None
+    assert all(table[-1][0] is None for table in bm.SHAPE_DISPATCH.values())
 
 
 def test_shape_tables_override_only_their_shape(monkeypatch):
@@ -54,7 +56,7 @@ def test_shape_tables_override_only_their_shape(monkeypatch):
     assert bm.config_for(8, 1024, 4096) == decode
     assert bm.config_for(9, 1024, 4096) == prefill
     for m in (1, 9, 5000):
-        assert bm.config_for(m, 4096, 4096) == next(c for b, c in bm.DISPATCH if b is None or m <= b)
+        assert bm.config_for(m, 1001, 1000) == next(c for b, c in bm.DISPATCH if b is None or m <= b)
 
 
 def test_tables_are_one_family():
