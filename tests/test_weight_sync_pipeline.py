@@ -33,6 +33,21 @@ def _served(specs) -> ServedModel:
     return ServedModel("/ckpt", {n: TensorSpec(s, d) for n, s, d in specs})
 
 
+def _fp8_served(specs) -> ServedModel:
+    """What a block-FP8 server of ``specs`` serves (the policy's names, shapes and dtypes)."""
+    from weight_sync.fp8 import Fp8BlockPolicy
+
+    policy = Fp8BlockPolicy()
+    return ServedModel(
+        "/ckpt-fp8",
+        {
+            s.name: TensorSpec(tuple(s.shape), str(s.dtype).removeprefix("torch."))
+            for name, shape, d in specs
+            for s in policy.specs(name, shape, WIRE_DTYPES[d])
+        },
+    )
+
+
 def _tensors(specs, seed: int = 0) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return {n: torch.randn(s, generator=g).to(WIRE_DTYPES[d]) for n, s, d in specs}
@@ -274,8 +289,6 @@ def test_direct_receives_are_all_posted_before_the_first_wait_and_the_ring_keeps
     receive(plan, allocate(plan.staging_nbytes, "cpu", shared=False), None, poster)
     assert poster.log == [("post", k) for k in range(n)] + [("wait", k) for k in range(n)]
 
-    from weight_sync.fp8 import Fp8BlockPolicy
-
     specs = [("model.embed_tokens.weight", (64, 32), "bfloat16")]
     for i in range(3):
         specs += [
@@ -285,15 +298,7 @@ def test_direct_receives_are_all_posted_before_the_first_wait_and_the_ring_keeps
         ]
     specs.append(("lm_head.weight", (64, 32), "bfloat16"))
     tensors = _tensors(specs)
-    policy = Fp8BlockPolicy()
-    served = ServedModel(
-        "/ckpt-fp8",
-        {
-            s.name: TensorSpec(tuple(s.shape), str(s.dtype).removeprefix("torch."))
-            for name, shape, d in specs
-            for s in policy.specs(name, shape, WIRE_DTYPES[d])
-        },
-    )
+    served = _fp8_served(specs)
     m = layout_buckets(specs, 64 << 10, quantization=Quantization(method="fp8_block"))
     n = len(m.buckets)
     assert n > 3
@@ -311,8 +316,6 @@ def test_direct_receives_are_all_posted_before_the_first_wait_and_the_ring_keeps
 
 def _fp8_setup(layers: int = 3):
     """An FP8 transfer where each layer's two norms lie back to back (a run of kept tensors)."""
-    from weight_sync.fp8 import Fp8BlockPolicy
-
     specs = [("model.embed_tokens.weight", (64, 128), "bfloat16")]
     for i in range(layers):
         p = f"model.layers.{i}."
@@ -324,15 +327,7 @@ def _fp8_setup(layers: int = 3):
             (p + "post_attention_layernorm.weight", (128,), "bfloat16"),
         ]
     specs.append(("lm_head.weight", (64, 128), "bfloat16"))
-    policy = Fp8BlockPolicy()
-    served = ServedModel(
-        "/ckpt-fp8",
-        {
-            s.name: TensorSpec(tuple(s.shape), str(s.dtype).removeprefix("torch."))
-            for name, shape, d in specs
-            for s in policy.specs(name, shape, WIRE_DTYPES[d])
-        },
-    )
+    served = _fp8_served(specs)
     return specs, served
 
 
