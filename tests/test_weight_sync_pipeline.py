@@ -378,3 +378,56 @@ def test_fp8_staging_plans_one_grouped_launch_per_bucket():
             for e in b.entries
             if e.name.endswith(("layernorm.weight", "embed_tokens.weight", "lm_head.weight"))
         }
+
+
+def _fp8_big_ends():
+    """An FP8 transfer whose embedding and lm_head are each larger than a bucket (as Llama-3-8B's)."""
+    specs = [("model.embed_tokens.weight", (1024, 128), "bfloat16")]  # 256 KiB
+    for i in range(2):
+        p = f"model.layers.{i}."
+        specs += [
+            (p + "self_attn.q_proj.weight", (128, 128), "bfloat16"),
+            (p + "input_layernorm.weight", (128,), "bfloat16"),
+            (p + "mlp.down_proj.weight", (130, 256), "bfloat16"),
+        ]
+    specs.append(("lm_head.weight", (1024, 128), "bfloat16"))
+    m = layout_buckets(specs, 64 << 10, quantization=Quantization(method="fp8_block"))
+    return specs, m, validate(m, _fp8_served(specs))
+
+
+def test_fp8_buckets_of_kept_tensors_are_received_in_place_and_staged_unchanged():
+    from weight_sync.fp8 import fp8_block_quant
+
+    specs, m, plan = _fp8_big_ends()
+    tensors = _tensors(specs, seed=5)
+    kept = {n for n, *_ in specs if n.endswith(("embed_tokens.weight", "lm_head.weight", "layernorm.weight"))}
+    in_place = [b for b in plan.buckets if b.staging_base is not None]
+    assert {e.name for b in in_place for e in b.entries} >= {"model.embed_tokens.weight", "lm_head.weight"}
+    for b in plan.buckets:  # in place exactly when every tensor of the bucket is kept as sent
+        assert (b.staging_base is not None) == all(e.name in kept for e in b.entries), b.index
+        assert (b.fp8_fill is None) == (b.staging_base is not None), b.index
+    assert plan.ring_bytes == max(b.nbytes for b in plan.buckets if b.staging_base is None)
+    assert plan.ring_bytes < 1024 * 128 * 2  # the ring no longer holds the embedding's bucket
+
+    ring = [torch.full((plan.ring_bytes,), 0xFF, dtype=torch.uint8) for _ in range(2)]  # NaN bytes
+    staging = torch.full((plan.staging_nbytes,), 0xFF, dtype=torch.uint8)
+    receive(plan, staging, ring, _Poster(_pack(m, tensors)))
+    staged = {st.name: staging[st.start : st.end].view(st.dtype).view(st.shape) for st in plan.staged}
+    for name, *_ in specs:
+        if name in kept:
+            assert torch.equal(staged[name], tensors[name]), name
+        else:
+            q, scale = fp8_block_quant(tensors[name], name=name)
+            scale_name = name.removesuffix(".weight") + ".weight_scale_inv"
+            assert torch.equal(staged[name].view(torch.uint8), q.view(torch.uint8)), name
+            assert torch.equal(staged[scale_name], scale), scale_name
+
+
+def test_fp8_in_place_bucket_refuses_a_non_finite_value_and_names_it():
+    specs, m, plan = _fp8_big_ends()
+    tensors = _tensors(specs)
+    tensors["lm_head.weight"][7, 3] = float("nan")
+    ring = [allocate(plan.ring_bytes, "cpu", shared=False) for _ in range(2)]
+    with pytest.raises(errors.NonFinite) as info:
+        receive(plan, allocate(plan.staging_nbytes, "cpu", shared=False), ring, _Poster(_pack(m, tensors)))
+    assert info.value.tensor == "lm_head.weight" and info.value.bucket == len(m.buckets) - 1

@@ -49,7 +49,9 @@ class PlannedBucket:
     index: int
     nbytes: int
     entries: tuple[TensorEntry, ...]
-    staging_base: int | None  # direct: received straight into staging[base : base + nbytes]
+    # In place: received straight into staging[base : base + nbytes] (every bucket of a bf16 push; on
+    # the FP8 path a bucket whose tensors are all kept as sent, such as an embedding or lm_head).
+    staging_base: int | None
     fp8_plan: object | None = None  # weight_sync.fp8.BucketPlan: quantized from a ring slot into staging
     fp8_fill: object | None = None  # weight_sync.fp8.BucketFill: the launches that do it
 
@@ -68,7 +70,8 @@ class TransferPlan:
 
     @property
     def ring_bytes(self) -> int:
-        return 0 if self.direct else max(b.nbytes for b in self.buckets)
+        """The size of each of the two ring slots: the largest bucket that is not received in place."""
+        return max((b.nbytes for b in self.buckets if b.staging_base is None), default=0)
 
 
 def _align(n: int, align: int) -> int:
@@ -241,6 +244,21 @@ def _check_served(manifest: Manifest, served: ServedModel) -> None:
             raise errors.ShapeMismatch("; ".join(problems[:SHOW]))
 
 
+def _kept_as_sent(policy, e: TensorEntry) -> bool:
+    """SGLang gets tensor ``e`` exactly as it travels (kept, same dtype): its bytes need no staging."""
+    (spec, *more) = policy.specs(e.name, e.shape, WIRE_DTYPES[e.dtype])
+    return not more and spec.role == "passthrough" and spec.dtype == WIRE_DTYPES[e.dtype]
+
+
+def _in_place(bucket: PlannedBucket, buckets: list, staged: list) -> int:
+    """Add ``bucket``, received straight into its place of the staging buffer; returns where it ends."""
+    buckets.append(bucket)
+    for e in bucket.entries:
+        start = bucket.staging_base + e.offset
+        staged.append(StagedTensor(e.name, e.shape, WIRE_DTYPES[e.dtype], start, start + e.nbytes))
+    return bucket.staging_base + bucket.nbytes
+
+
 def validate(manifest: Manifest, served: ServedModel, limits: Limits = Limits()) -> TransferPlan:
     """Check ``manifest`` against ``served``; return where every byte goes. Raises 4xx errors."""
     per_bucket = _check_layout(manifest, limits)
@@ -250,19 +268,18 @@ def validate(manifest: Manifest, served: ServedModel, limits: Limits = Limits())
     cursor = 0
     if manifest.quantization.method == "none":
         for k, size in enumerate(manifest.buckets):
-            base = _align(cursor, ALIGN)
-            entries = tuple(per_bucket[k])
-            buckets.append(PlannedBucket(k, size, entries, base))
-            for e in entries:
-                start = base + e.offset
-                staged.append(StagedTensor(e.name, e.shape, WIRE_DTYPES[e.dtype], start, start + e.nbytes))
-            cursor = base + size
+            cursor = _in_place(
+                PlannedBucket(k, size, tuple(per_bucket[k]), _align(cursor, ALIGN)), buckets, staged
+            )
     else:
         from weight_sync.fp8 import Fp8BlockPolicy, SourceTensor, plan_bucket, plan_fill
 
         policy = Fp8BlockPolicy(extra_keep=manifest.quantization.extra_keep)
         for k, size in enumerate(manifest.buckets):
             entries = tuple(per_bucket[k])
+            if all(_kept_as_sent(policy, e) for e in entries):
+                cursor = _in_place(PlannedBucket(k, size, entries, _align(cursor, ALIGN)), buckets, staged)
+                continue
             fp8 = plan_bucket(
                 [(e.name, e.shape, WIRE_DTYPES[e.dtype]) for e in entries], policy, align=ALIGN, start=cursor
             )
