@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
@@ -109,3 +110,10 @@ def run_under_triton_interpreter(script: str | Path, timeout: float = 600) -> su
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-8000:]
     return proc
+
+
+def interpreter_results(script: str | Path, timeout: float = 600) -> dict:
+    """Run ``script`` under the interpreter (:func:`run_under_triton_interpreter`); its ``__main__``
+    prints one JSON object as its last line of output, returned here."""
+    proc = run_under_triton_interpreter(script, timeout)
+    return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import run_under_triton_interpreter
+from tests.helpers import interpreter_results
 
 POISON = 0x7F  # float8_e4m3fn NaN bits, and a NaN-looking fp32 pattern in scale slots (0x7F7F7F7F)
 BLOCK = 128
@@ -298,8 +298,7 @@ def _child() -> dict:
 
 @pytest.fixture(scope="module")
 def interpreted():
-    proc = run_under_triton_interpreter(Path(__file__).resolve())
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return interpreter_results(Path(__file__).resolve())
 
 
 def test_child_ran_under_the_interpreter(interpreted):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import run_under_triton_interpreter
+from tests.helpers import interpreter_results
 
 
 def _launch_variants() -> dict[str, dict]:
@@ -77,23 +77,20 @@ def _child() -> dict:
                 continue  # keep the run short: the exhaustive cases once
             results["cases"][f"{variant}/{label}"] = _kernel_vs_reference(w, label, **kw)
 
-    w = torch.randn(300, 400).to(torch.bfloat16)
-    w[260, 5] = float("nan")
-    w[130, 390] = float("inf")
-    try:
-        fp8_block_quant_triton(w, name="model.layers.1.mlp.up_proj.weight")
-        results["nonfinite"] = "no error"
-    except NonFiniteWeightError as e:
-        results["nonfinite"] = [e.name, e.block_row, e.block_col]
-
-    # NaN alone (no Inf in the weight): the interpreter's tl.max skips NaN, so the kernel counts them.
-    w = torch.randn(300, 400).to(torch.bfloat16)
-    w[260, 5] = float("nan")
-    try:
-        fp8_block_quant_triton(w, name="model.layers.2.mlp.up_proj.weight")
-        results["nonfinite_nan_only"] = "no error"
-    except NonFiniteWeightError as e:
-        results["nonfinite_nan_only"] = [e.name, e.block_row, e.block_col]
+    # The first non-finite block named: NaN and Inf; then NaN alone (no Inf in the weight: the
+    # interpreter's tl.max skips NaN, so the kernel counts them).
+    for key, layer, bad in (
+        ("nonfinite", 1, {(260, 5): "nan", (130, 390): "inf"}),
+        ("nonfinite_nan_only", 2, {(260, 5): "nan"}),
+    ):
+        w = torch.randn(300, 400).to(torch.bfloat16)
+        for at, value in bad.items():
+            w[at] = float(value)
+        try:
+            fp8_block_quant_triton(w, name=f"model.layers.{layer}.mlp.up_proj.weight")
+            results[key] = "no error"
+        except NonFiniteWeightError as e:
+            results[key] = [e.name, e.block_row, e.block_col]
 
     # A bucket filled through the interpreted kernel, at unaligned-to-128 offsets after a bf16 norm.
     gen = torch.Generator().manual_seed(21)
@@ -122,8 +119,7 @@ def _child() -> dict:
 
 @pytest.fixture(scope="module")
 def interpreted():
-    proc = run_under_triton_interpreter(Path(__file__).resolve())
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return interpreter_results(Path(__file__).resolve())
 
 
 def test_child_ran_under_the_interpreter(interpreted):

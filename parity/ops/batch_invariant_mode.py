@@ -30,9 +30,10 @@ Reversibility: the overrides live in one ``torch.library.Library("aten", "IMPL")
 mode is entered and destroyed when it is left (in ``finally``), which restores PyTorch's kernels. The
 mode does not nest (entering it twice raises).
 
-Trade-off: one tile configuration for every M (see ``batch_invariant_matmul``) and a one-program-per-
-row mean are slower than cuBLAS and PyTorch's reductions at some shapes; the mode is meant for the
-few ops the explicit patches do not cover, not as a blanket speed-neutral switch.
+Trade-off: the batch-invariant GEMM (tile configurations from one bitwise-equal family, chosen by M
+and the weight's shape: see ``batch_invariant_matmul``) and a one-program-per-row mean are slower than
+cuBLAS and PyTorch's reductions at some shapes; the mode is meant for the few ops the explicit
+patches do not cover, not as a blanket speed-neutral switch.
 """
 
 from __future__ import annotations

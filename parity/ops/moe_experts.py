@@ -28,8 +28,10 @@ interpreter check in ``tests/test_moe_contract.py``):
   ``BLOCK_M``-row tiles that never straddle two experts (an expert's last tile is partly masked);
   each program finds its tile's expert by a binary search over the cumulative tile counts, gathers
   its rows by token index (no gathered copy of the activations), and runs **the batch-invariant
-  kernel's own K loop** (same ``CONFIG`` tiles, warps and ``tl.dot`` sequence), so an output element
-  is the instruction sequence ``batch_invariant_mm`` would run for it. No host synchronisation.
+  kernel's own K loop** with its canonical ``CONFIG`` (tiles, warps, ``tl.dot`` sequence), so an
+  output element has the bits ``batch_invariant_mm`` gives it, whichever family member that call
+  dispatches to by M (the family test, ``tests/test_batch_invariant_matmul_gpu.py``). No host
+  synchronisation.
 - ``"loop"``: ``batch_invariant_mm`` once per non-empty expert (a host sync for the counts, 2 launches
   per active expert). The reference of the grouped kernel; also what the CPU runs (there
   ``batch_invariant_linear`` is ``F.linear``, so on the CPU this op computes ``parity.moe.experts``
