@@ -6,16 +6,20 @@ before each call, which also hides the host's launch overhead as CUDA graphs do 
 the ratio cublas / ours (the issue's goal: >= 0.9 at every M), and whether the dispatched output is
 bitwise the canonical ``CONFIG``'s.
 
-``--sweep`` also times every member of ``CANDIDATES`` on every input, checks each bitwise against
-``CONFIG`` on that input (a member that differs is reported, and never proposed: the dispatch is only
-sound within a family of equal bits), prints per M range of ``DISPATCH`` the member with the best
-worst-case ratio over the shapes, as a pasteable ``DISPATCH`` table (plus ``SHAPE_DISPATCH`` rows for
-shapes that gain >= 5 % from a table of their own), and probes a few configurations outside the
+``--sweep`` also times every member of ``CANDIDATES`` -- the pointer kernel's and the persistent TMA
+kernel's (names ending in ``tma``, ``tma sub``, ``tma ws``) -- on every input, checks each bitwise
+against ``CONFIG`` on that input (a member that differs is reported, and never proposed: the dispatch
+is only sound within a family of equal bits), prints per M range of ``DISPATCH`` the member with the
+best worst-case ratio over the shapes, as a pasteable ``DISPATCH`` table (plus ``SHAPE_DISPATCH`` rows
+for shapes that gain >= 5 % from a table of their own), and probes a few configurations outside the
 family (other BLOCK_K, mma.sync) for bitwise equality -- informational, never proposed.
 
     python benchmarks/bench_batch_invariant_matmul.py [--quick] [--sweep] [--json out.json] [--ms 1,16]
+        [--shapes 4096x4096,151936x1024]
 
-A full ``--sweep`` is 7 shapes x 9 M x 14 timings (about 3 minutes on an H100, compilation included).
+A full ``--sweep`` is 7 shapes x 9 M x 24 timings (the pointer members took about 3 minutes on an H100,
+compilation included; the TMA members add about as much again). ``--shapes`` splits it into parts;
+each part's proposal covers only its shapes.
 """
 
 from __future__ import annotations
@@ -91,22 +95,22 @@ def measure(shapes, ms, sweep: bool = False, check: bool = True) -> list[dict]:
 
 def print_table(rows, sweep: bool) -> None:
     head = (
-        f"{'N':>7} {'K':>6} {'M':>5} {'cublas':>8} {'ours':>8} {'cub/ours':>8}  {'bits':>5}  {'config':<22}"
+        f"{'N':>7} {'K':>6} {'M':>5} {'cublas':>8} {'ours':>8} {'cub/ours':>8}  {'bits':>5}  {'config':<27}"
     )
     if sweep:
-        head += f" {'best candidate':<22} {'ms':>8} {'cub/best':>8}"
+        head += f" {'best candidate':<27} {'ms':>8} {'cub/best':>8}"
     print(head)
     for r in rows:
         bits = "" if "ours_differing" not in r else ("ok" if r["ours_differing"] == 0 else "DIFF")
         line = (
             f"{r['n']:>7} {r['k']:>6} {r['m']:>5} {r['cublas']:8.4f} {r['ours']:8.4f} "
-            f"{r['cublas'] / r['ours']:8.2f}  {bits:>5}  {r['config']:<22}"
+            f"{r['cublas'] / r['ours']:8.2f}  {bits:>5}  {r['config']:<27}"
         )
         if sweep:
             ok = {name: c for name, c in r["candidates"].items() if c["differing"] == 0}
             if ok:
                 best = min(ok, key=lambda name: ok[name]["ms"])
-                line += f" {best:<22} {ok[best]['ms']:8.4f} {r['cublas'] / ok[best]['ms']:8.2f}"
+                line += f" {best:<27} {ok[best]['ms']:8.4f} {r['cublas'] / ok[best]['ms']:8.2f}"
         print(line)
     ratios = [(r["cublas"] / r["ours"], r) for r in rows]
     for label, sel in (("M <= 256", lambda r: r["m"] <= 256), ("M > 256", lambda r: r["m"] > 256)):
@@ -132,9 +136,13 @@ def _in(m, lo, hi) -> bool:
 
 
 def _src(c: bm.MatmulConfig) -> str:
-    if c.block_k == bm.FAMILY_BLOCK_K and c.group_m == 8:
-        return f"_c({c.block_m}, {c.block_n}, {c.num_warps}, {c.num_stages})"
-    return repr(c)
+    """The member as the module's tables spell it: ``_c(...)`` (pointer kernel), ``_t(...)`` (TMA)."""
+    if c.block_k != bm.FAMILY_BLOCK_K or c.group_m != 8:
+        return repr(c)
+    args = f"{c.block_m}, {c.block_n}, {c.num_warps}, {c.num_stages}"
+    if c.kernel == "ptr":
+        return f"_c({args})"
+    return f"_t({args}" + ", sub=True" * c.epilogue_subtile + ", ws=True" * c.warp_specialize + ")"
 
 
 def _pick(rows, names):
@@ -249,10 +257,14 @@ def main() -> int:
         "--sweep", action="store_true", help="time and bit-check every candidate, propose a table"
     )
     ap.add_argument("--ms", help="comma-separated M values (default: 1,4,16,64,128,256,1024,4096,8192)")
+    ap.add_argument("--shapes", help="comma-separated NxK weight shapes (default: the issue's 7)")
     args = ap.parse_args()
     t0 = time.monotonic()
     print(torch.cuda.get_device_name(), "torch", torch.__version__, "triton", triton.__version__, flush=True)
-    shapes = QUICK_SHAPES if args.quick else SHAPES
+    if args.shapes:
+        shapes = [tuple(int(d) for d in v.split("x")) for v in args.shapes.split(",")]
+    else:
+        shapes = QUICK_SHAPES if args.quick else SHAPES
     ms = [int(v) for v in args.ms.split(",")] if args.ms else (QUICK_MS if args.quick else MS)
     print(f"canonical CONFIG {bm.CONFIG.name}; {len(bm.CANDIDATES)} candidates; dispatch:")
     for bound, c in bm.DISPATCH:

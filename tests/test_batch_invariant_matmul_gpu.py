@@ -1,9 +1,13 @@
 """parity.ops.batch_invariant_matmul on a CUDA GPU (skipped without one).
 
-- the family claim the M dispatch rests on: every member of ``CANDIDATES`` gives bitwise the canonical
-  ``CONFIG``'s output (odd M, K tails, odd N, bias, bf16 and fp16, normal and wide-exponent inputs);
+- the family claim the M dispatch rests on: every member of ``CANDIDATES`` (pointer and persistent TMA
+  kernels) gives bitwise the canonical ``CONFIG``'s output (odd M, K tails, odd N, bias, bf16 and
+  fp16, normal and wide-exponent inputs, a TMA store with a partial N tile, and a K whose rows TMA
+  cannot address, where TMA members run their pointer-kernel fallback);
 - rows bitwise independent of M (1..8192) under the dispatch, for small test shapes and the issue's
   decode / prefill shapes (a row alone == the same row inside M = 4096, several members involved);
+- each persistent TMA member on its own at the issue's shapes: rows alone == rows inside M = 4096
+  (where the programs run several tiles each), and its M = 4096 product == ``CONFIG``'s;
 - the product within its error bound;
 - negative controls: cuBLAS's rows depend on M; the same product with its K blocks in another order
   differs (so the bitwise comparisons can see a change of summation order).
@@ -72,12 +76,17 @@ def test_rows_do_not_depend_on_m(poison, n, k):
     assert bool((err <= bound).all()), f"max error {err.max().item():.3e}"
 
 
-# (N, K, dtype, bias): odd N, K tails (1000 = 15 * 64 + 40, 3000 = 46 * 64 + 56), a square MLP-like shape
+# (N, K, dtype, bias): odd N, K tails (1000 = 15 * 64 + 40, 3000 = 46 * 64 + 56), a square MLP-like shape.
+# For the TMA members: N = 1001 / 257 store Y by masked pointer stores (rows of 2002 / 514 bytes), 4096
+# and 1032 by TMA (1032 = 4 * 256 + 8: a partial N tile); K = 1003 (rows of 2006 bytes) is a layout TMA
+# cannot address, so they run the pointer kernel with their tile there.
 FAMILY_CASES = [
     (1001, 1000, torch.bfloat16, True),
     (4096, 4096, torch.bfloat16, False),
     (257, 3000, torch.bfloat16, False),
     (1001, 1000, torch.float16, True),
+    (1032, 1000, torch.float16, True),
+    (1001, 1003, torch.bfloat16, True),
 ]
 FAMILY_MS = (1, 7, 65, 300, 1000)
 
@@ -133,6 +142,39 @@ def test_dispatched_rows_alone_equal_rows_in_large_batches(poison, n, k):
         assert bad is None, f"M={m} ({bm.config_for(m, n, k).name}) rows {off}.. vs M=4096: {bad}"
     print(f"N={n} K={k}: members used {sorted(c.name for c in used)}")
     assert len(used) >= 2 or len({c for _, c in bm.DISPATCH}) == 1, "the test should span members"
+
+
+TMA_MEMBERS = [c for c in bm.CANDIDATES if c.kernel == "tma_persistent"]
+
+
+@pytest.mark.parametrize("n,k", [(4096, 4096), (1024, 4096), (4096, 14336), (151936, 1024)])
+def test_tma_members_rows_alone_equal_rows_in_m4096(poison, n, k):
+    """Each ``tma_persistent`` member, given explicitly (not through the dispatch): rows alone and in
+    small batches at several offsets == the same rows inside M = 4096, where the persistent grid (one
+    program per SM) strides over more tiles than programs -- at N >= 4096 for every member -- so the
+    flattened loop crosses tile boundaries; and the M = 4096 product == ``CONFIG``'s. All failures are
+    collected and reported."""
+    g = torch.Generator(device=DEV).manual_seed(n * 3 + k)
+    w = (torch.randn(n, k, generator=g, device=DEV) * k**-0.5).to(torch.bfloat16)
+    x = torch.randn(4096, k, generator=g, device=DEV).to(torch.bfloat16)
+    bias = torch.randn(n, generator=g, device=DEV).to(torch.bfloat16) if n == 1024 else None
+    assert bm.tma_compatible(x) and bm.tma_compatible(w), "the TMA path must be the one under test"
+    want = bm.batch_invariant_mm(x, w, bias, config=bm.CONFIG)
+    cases = [(1, 0), (1, 1), (1, 2047), (1, 4095), (3, 17), (16, 4080), (64, 3), (129, 1000), (1000, 3000)]
+    failures = []
+    for c in TMA_MEMBERS:
+        full = bm.batch_invariant_mm(x, w, bias, config=c)
+        assert not torch.isnan(full.float()).any(), f"{c.name}: unwritten (poisoned) outputs"
+        bad = _mismatch(full, want)
+        if bad is not None:
+            failures.append(f"{c.name} M=4096 vs CONFIG: {bad}")
+        for m, off in cases:
+            part = bm.batch_invariant_mm(x[off : off + m], w, bias, config=c)
+            bad = _mismatch(part, full[off : off + m])
+            if bad is not None:
+                failures.append(f"{c.name} M={m} rows {off}.. vs M=4096: {bad}")
+    print(f"N={n} K={k}: {len(TMA_MEMBERS)} TMA members x {len(cases)} row sets compared")
+    assert not failures, "\n".join(failures)
 
 
 def test_negative_control_cublas_rows_depend_on_m():

@@ -2,8 +2,9 @@
 
 What this checks: the launcher and the kernel's index arithmetic for tiles of every shape the family
 uses -- grid size, grouped tile order, the M / N / K-tail masks, bias, every output written (outputs
-poisoned with NaN) -- for several members (decode 64 x 16, the canonical 64 x 128, 128 x 32, prefill
-128 x 256) and for the dispatch (``config=None``) at M in several of its ranges.
+poisoned with NaN) -- for several pointer-kernel members (decode 64 x 16, the canonical 64 x 128,
+128 x 32, prefill 128 x 256) and for the dispatch (``config=None``) at M in several of its ranges. The
+persistent TMA kernel's members: tests/test_batch_invariant_matmul_tma_interpreter.py.
 
 What it does not check: the family claim (every member gives the same *bits* on the GPU). Under the
 interpreter ``tl.dot`` is numpy's fp32 matmul, not wgmma; so the inputs here are small integers, whose
@@ -43,7 +44,8 @@ def _checks():
     assert bm._interpreting()
     bm._empty = nan_empty
     g = torch.Generator().manual_seed(3)
-    members = [bm.CANDIDATES[0], bm.CONFIG, bm.MatmulConfig(128, 32, 64, 8, 4, 5), bm.CANDIDATES[-1]]
+    prefill = bm.MatmulConfig(128, 256, 64, 8, 8, 4)
+    members = [bm.CANDIDATES[0], bm.CONFIG, bm.MatmulConfig(128, 32, 64, 8, 4, 5), prefill]
     assert all(c in bm.CANDIDATES for c in members)
     # odd sizes: partial M tiles (64 and 128), partial N tiles (16 .. 256), a K tail (200 = 3 * 64 + 8)
     for m, n, k, bias in ((150, 300, 200, True), (70, 17 * 16 + 5, 64, False)):

@@ -18,8 +18,33 @@ Semantics (the contract of this op)
 - then ``acc + float32(bias[n])`` and one rounding to the output dtype (nearest even).
 
 No split-K, no stream-K. ``BLOCK_K`` (``FAMILY_BLOCK_K`` = 64) and the MMA instruction family are part
-of the definition; the rest of the launch -- ``BLOCK_M``, ``BLOCK_N``, ``GROUP_M``, warps, stages --
-is a *member of the family* chosen per call by :func:`config_for` from M and the weight's shape.
+of the definition; the rest of the launch -- the kernel, ``BLOCK_M``, ``BLOCK_N``, ``GROUP_M``, warps,
+stages -- is a *member of the family* chosen per call by :func:`config_for` from M and the weight's
+shape.
+
+Kernels
+-------
+Two kernels implement these semantics with the same per-element arithmetic; they differ only in how
+data moves and in which program computes which tile (``MatmulConfig.kernel``):
+
+- ``"ptr"`` (:func:`_bi_matmul_kernel`): one program per output tile, masked pointer loads pipelined
+  by Triton (``cp.async``), masked pointer stores. Any strides.
+- ``"tma_persistent"`` (:func:`_bi_matmul_tma_kernel`): a persistent grid of min(SMs, tiles) programs,
+  each looping over tiles in the same grouped order; X and W tiles loaded by TMA through descriptors
+  built on the device (``tl.make_tensor_descriptor``; out-of-bounds elements load as exact zeros, as
+  the masked loads), the K loop flattened into the tile loop so the next tile's loads overlap this
+  tile's epilogue; the output stored by TMA (optionally in two halves, ``epilogue_subtile``) or, when
+  Y's layout does not allow TMA, by masked pointer stores. ``warp_specialize`` members use Triton's
+  Hopper warp specialisation (a producer warp group issuing TMA loads, two consumer warp groups each
+  running the wgmma chain of 64 rows of the tile).
+
+*Dispatch by layout*: TMA needs a unit last-dimension stride, a row stride that is a multiple of 16
+bytes and a 16-byte aligned base (:func:`tma_compatible`). A ``tma_persistent`` member called with an
+``x`` or ``weight`` that does not qualify (K * 2 bytes not a multiple of 16, a non-contiguous view, a
+misaligned ``data_ptr``) runs ``_bi_matmul_kernel`` with its tile, warps and stages instead -- another
+member of the same family, so the bits are the same (the GPU family test includes such a layout).
+The device-side descriptors need Triton's global scratch allocator; :func:`_launch_tma` sets one
+(PyTorch's caching allocator) for the duration of its launch only and restores the previous one.
 
 Configuration families, and why the launch may depend on M
 ----------------------------------------------------------
@@ -31,18 +56,24 @@ lower to wgmma: ``CANDIDATES`` lists its members that the launcher may use, ``CO
 canonical one (64 x 128 x 64, 4 warps, 3 stages: the single configuration of earlier versions).
 
 The claim: every member computes every output element with bitwise the same result, so the choice of
-member -- and hence M -- never changes a bit. Tile sizes change which program and which warp group
-computes an element and the instruction's N width, not the element's K order or its instructions'
-arithmetic. NVIDIA does not document wgmma's internal accumulation, so this rests on evidence, checked
-per GPU and Triton version:
+member -- and hence M -- never changes a bit. Tile sizes and the kernel change which program and
+which warp group computes an element, the instruction's N width and how the operands reach shared
+memory (``cp.async`` or TMA), not the element's K order or its instructions' arithmetic. NVIDIA does
+not document wgmma's internal accumulation, so this rests on evidence, checked per GPU and Triton
+version:
 
 - ``tests/test_batch_invariant_matmul_gpu.py::test_family_members_give_the_canonical_bits`` (GPU):
   every member of ``CANDIDATES`` gives the canonical configuration's bits on fresh random and
-  wide-exponent inputs (odd M, K tails, odd N, bias, bf16 and fp16), and
+  wide-exponent inputs (odd M, K tails, odd N, bias, bf16 and fp16, a K whose rows TMA cannot
+  address), and
   ``::test_dispatched_rows_alone_equal_rows_in_large_batches`` / ``::test_rows_do_not_depend_on_m``
-  check rows under the dispatch (M = 1 alone vs inside M = 4096 / 8192, other members);
+  check rows under the dispatch (M = 1 alone vs inside M = 4096 / 8192, other members), and
+  ``::test_tma_members_rows_alone_equal_rows_in_m4096`` each ``tma_persistent`` member on its own;
 - ``tests/test_batch_invariant_matmul.py::test_table_configs_compile_to_wgmma_on_sm90`` (CPU): every
-  member compiles for sm_90 to ``wgmma ... k16.f32`` only, no ``mma.sync`` (no silent fallback);
+  member compiles for sm_90 to ``wgmma ... k16.f32`` only, no ``mma.sync`` (no silent fallback), always
+  accumulating into its C operand (scale-d constant true: the explicit fp32 zero of the contract, never
+  wgmma's "D = A B" form, which could differ in the sign of a zero); ``tma_persistent`` members load
+  by ``cp.async.bulk.tensor`` and lower their layout fallback (the pointer kernel) to wgmma too;
 - ``benchmarks/bench_batch_invariant_matmul.py --sweep`` re-checks each candidate bitwise on every
   benchmarked input and never proposes one that differs.
 
@@ -64,10 +95,15 @@ Trade-offs
 * Without split-K a program owns whole output tiles: at decode (M <= 64, one M tile) the parallelism
   is ``cdiv(N, BLOCK_N)`` programs, so small ``BLOCK_N`` (16: 256 programs for N = 4096, but only 64
   for N = 1024) and deep pipelines keep W streaming; narrow layers (N = 1024) at M = 1 may stay below
-  what cuBLAS's split-K GEMV reaches. Large M uses 128 x 256 tiles, but no TMA, persistent or
-  warp-specialised schedule. Not yet measured: ``DISPATCH`` is a first-principles default until a GPU
-  sweep (``benchmarks/bench_batch_invariant_matmul.py --sweep``, which prints a pasteable table)
-  replaces it.
+  what cuBLAS's split-K GEMV reaches. The persistent grid is one program per SM (not two where shared
+  memory would allow it). ``DISPATCH`` / ``SHAPE_DISPATCH`` come from a GPU sweep of the pointer
+  members; the ``tma_persistent`` members are in ``CANDIDATES`` (so the family test and
+  ``benchmarks/bench_batch_invariant_matmul.py --sweep`` cover them) but enter the tables only
+  through the next sweep's pasteable proposal.
+* Warp specialisation on sm_90 is Triton 3.6's automatic Hopper pass: it partitions the loop only with
+  ``num_warps`` 4 (other warp counts, or a flattened loop nest, compile unpartitioned) and fails to
+  compile a subtiled epilogue; the CPU lowering test checks that each ``warp_specialize`` member
+  really is partitioned.
 * The equivalence is an empirical property of sm_90 wgmma (and of the Triton version's lowering), not a
   theorem: a new GPU or Triton needs the family test re-run before the dispatch is trusted.
 * Grouped tile order (``GROUP_M`` M tiles share a band of W in L2) changes only which program runs
@@ -75,17 +111,23 @@ Trade-offs
 * On the CPU (not interpreting), :func:`batch_invariant_linear` is ``F.linear``: bf16 ``F.linear`` is
   already row-invariant there (tests/test_contract_ops.py), and the kernel needs a GPU. Under the
   Triton interpreter ``tl.dot`` is numpy, so interpreter tests check the launcher and masks, not the
-  family claim.
+  family claim (the interpreter runs TMA descriptors as masked pointer accesses, with TMA's alignment
+  rules asserted; it ignores flattening and warp specialisation:
+  tests/test_batch_invariant_matmul_tma_interpreter.py).
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
+from triton.runtime import _allocation
+
+KERNELS = ("ptr", "tma_persistent")  # the two kernels of the family (see "Kernels" above)
 
 
 class MatmulConfig(NamedTuple):
@@ -95,13 +137,19 @@ class MatmulConfig(NamedTuple):
     group_m: int = 8
     num_warps: int = 4
     num_stages: int = 3
+    kernel: str = "ptr"  # one of KERNELS
+    epilogue_subtile: bool = False  # tma_persistent: the output tile stored in two BLOCK_N / 2 halves
+    warp_specialize: bool = False  # tma_persistent: Triton's warp-specialised (producer/consumer) loop
 
     @property
     def name(self) -> str:
-        return (
+        base = (
             f"{self.block_m}x{self.block_n}x{self.block_k} w{self.num_warps} s{self.num_stages}"
             f" g{self.group_m}"
         )
+        if self.kernel == "ptr":
+            return base
+        return base + " tma" + " sub" * self.epilogue_subtile + " ws" * self.warp_specialize
 
 
 FAMILY_BLOCK_K = 64  # part of the contract: the K chunk order of every family member
@@ -112,9 +160,16 @@ def _c(block_m: int, block_n: int, num_warps: int, num_stages: int) -> MatmulCon
     return MatmulConfig(block_m, block_n, FAMILY_BLOCK_K, 8, num_warps, num_stages)
 
 
+def _t(
+    block_m: int, block_n: int, num_warps: int, num_stages: int, *, sub: bool = False, ws: bool = False
+) -> MatmulConfig:
+    return MatmulConfig(block_m, block_n, FAMILY_BLOCK_K, 8, num_warps, num_stages, "tma_persistent", sub, ws)
+
+
 # Every configuration the launcher may use: one family (FAMILY_BLOCK_K, wgmma-eligible tiles), each
 # member checked bitwise against CONFIG on the GPU and for its wgmma lowering on the CPU. Shared memory
-# per stage is (BLOCK_M + BLOCK_N) * 64 * 2 bytes; sm_90 allows 227 KiB per program.
+# per stage is (BLOCK_M + BLOCK_N) * 64 * 2 bytes; the TMA kernel adds its output staging buffer,
+# BLOCK_M * BLOCK_N * 2 bytes (half of it with the epilogue subtiled); sm_90 allows 227 KiB per program.
 CANDIDATES: tuple[MatmulConfig, ...] = (
     _c(64, 16, 4, 8),  # decode: N/16 programs, 7 x 2 KiB of W in flight each, 80 KiB smem (2 per SM)
     _c(64, 32, 4, 6),
@@ -128,6 +183,22 @@ CANDIDATES: tuple[MatmulConfig, ...] = (
     _c(128, 128, 8, 4),  # two warp groups stacked along M
     _c(128, 256, 8, 3),  # prefill: the Triton Hopper GEMM tile (144 KiB smem)
     _c(128, 256, 8, 4),  # 192 KiB smem
+    # the persistent TMA kernel (not yet in the dispatch tables: the GPU sweep places them). Decode: W
+    # streamed by TMA in deep pipelines (one tile per program while tiles <= SMs)
+    _t(64, 16, 4, 10),  # 10 x 10 KiB stages
+    _t(64, 32, 4, 8),
+    _t(64, 64, 4, 6),
+    _t(64, 128, 4, 4),
+    # M in the hundreds to thousands
+    _t(128, 64, 4, 5),
+    _t(128, 128, 8, 4),  # 160 KiB smem
+    # prefill: the tutorial's Hopper tiles; subtiling halves the 64 KiB output staging buffer
+    _t(128, 256, 8, 3, sub=True),  # 176 KiB smem
+    _t(128, 256, 8, 4, sub=True),  # 224 KiB smem
+    # warp-specialised (sm_90, Triton 3.6: num_warps 4 -> one producer and two consumer warp groups of
+    # 4 warps, each consumer 64 rows of the tile; the pass rejects subtiled epilogues)
+    _t(128, 128, 4, 4, ws=True),
+    _t(128, 256, 4, 3, ws=True),  # 208 KiB smem
 )
 
 # M ranges -> family member: (largest M of the range, config); the last row's None is "any larger M".
@@ -212,8 +283,10 @@ def wgmma_eligible(c: MatmulConfig) -> bool:
 
 
 def in_family(c: MatmulConfig) -> bool:
-    """A member of the family: the contract's BLOCK_K and a wgmma-eligible tile."""
-    return c.block_k == FAMILY_BLOCK_K and wgmma_eligible(c)
+    """A member of the family: the contract's BLOCK_K, a wgmma-eligible tile and one of ``KERNELS``
+    (the subtile and warp-specialisation switches exist only in the TMA kernel)."""
+    knobs_ok = c.kernel == "tma_persistent" or not (c.epilogue_subtile or c.warp_specialize)
+    return c.block_k == FAMILY_BLOCK_K and wgmma_eligible(c) and c.kernel in KERNELS and knobs_ok
 
 
 def _check_table(rows) -> None:
@@ -230,7 +303,9 @@ def _check_table(rows) -> None:
 def _check_tables() -> None:
     for c in CANDIDATES:
         if not in_family(c):
-            raise ValueError(f"candidate {c} is outside the family (BLOCK_K {FAMILY_BLOCK_K}, wgmma)")
+            raise ValueError(
+                f"candidate {c} is outside the family (BLOCK_K {FAMILY_BLOCK_K}, wgmma, KERNELS)"
+            )
     if CONFIG not in CANDIDATES:
         raise ValueError("CONFIG must be one of CANDIDATES")
     _check_table(DISPATCH)
@@ -312,6 +387,147 @@ def _bi_matmul_kernel(
         tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=mask)  # cvt.rn
 
 
+@triton.jit
+def _grouped_tile(tile, num_m, num_n, GROUP_M: tl.constexpr):
+    """(M tile, N tile) of linear tile index ``tile`` in ``_bi_matmul_kernel``'s grouped order: GROUP_M
+    consecutive M tiles sweep the N tiles together (L2 reuse of W). Scheduling only, never a value."""
+    per_group = GROUP_M * num_n
+    first_m = (tile // per_group) * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    return first_m + (tile % per_group) % size_m, (tile % per_group) // size_m
+
+
+@triton.jit
+def _round_to_output(acc, OUT_DTYPE: tl.constexpr, OUT_BF16_INTERP: tl.constexpr):
+    """The contract's one rounding of the fp32 result: ``cvt.rn`` to the output dtype on the GPU; under
+    the interpreter (whose fp32 -> bf16 cast is not round-to-nearest-even) the same rounding on the bits:
+    add 0x7FFF plus the lowest kept bit, drop the low 16 bits; NaN -> the canonical quiet NaN.
+    (``_bi_matmul_kernel`` keeps these lines inline: ``parity/ops/moe_experts.py`` mirrors it line by
+    line.)"""
+    if OUT_BF16_INTERP:
+        bits = acc.to(tl.int32, bitcast=True)
+        r = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        r = tl.where(acc != acc, 0x7FC0, r)
+        return r.to(tl.int16).to(tl.bfloat16, bitcast=True)
+    else:
+        return acc.to(OUT_DTYPE)
+
+
+@triton.jit(do_not_specialize=["M"])
+def _bi_matmul_tma_kernel(
+    X, W, BIAS, Y,
+    M, N: tl.constexpr, K: tl.constexpr,
+    sxm, swn, sym, syn,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    EPILOGUE_SUBTILE: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, Y_TMA: tl.constexpr,
+    OUT_BF16_INTERP: tl.constexpr,
+    INTERP_STEPS: tl.constexpr,  # under the interpreter: cdiv(tiles, programs) (else 0)
+):  # fmt: skip
+    """The persistent TMA kernel: the same per-element arithmetic as ``_bi_matmul_kernel`` (fp32 zero,
+    ``tl.dot`` over increasing BLOCK_K chunks, + fp32 bias, one rounding); only the data movement and
+    the schedule differ. X [M, K] and W [N, K] are read through TMA descriptors built on the device; Y
+    is written by TMA (``Y_TMA``) or by masked pointer stores (a Y row stride TMA cannot address)."""
+    # Out-of-bounds box elements load as exact zeros ("zero" padding): the K tail and the rows / columns
+    # past M / N contribute +0 products, as the pointer kernel's masked loads (other=0).
+    x_desc = tl.make_tensor_descriptor(X, [M, K], [sxm, 1], [BLOCK_M, BLOCK_K], padding_option="zero")
+    w_desc = tl.make_tensor_descriptor(W, [N, K], [swn, 1], [BLOCK_N, BLOCK_K], padding_option="zero")
+    if Y_TMA:
+        # a TMA store writes only the in-bounds part of its box (the pointer kernel's store mask)
+        y_desc = tl.make_tensor_descriptor(
+            Y, [M, N], [sym, 1], [BLOCK_M, BLOCK_N // 2 if EPILOGUE_SUBTILE else BLOCK_N]
+        )
+    start = tl.program_id(0)
+    step = tl.num_programs(0)  # the persistent grid: min(SMs, tiles) programs, tiles strided over them
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    num_tiles = num_m * num_n
+    # The epilogue derives its tile from its own counter (as Triton's persistent-matmul tutorial), so
+    # the flattened loop's pipeliner does not carry the prologue's indices into the epilogue.
+    tile_c = start - step
+    # This program's tiles: start, start + step, ... < num_tiles. The interpreter's program id cannot
+    # bound a range() (numpy 2): there the launcher passes the busiest program's count (INTERP_STEPS),
+    # and the other programs' spare steps redo the last tile (the same values, stored again).
+    # flatten: the K loop fused into the tile loop, so loads for the next tile overlap this tile's
+    # epilogue; Triton 3.6's Hopper warp specialisation needs the loop nest unflattened.
+    for i in tl.range(
+        0,
+        INTERP_STEPS if INTERP_STEPS else tl.cdiv(num_tiles - start, step),
+        flatten=not WARP_SPECIALIZE,
+        warp_specialize=WARP_SPECIALIZE,
+    ):
+        tile = start + i * step
+        if INTERP_STEPS:
+            tile = tl.minimum(tile, num_tiles - 1)
+        pid_m, pid_n = _grouped_tile(tile, num_m, num_n, GROUP_M)
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):  # increasing K order, every M: the contract's order
+            a = x_desc.load([pid_m * BLOCK_M, k0])
+            b = w_desc.load([pid_n * BLOCK_N, k0])  # [BLOCK_N, BLOCK_K] of W; b.T is W^T's tile
+            if OUT_BF16_INTERP:
+                # the interpreter's dot would multiply bf16's raw uint16 storage: give it the exact fp32
+                # values (np.matmul, fp32)
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, b.T, acc)  # fp32 accumulation on tensor cores
+        tile_c += step
+        if INTERP_STEPS:
+            tile_c = tl.minimum(tile_c, num_tiles - 1)
+        pid_m, pid_n = _grouped_tile(tile_c, num_m, num_n, GROUP_M)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        if HAS_BIAS:
+            acc = acc + tl.load(BIAS + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+        y = _round_to_output(acc, Y.dtype.element_ty, OUT_BF16_INTERP)  # elementwise: one rounding each
+        if Y_TMA:
+            if EPILOGUE_SUBTILE:
+                # columns [0, BLOCK_N/2) and [BLOCK_N/2, BLOCK_N) as two stores (data movement only)
+                y0, y1 = y.reshape(BLOCK_M, 2, BLOCK_N // 2).permute(0, 2, 1).split()
+                y_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], y0)
+                y_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N + BLOCK_N // 2], y1)
+            else:
+                y_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], y)
+        else:
+            rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+            y_ptrs = Y + rm.to(tl.int64)[:, None] * sym + rn[None, :] * syn
+            tl.store(y_ptrs, y, mask=(rm < M)[:, None] & (rn < N)[None, :])
+
+
+def tma_compatible(t: torch.Tensor) -> bool:
+    """Whether a TMA descriptor can address the 2-D tensor ``t``: unit stride along the last dimension,
+    non-overlapping rows whose stride is a multiple of 16 bytes, a 16-byte aligned base address."""
+    row_bytes = t.stride(0) * t.element_size()
+    return t.stride(1) == 1 and t.stride(0) >= t.shape[1] and row_bytes % 16 == 0 and t.data_ptr() % 16 == 0
+
+
+_INTERPRETER_PROGRAMS = 3  # the interpreter's "SMs": few, so that each program runs several tiles
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _persistent_programs(device: torch.device) -> int:
+    return _sm_count(device) if device.type == "cuda" else _INTERPRETER_PROGRAMS
+
+
+def _scratch_allocator(device: torch.device):
+    """Triton's global-scratch allocator for the device-side TMA descriptors (128 bytes per descriptor
+    and program, 128-byte aligned). The buffer comes from PyTorch's caching allocator on the current
+    stream -- the stream Triton launches on -- so freeing it when the launch returns is safe
+    (stream-ordered reuse), and under CUDA-graph capture it comes from the graph's pool."""
+
+    def alloc(size: int, alignment: int, stream: int | None) -> torch.Tensor:
+        buf = torch.empty(size, dtype=torch.int8, device=device)
+        if buf.data_ptr() % alignment:  # cudaMalloc'd blocks are >= 256-byte aligned; never expected
+            raise RuntimeError(
+                f"TMA descriptor scratch at {buf.data_ptr():#x} is not {alignment}-byte aligned"
+            )
+        return buf
+
+    return alloc
+
+
 def batch_invariant_mm(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -323,7 +539,9 @@ def batch_invariant_mm(
     """``x`` [M, K] @ ``weight`` [N, K]^T (+ bias) -> [M, N] in x's dtype, by the Triton kernel.
 
     ``config=None``: the family member :func:`config_for` picks for (M, N, K) (same bits as any
-    other member). An explicit ``config`` is used as given, in the family or not (tests, sweeps)."""
+    other member). An explicit ``config`` is used as given, in the family or not (tests, sweeps). A
+    ``tma_persistent`` member whose ``x`` or ``weight`` TMA cannot address (:func:`tma_compatible`) runs
+    the pointer kernel with the same tile (dispatch by layout, see the module docstring)."""
     if x.dtype not in (torch.bfloat16, torch.float16) or weight.dtype != x.dtype:
         raise NotImplementedError(f"batch-invariant matmul: x {x.dtype}, weight {weight.dtype} (bf16/fp16)")
     if x.dtype == torch.float16 and _interpreting():
@@ -337,6 +555,18 @@ def batch_invariant_mm(
     if m == 0:
         return out
     c = config if config is not None else config_for(m, n, k)
+    if c.kernel not in KERNELS:
+        raise ValueError(f"unknown kernel {c.kernel!r} in {c} (one of {KERNELS})")
+    if c.kernel == "tma_persistent" and tma_compatible(x) and tma_compatible(weight):
+        _launch_tma(x, weight, bias, out, c)
+    else:  # the pointer kernel: its own members, and TMA members on layouts TMA cannot address
+        _launch_ptr(x, weight, bias, out, c)
+    return out
+
+
+def _launch_ptr(x, weight, bias, out, c: MatmulConfig) -> None:
+    m, k = x.shape
+    n = weight.shape[0]
     grid = (triton.cdiv(m, c.block_m) * triton.cdiv(n, c.block_n),)
     _bi_matmul_kernel[grid](
         x, weight, bias if bias is not None else x, out,
@@ -347,7 +577,32 @@ def batch_invariant_mm(
         OUT_BF16_INTERP=_interpreting() and x.dtype == torch.bfloat16,
         num_warps=c.num_warps, num_stages=c.num_stages,
     )  # fmt: skip
-    return out
+
+
+def _launch_tma(x, weight, bias, out, c: MatmulConfig) -> None:
+    m, k = x.shape
+    n = weight.shape[0]
+    tiles = triton.cdiv(m, c.block_m) * triton.cdiv(n, c.block_n)
+    grid = (min(_persistent_programs(x.device), tiles),)
+    # Set the allocator for this launch only, and put back whatever was set before (another library's,
+    # or none): ``triton.set_allocator`` sets this ContextVar but hands back no token to undo it. Triton
+    # calls the allocator synchronously inside the launch.
+    token = _allocation._allocator.set(_scratch_allocator(x.device))
+    try:
+        _bi_matmul_tma_kernel[grid](
+            x, weight, bias if bias is not None else x, out,
+            m, n, k,
+            x.stride(0), weight.stride(0), out.stride(0), out.stride(1),
+            HAS_BIAS=bias is not None,
+            BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, GROUP_M=c.group_m,
+            EPILOGUE_SUBTILE=c.epilogue_subtile, WARP_SPECIALIZE=c.warp_specialize,
+            Y_TMA=tma_compatible(out),
+            OUT_BF16_INTERP=_interpreting() and x.dtype == torch.bfloat16,
+            INTERP_STEPS=triton.cdiv(tiles, grid[0]) if _interpreting() else 0,
+            num_warps=c.num_warps, num_stages=c.num_stages,
+        )  # fmt: skip
+    finally:
+        _allocation._allocator.reset(token)
 
 
 class _BatchInvariantLinear(torch.autograd.Function):
