@@ -3,12 +3,15 @@
 Prints three tables (times from ``triton.testing.do_bench``, median, ms):
 
 1. decode: ``paged_attention_decode`` ("ours": CUDA-core contract) and ``paged_attention_mma``'s
-   ("mma": tensor cores, GPU-only definition) vs SGLang 0.5.15's triton ``decode_attention_fwd`` (its
-   default 8 KV splits, and its deterministic mode's 256-token split tiles) at context 1k/4k/16k,
-   batch 1/32, Qwen3-8B-like heads (32 query / 8 kv heads, head dim 128, bf16); ratios to SGLang (same
-   process), and the fraction of device-to-device copy bandwidth reached on the KV bytes.
+   ("mma": tensor cores, GPU-only definition) over a paged KV cache vs torch SDPA's flash backend over
+   contiguous KV (the issue's baseline, goal <= 1.15x its time) and SGLang 0.5.15's triton
+   ``decode_attention_fwd`` (its default 8 KV splits, and its deterministic mode's 256-token split
+   tiles) at context 1k/4k/16k/32k, batch 1/8/64, Qwen3-8B-like heads (32 query / 8 kv heads, head dim
+   128, bf16); ratios (same process), and the fraction of device-to-device copy bandwidth reached on
+   the KV bytes.
 2. extend: ``paged_attention_extend`` (ours, mma) vs SGLang's ``extend_attention_fwd`` (prefill 1k
-   and 4k from scratch, 512 new tokens after a 4k cached prefix; batch 1).
+   and 4k from scratch, 512 new tokens after a 4k cached prefix; batch 1) and, from scratch, SDPA
+   flash (causal).
 3. matmul: ``batch_invariant_mm`` (its M dispatch) vs cuBLAS ``F.linear`` at M = 1 .. 8192 (goal >= 0.9x
    cuBLAS); the short form of ``benchmarks/bench_batch_invariant_matmul.py`` (its ``--sweep`` tunes it).
 
@@ -69,10 +72,36 @@ def sglang_decode(q, k, v, req_to_token, seq_lens, splits, o):
     )
 
 
+def flash_ms(q, k, v, causal: bool) -> tuple[float, str]:
+    """torch SDPA restricted to its flash backend (the issue's baseline), contiguous q ``[B, HQ, Lq, D]``
+    and k / v ``[B, HKV, Lk, D]``; GQA through ``enable_gqa`` (no K/V copy per query head). Returns the
+    time and what ran; should flash refuse GQA here, the K/V heads are expanded (4x the KV bytes) and
+    the label says so."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        try:
+            F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
+            return bench(
+                lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
+            ), "flash"
+        except RuntimeError:
+            k, v = (t.repeat_interleave(HQ // HKV, dim=1) for t in (k, v))
+            return bench(
+                lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+            ), "flash-kv-expanded"
+
+
+def contiguous_kv(pool: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """``pool[slots]`` (``[B, L]`` slot ids) as SDPA's contiguous ``[B, HKV, L, D]``."""
+    return pool[slots.long()].transpose(1, 2).contiguous()
+
+
 def decode_table(quick: bool, sweep: bool = False):
     rows = []
-    for ctx in (1024, 4096) if quick else (1024, 4096, 16384):
-        for bsz in (1, 32):
+    for ctx in (1024, 4096) if quick else (1024, 4096, 16384, 32768):
+        for bsz in (1, 8) if quick else (1, 8, 64):
             k, v, r2t = make_pool(bsz, ctx)
             q = torch.randn(bsz, HQ, D, device=DEV).to(torch.bfloat16)
             seq = torch.full((bsz,), ctx, dtype=torch.int64, device=DEV)
@@ -88,11 +117,13 @@ def decode_table(quick: bool, sweep: bool = False):
             mma = bench(partial(mma_fn, out=o))
             sg8 = bench(sglang_decode(q, k, v, r2t, seq.int(), 8, torch.empty_like(q)))
             sg_det = bench(sglang_decode(q, k, v, r2t, seq.int(), -(-ctx // 256), torch.empty_like(q)))
+            flash, flash_kind = flash_ms(q[:, :, None], contiguous_kv(k, r2t), contiguous_kv(v, r2t), False)
             kv_bytes = 2 * bsz * ctx * HKV * D * 2
             copy = copy_ms(kv_bytes)
             row = dict(
-                ctx=ctx, batch=bsz, ours=ours, mma=mma, sglang8=sg8, sglang_det=sg_det,
-                copy_fraction=copy / ours, mma_copy_fraction=copy / mma,
+                ctx=ctx, batch=bsz, ours=ours, mma=mma, sglang8=sg8, sglang_det=sg_det, flash=flash,
+                flash_kind=flash_kind, copy_fraction=copy / ours, mma_copy_fraction=copy / mma,
+                flash_copy_fraction=copy / flash,
             )  # fmt: skip
             if sweep:
                 row["mma_sweep"] = {
@@ -101,16 +132,22 @@ def decode_table(quick: bool, sweep: bool = False):
                     for st in (1, 2, 3)
                 }
             rows.append(row)
-    print("\n== decode (ms): ours / mma vs SGLang triton decode_attention_fwd (Hq 32, Hkv 8, D 128, bf16)")
     print(
-        f"{'ctx':>6} {'batch':>5} {'ours':>8} {'mma':>8} {'sgl 8sp':>8} {'sgl det':>8} {'ours/8sp':>8} "
-        f"{'mma/8sp':>8} {'mma/det':>8} {'copy bw':>8} {'mma bw':>7}"
+        "\n== decode (ms): ours / mma (paged KV) vs torch SDPA flash (contiguous KV; goal: mma <= 1.15x) "
+        "and SGLang triton decode_attention_fwd (Hq 32, Hkv 8, D 128, bf16); bw: fraction of copy bandwidth"
+    )
+    print(
+        f"{'ctx':>6} {'batch':>5} {'ours':>8} {'mma':>8} {'flash':>8} {'sgl 8sp':>8} {'sgl det':>8} "
+        f"{'mma/fl':>7} {'ours/fl':>7} {'mma/8sp':>8} {'mma/det':>8} {'ours bw':>7} {'mma bw':>7} "
+        f"{'fl bw':>6}"
     )
     for r in rows:
         print(
-            f"{r['ctx']:>6} {r['batch']:>5} {r['ours']:8.4f} {r['mma']:8.4f} {r['sglang8']:8.4f} "
-            f"{r['sglang_det']:8.4f} {r['ours'] / r['sglang8']:8.2f} {r['mma'] / r['sglang8']:8.2f} "
-            f"{r['mma'] / r['sglang_det']:8.2f} {r['copy_fraction']:8.2f} {r['mma_copy_fraction']:7.2f}"
+            f"{r['ctx']:>6} {r['batch']:>5} {r['ours']:8.4f} {r['mma']:8.4f} {r['flash']:8.4f} "
+            f"{r['sglang8']:8.4f} {r['sglang_det']:8.4f} {r['mma'] / r['flash']:7.2f} "
+            f"{r['ours'] / r['flash']:7.2f} {r['mma'] / r['sglang8']:8.2f} {r['mma'] / r['sglang_det']:8.2f} "
+            f"{r['copy_fraction']:7.2f} {r['mma_copy_fraction']:7.2f} {r['flash_copy_fraction']:6.2f}"
+            + ("" if r["flash_kind"] == "flash" else f"  ({r['flash_kind']})")
         )
         if "mma_sweep" in r:
             best = min(r["mma_sweep"], key=r["mma_sweep"].get)
@@ -161,16 +198,31 @@ def extend_table(quick: bool, sweep: bool = False):
             D**-0.5,
         )
         sg = bench(partial(extend_attention_fwd, *args))
-        row = dict(prefix=prefix, new=new, ours=ours, mma=mma, sglang=sg)
+        row = dict(prefix=prefix, new=new, ours=ours, mma=mma, sglang=sg, flash=None)
+        if prefix == 0:  # SDPA's is_causal aligns the mask top-left: only a prefill from scratch compares
+            slots = r2t[:, :total]
+            row["flash"], row["flash_kind"] = flash_ms(
+                q.transpose(0, 1)[None].contiguous(), contiguous_kv(k, slots), contiguous_kv(v, slots), True
+            )
         if sweep:
             row["mma_sweep"] = {f"s{st}": bench(partial(mma_fn, num_stages=st)) for st in (1, 2, 3, 4)}
         rows.append(row)
-    print("\n== extend (ms): ours / mma vs SGLang triton extend_attention_fwd (batch 1)")
-    print(f"{'prefix':>6} {'new':>5} {'ours':>9} {'mma':>9} {'sglang':>9} {'ours/sgl':>8} {'mma/sgl':>8}")
+    print(
+        "\n== extend (ms): ours / mma vs SGLang triton extend_attention_fwd and (prefill from scratch) torch "
+        "SDPA flash, causal (batch 1)"
+    )
+    print(
+        f"{'prefix':>6} {'new':>5} {'ours':>9} {'mma':>9} {'sglang':>9} {'flash':>9} {'ours/sgl':>8} "
+        f"{'mma/sgl':>8} {'mma/fl':>7}"
+    )
     for r in rows:
+        fl = r["flash"]
         print(
             f"{r['prefix']:>6} {r['new']:>5} {r['ours']:9.3f} {r['mma']:9.3f} {r['sglang']:9.3f} "
-            f"{r['ours'] / r['sglang']:8.2f} {r['mma'] / r['sglang']:8.2f}"
+            + (f"{fl:9.3f} " if fl is not None else f"{'-':>9} ")
+            + f"{r['ours'] / r['sglang']:8.2f} {r['mma'] / r['sglang']:8.2f} "
+            + (f"{r['mma'] / fl:7.2f}" if fl is not None else f"{'-':>7}")
+            + ("" if r.get("flash_kind", "flash") == "flash" else f"  ({r['flash_kind']})")
         )
         if "mma_sweep" in r:
             print(f"{'':>12} mma sweep: " + ", ".join(f"{n} {t:.3f}" for n, t in r["mma_sweep"].items()))
