@@ -15,6 +15,9 @@ Prints three tables (times from ``triton.testing.do_bench``, median, ms):
 3. matmul: ``batch_invariant_mm`` (its M dispatch) vs cuBLAS ``F.linear`` at M = 1 .. 8192 (goal >= 0.9x
    cuBLAS); the short form of ``benchmarks/bench_batch_invariant_matmul.py`` (its ``--sweep`` tunes it).
 
+``--only profile`` (not in the default run): the mma decode's per-kernel device times (torch.profiler)
+next to the whole call's time and SDPA flash, at the rows where it trails flash most.
+
 ``--sweep`` adds the mma kernels' launch options (decode chunks per program and stages, extend
 stages: they never change the bits) to pick defaults per GPU; ``--only decode|extend|matmul``.
 
@@ -72,25 +75,43 @@ def sglang_decode(q, k, v, req_to_token, seq_lens, splits, o):
     )
 
 
-def flash_ms(q, k, v, causal: bool) -> tuple[float, str]:
+def graph_ms(fn) -> float:
+    """``fn``'s time replayed from a CUDA graph: how SGLang runs decode, with no host launch cost (at
+    small sizes ``bench(fn)`` times the Python launcher, not the kernels)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()  # compile and allocate outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return bench(graph.replay)
+
+
+def flash_ms(q, k, v, causal: bool, graphed: bool = False) -> tuple[float, float | None, str]:
     """torch SDPA restricted to its flash backend (the issue's baseline), contiguous q ``[B, HQ, Lq, D]``
     and k / v ``[B, HKV, Lk, D]``; GQA through ``enable_gqa`` (no K/V copy per query head). Returns the
-    time and what ran; should flash refuse GQA here, the K/V heads are expanded (4x the KV bytes) and
-    the label says so."""
+    time, the CUDA-graph replay time (``graphed``) and what ran; should flash refuse GQA here, the K/V
+    heads are expanded (4x the KV bytes) and the label says so."""
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
         try:
             F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
-            return bench(
-                lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
-            ), "flash"
+            kind = "flash"
+
+            def fn():
+                return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
         except RuntimeError:
             k, v = (t.repeat_interleave(HQ // HKV, dim=1) for t in (k, v))
-            return bench(
-                lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-            ), "flash-kv-expanded"
+            kind = "flash-kv-expanded"
+
+            def fn():
+                return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+        return bench(fn), graph_ms(fn) if graphed else None, kind
 
 
 def contiguous_kv(pool: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
@@ -117,12 +138,16 @@ def decode_table(quick: bool, sweep: bool = False):
             mma = bench(partial(mma_fn, out=o))
             sg8 = bench(sglang_decode(q, k, v, r2t, seq.int(), 8, torch.empty_like(q)))
             sg_det = bench(sglang_decode(q, k, v, r2t, seq.int(), -(-ctx // 256), torch.empty_like(q)))
-            flash, flash_kind = flash_ms(q[:, :, None], contiguous_kv(k, r2t), contiguous_kv(v, r2t), False)
+            mma_graph = graph_ms(partial(mma_fn, out=o))
+            flash, flash_graph, flash_kind = flash_ms(
+                q[:, :, None], contiguous_kv(k, r2t), contiguous_kv(v, r2t), False, graphed=True
+            )
             kv_bytes = 2 * bsz * ctx * HKV * D * 2
             copy = copy_ms(kv_bytes)
             row = dict(
                 ctx=ctx, batch=bsz, ours=ours, mma=mma, sglang8=sg8, sglang_det=sg_det, flash=flash,
-                flash_kind=flash_kind, copy_fraction=copy / ours, mma_copy_fraction=copy / mma,
+                flash_kind=flash_kind, mma_graph=mma_graph, flash_graph=flash_graph,
+                copy_fraction=copy / ours, mma_copy_fraction=copy / mma,
                 flash_copy_fraction=copy / flash,
             )  # fmt: skip
             if sweep:
@@ -134,19 +159,22 @@ def decode_table(quick: bool, sweep: bool = False):
             rows.append(row)
     print(
         "\n== decode (ms): ours / mma (paged KV) vs torch SDPA flash (contiguous KV; goal: mma <= 1.15x) "
-        "and SGLang triton decode_attention_fwd (Hq 32, Hkv 8, D 128, bf16); bw: fraction of copy bandwidth"
+        "and SGLang triton decode_attention_fwd (Hq 32, Hkv 8, D 128, bf16); bw: fraction of copy bandwidth;"
+        "\n   'g': replayed from a CUDA graph (as SGLang decodes: no host launch cost); "
+        "g ratio = mma g / flash g"
     )
     print(
         f"{'ctx':>6} {'batch':>5} {'ours':>8} {'mma':>8} {'flash':>8} {'sgl 8sp':>8} {'sgl det':>8} "
         f"{'mma/fl':>7} {'ours/fl':>7} {'mma/8sp':>8} {'mma/det':>8} {'ours bw':>7} {'mma bw':>7} "
-        f"{'fl bw':>6}"
+        f"{'fl bw':>6} {'mma g':>8} {'flash g':>8} {'g ratio':>7}"
     )
     for r in rows:
         print(
             f"{r['ctx']:>6} {r['batch']:>5} {r['ours']:8.4f} {r['mma']:8.4f} {r['flash']:8.4f} "
             f"{r['sglang8']:8.4f} {r['sglang_det']:8.4f} {r['mma'] / r['flash']:7.2f} "
             f"{r['ours'] / r['flash']:7.2f} {r['mma'] / r['sglang8']:8.2f} {r['mma'] / r['sglang_det']:8.2f} "
-            f"{r['copy_fraction']:7.2f} {r['mma_copy_fraction']:7.2f} {r['flash_copy_fraction']:6.2f}"
+            f"{r['copy_fraction']:7.2f} {r['mma_copy_fraction']:7.2f} {r['flash_copy_fraction']:6.2f} "
+            f"{r['mma_graph']:8.4f} {r['flash_graph']:8.4f} {r['mma_graph'] / r['flash_graph']:7.2f}"
             + ("" if r["flash_kind"] == "flash" else f"  ({r['flash_kind']})")
         )
         if "mma_sweep" in r:
@@ -201,7 +229,7 @@ def extend_table(quick: bool, sweep: bool = False):
         row = dict(prefix=prefix, new=new, ours=ours, mma=mma, sglang=sg, flash=None)
         if prefix == 0:  # SDPA's is_causal aligns the mask top-left: only a prefill from scratch compares
             slots = r2t[:, :total]
-            row["flash"], row["flash_kind"] = flash_ms(
+            row["flash"], _, row["flash_kind"] = flash_ms(
                 q.transpose(0, 1)[None].contiguous(), contiguous_kv(k, slots), contiguous_kv(v, slots), True
             )
         if sweep:
@@ -251,17 +279,63 @@ def matmul_table(quick: bool, sweep: bool = False):
     return rows
 
 
+def kernel_times(fn, iters: int = 20) -> dict[str, float]:
+    """Mean device time per call of each CUDA kernel ``fn`` launches (torch.profiler), in ms."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    return {
+        e.key: e.device_time_total / iters / 1e3
+        for e in prof.key_averages()
+        if e.device_time_total > 0 and not e.key.startswith(("Memcpy", "Memset"))
+    }
+
+
+def profile_table(quick: bool, sweep: bool = False):
+    """Where the mma decode's time goes: its kernels' device times next to the whole call's time
+    (``do_bench``, host launch included) and SDPA flash, at the rows where it trails flash most."""
+    del sweep
+    rows = []
+    print("\n== decode profile (ms): mma kernels' device time per call vs the call (do_bench) and flash")
+    for ctx, bsz in (
+        ((1024, 8), (32768, 1)) if quick else ((1024, 1), (1024, 8), (16384, 8), (32768, 1), (32768, 8))
+    ):
+        k, v, r2t = make_pool(bsz, ctx)
+        q = torch.randn(bsz, HQ, D, device=DEV).to(torch.bfloat16)
+        seq = torch.full((bsz,), ctx, dtype=torch.int64, device=DEV)
+        pools = torch.arange(bsz, device=DEV)
+        fn = partial(
+            pam.paged_attention_decode, q, k, v, r2t, pools, seq, D**-0.5,
+            out=torch.empty_like(q), max_chunks=-(-ctx // pam.CONTRACT_CHUNK),
+        )  # fmt: skip
+        kernels = kernel_times(fn)
+        call = bench(fn)
+        flash, _, _ = flash_ms(q[:, :, None], contiguous_kv(k, r2t), contiguous_kv(v, r2t), False)
+        rows.append(dict(ctx=ctx, batch=bsz, call=call, flash=flash, kernels=kernels))
+        print(
+            f"ctx {ctx:>6} batch {bsz:>3}: call {call:.4f}, flash {flash:.4f}, kernels "
+            + ", ".join(f"{name[:40]} {t:.4f}" for name, t in kernels.items())
+        )
+    return rows
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--json")
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--only", choices=["decode", "extend", "matmul"])
+    ap.add_argument("--only", choices=["decode", "extend", "matmul", "profile"])
     ap.add_argument("--sweep", action="store_true", help="also time the mma kernels' launch options")
     args = ap.parse_args()
     print(torch.cuda.get_device_name(), "torch", torch.__version__, "triton", triton.__version__, flush=True)
     out = {}
-    for name, fn in (("decode", decode_table), ("extend", extend_table), ("matmul", matmul_table)):
-        if args.only in (None, name):
+    tables = (("decode", decode_table), ("extend", extend_table), ("matmul", matmul_table))
+    for name, fn in (*tables, ("profile", profile_table)):
+        if args.only == name or (args.only is None and name != "profile"):
             try:
                 out[name] = fn(args.quick, args.sweep)
             except Exception as exc:  # report and go on: one table failing must not hide the others
