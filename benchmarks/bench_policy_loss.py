@@ -1,7 +1,7 @@
 """Fused policy ratio + KL from logits vs plain PyTorch vs Liger-Kernel's Triton GRPO loss (one process).
 
-    python benchmarks/bench_policy_loss.py [--sweep | --profile] [--n 8192] [--vocab 32768 151936 262144]
-        [--out DIR]
+    python benchmarks/bench_policy_loss.py [--sweep [--only NAME ...] | --profile] [--n 8192]
+        [--vocab 32768 151936 262144] [--out DIR]
 
 Per vocabulary size, with bf16 logits [N, V] (temperature 1, k3 KL against reference logprobs):
 
@@ -20,11 +20,13 @@ Per vocabulary size, with bf16 logits [N, V] (temperature 1, k3 KL against refer
 ``--sweep`` first times, at every ``--vocab``, the forward launch configurations of
 ``policy_loss.FWD_CANDIDATES`` (warps, unroll, pipelined tile loop, rows per program, streamed rows on a
 persistent grid ``g<programs per SM>``, bf16 word pairs ``p``, packed bf16x2 max/min ``h``; the contract
-tile is fixed) and the backward's ``BWD_CANDIDATES``. Each forward configuration's five per-token outputs
-are compared bit for bit with the original launch's (one row per program, 4 warps), whose logprobs are
-compared with the plain-PyTorch contract on all N rows. Per vocabulary class (``policy_loss.v_class``)
-it picks the bitwise configuration with the best worst-case fraction of the copy, uses it for the
-table, and prints ``FWD_LAUNCH`` / ``BWD_LAUNCH`` lines to paste into parity/ops/policy_loss.py.
+tile is fixed) and the backward's ``BWD_CANDIDATES``; ``--only`` restricts both to the named ones (e.g.
+only forward names: no backward sweep, BWD_LAUNCH is printed unchanged). Each forward configuration's five
+per-token outputs are compared bit for bit with the original launch's (one row per program, 4 warps),
+whose logprobs are compared with the plain-PyTorch contract on all N rows. Per vocabulary class
+(``policy_loss.v_class``) it picks the bitwise configuration with the best worst-case fraction of the
+copy, uses it for the table, and prints ``FWD_LAUNCH`` / ``BWD_LAUNCH`` lines to paste into
+parity/ops/policy_loss.py.
 Before: 4 warps / unroll 1 / one row per program everywhere (swept at V = 151936 only): forward 0.85 of
 the copy at V = 32768, 0.90 at 151936, 0.94 at 262144; backward block 16384 / 16 warps, 0.95.
 
@@ -205,7 +207,7 @@ def same(a, b) -> bool:
     )
 
 
-def sweep_vocab(n, v, copy_bw, results):
+def sweep_vocab(n, v, copy_bw, results, fwd_cands, bwd_cands):
     """Forward and backward launch configurations at one V (none changes a forward bit: each one's five
     outputs are compared with the original launch's, whose logprobs are compared with the contract)."""
     x, ids, lp, old, ref_lp, adv = make_inputs(n, v, seed=1)
@@ -219,7 +221,7 @@ def sweep_vocab(n, v, copy_bw, results):
     contract_ok = check_bits(x, ids, tile, True, launch=pl.FwdLaunch())
     print(f"original launch w4u1s1r1: logprobs bitwise the contract on all {n} rows: {contract_ok}")
     fwd = {}
-    for cfg in pl.FWD_CANDIDATES:
+    for cfg in fwd_cands:
         try:
             kernel = pl._policy_fwd_stream_kernel if cfg.stream else pl._policy_fwd_kernel
             before = compiled(kernel)
@@ -244,7 +246,7 @@ def sweep_vocab(n, v, copy_bw, results):
     g = torch.randn(n, device="cuda")
     bwd = {}
     dx0 = None
-    for cfg in pl.BWD_CANDIDATES:
+    for cfg in bwd_cands:
 
         def run(cfg=cfg):
             return pl._backward(
@@ -285,18 +287,21 @@ def choose(per_v: dict, cls_of, candidates, key_ok: str):
     return chosen
 
 
-def sweep(n, vocabs, copy_bw, results):
+def sweep(n, vocabs, copy_bw, results, only=None):
+    """``only``: candidate names (forward and backward) to sweep instead of all of them."""
+    fwd_cands = [c for c in pl.FWD_CANDIDATES if only is None or c.name in only]
+    bwd_cands = [c for c in pl.BWD_CANDIDATES if only is None or c.name in only]
     fwd_all, bwd_all = {}, {}
     for v in vocabs:
         try:
-            fwd_all[v], bwd_all[v] = sweep_vocab(n, v, copy_bw, results)
+            fwd_all[v], bwd_all[v] = sweep_vocab(n, v, copy_bw, results, fwd_cands, bwd_cands)
         except Exception:
             traceback.print_exc()
         torch.cuda.empty_cache()
     print("\n# sweep: forward choice per vocabulary class (bitwise configurations only)")
-    fwd_choice = choose(fwd_all, pl.v_class, pl.FWD_CANDIDATES, "bitwise")
+    fwd_choice = choose(fwd_all, pl.v_class, fwd_cands, "bitwise")
     print("# sweep: backward choice per vocabulary class")
-    bwd_choice = choose(bwd_all, pl.v_class, pl.BWD_CANDIDATES, "same_as_first")
+    bwd_choice = choose(bwd_all, pl.v_class, bwd_cands, "same_as_first")
     pl.FWD_LAUNCH.update(fwd_choice)
     pl.BWD_LAUNCH.update(bwd_choice)
     print("suggested (parity/ops/policy_loss.py):")
@@ -544,6 +549,10 @@ def main():
     ap.add_argument("--vocab", type=int, nargs="+", default=[32768, 151936, 262144])
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument(
+        "--only", nargs="+", metavar="NAME",
+        help="--sweep only these FWD_CANDIDATES / BWD_CANDIDATES names (e.g. w1u1s3r1ph b32768w32)",
+    )  # fmt: skip
+    ap.add_argument(
         "--profile", action="store_true",
         help="only torch.profiler over a few iterations of each step (kernels, ours_step, ppo_step) at --n "
         "and the first --vocab: top device kernels/ops per step, traces in --out",
@@ -553,6 +562,11 @@ def main():
                     "under TRITON_INTERPRET=1 (tiny sizes)")  # fmt: skip
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
+    if args.only:
+        known = {c.name for c in (*pl.FWD_CANDIDATES, *pl.BWD_CANDIDATES)}
+        unknown = sorted(set(args.only) - known)
+        if unknown:
+            ap.error(f"--only: not in FWD_CANDIDATES / BWD_CANDIDATES: {unknown}")
     Path(args.out).mkdir(parents=True, exist_ok=True)
     if args.profile:
         if args.device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -581,7 +595,7 @@ def main():
 
     if args.sweep:
         try:
-            sweep(args.n, args.vocab, copy_bw, results)
+            sweep(args.n, args.vocab, copy_bw, results, set(args.only) if args.only else None)
         except Exception:
             traceback.print_exc()
     liger_fn = load_liger()

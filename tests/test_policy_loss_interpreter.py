@@ -26,14 +26,16 @@ def test_kernels_under_the_triton_interpreter():
 
 
 def test_benchmark_help_and_profile_smoke(tmp_path):
-    """benchmarks/bench_policy_loss.py: --help on the CPU, and --profile's code path (CPU profiler, the
-    kernels under the interpreter, tiny sizes)."""
+    """benchmarks/bench_policy_loss.py: --help on the CPU, --sweep --only's check of the names, and
+    --profile's code path (CPU profiler, the kernels under the interpreter, tiny sizes)."""
     script = ROOT / "benchmarks" / "bench_policy_loss.py"
     env = dict(os.environ, PYTHONPATH=str(ROOT), TRITON_INTERPRET="1")
     env.pop("CUDA_VISIBLE_DEVICES", None)
     run = functools.partial(subprocess.run, capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
     proc = run([sys.executable, str(script), "--help"])
     assert proc.returncode == 0 and "--profile" in proc.stdout, proc.stderr[-4000:]
+    proc = run([sys.executable, str(script), "--sweep", "--only", "w1u1s3r1ph", "w9"])  # before any GPU work
+    assert proc.returncode == 2 and "BWD_CANDIDATES: ['w9']" in proc.stderr, proc.stderr[-4000:]
     args = ["--profile", "--device", "cpu", "--n", "4", "--vocab", "300", "--profile-iters", "1"]
     proc = run([sys.executable, "-W", "ignore", str(script), *args, "--out", str(tmp_path)])
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]

@@ -258,6 +258,19 @@ BWD_LAUNCH: dict[str, BwdLaunch] = {
     "large": BwdLaunch(block=32768, num_warps=32),
 }
 # The forward configurations the benchmark sweeps (and the GPU tests check bitwise against the contract).
+# Tried and removed (no gain; H200 sweep, N=8192, fraction of the copy at V=32768 / 151936, all bitwise),
+# against the default w1u1s3r1ph's 0.797 / 0.820 (and w1u1s3r1g12ph's 0.759 / 0.748), aimed at its per-row
+# losses (first-tile DRAM wait, pipeline drain, partial tile, tail) and at latency 12 resident 1-warp
+# programs per SM cannot hide:
+# - a register cap (ptxas maxnreg) for more resident programs: 144 (14 per SM) 0.762 / 0.741, with 4
+#   stages 0.755 / 0.728;
+# - L2 prefetch hints (prefetch.global.L2) of a row's partial tile and of the first tiles of the row
+#   expected to start next (the next wave's, 12 programs per SM): 0.795 / 0.778; with a cap of 152 (13 per
+#   SM) 0.761 / 0.804;
+# - 2 warps per program: 0.758 / 0.767; capped at 80 registers (12 per SM) 0.729 / 0.774;
+# - streamed rows, 14 per SM (g14, cap 144, partial-tile hint): 0.579 / 0.550.
+# Best of them 0.795 / 0.804 vs the default's 0.797 / 0.820: register caps 80-152, prefetch hints, 2
+# warps and g14 need a new idea, not a retry.
 FWD_CANDIDATES: tuple[FwdLaunch, ...] = tuple(
     FwdLaunch(num_warps=w, unroll=u, num_stages=st, rows=r)
     for w, u, st, r in [
@@ -443,23 +456,75 @@ def _tile_max(x, INTERP: tl.constexpr):
 
 
 @triton.jit
-def _tile_update(x, m, s, w, FMA: tl.constexpr, ENTROPY: tl.constexpr, INTERP: tl.constexpr):
-    """One tile of the contract's online reduction (step 3 of the module docstring)."""
-    m_new = _max_nan(m, _tile_max(x, INTERP)) + 0.0  # exact; + 0.0 turns -0.0 into +0.0
-    if m_new > m:  # the running max grew: rescale every lane (never taken once m is NaN)
-        alpha = _exp_neg(m - m_new, FMA)  # exp_c(-86) when m was -inf, while s and w are still 0
-        if ENTROPY:
-            # w holds sum e_i (x_i - m); moving to m_new: w' = alpha (w + (m - m_new) s).
-            delta = tl.where(m == float("-inf"), 0.0, m - m_new)
-            w = (w + s * delta) * alpha
-        s = s * alpha
-    m = m_new
-    m_safe = tl.where(m == float("-inf"), 0.0, m)  # an all -inf prefix: t = -inf, not NaN
-    t = x - m_safe
-    e = _exp_neg(t, FMA)
+def _rescaled(s, w, m, m_new, alpha, ENTROPY: tl.constexpr):
+    """One lane tensor when the running max grows from m to m_new (alpha = e(m - m_new)): s' = alpha s;
+    w holds sum e_i (x_i - m), so w' = alpha (w + (m - m_new) s)."""
+    if ENTROPY:
+        delta = tl.where(m == float("-inf"), 0.0, m - m_new)  # m = -inf: s = 0, no -inf * 0
+        w = (w + s * delta) * alpha
+    return s * alpha, w
+
+
+@triton.jit
+def _accumulate(t, s, w, CLAMP: tl.constexpr, FMA: tl.constexpr, ENTROPY: tl.constexpr):
+    """s += e(t) per lane (entropy: w += e(t) max(t, -86), the same clamped t as in e: finite where
+    x = -inf). CLAMP = False where no lane is below the clamp: exp_c(t) is then the same value."""
+    if CLAMP:
+        e = _exp_neg(t, FMA)
+        tc = _max_nan(t, T_MIN)
+    else:
+        _k, e = _exp2_parts(t, FMA)
+        tc = t
     s = s + e
     if ENTROPY:
-        w = w + e * _max_nan(t, T_MIN)  # the same clamped t as in e: finite where x = -inf
+        w = w + e * tc
+    return s, w
+
+
+@triton.jit
+def _step_lanes(xe, xo, tmax, tmin, m, se, so, we, wo, TWO: tl.constexpr, SKIP_CLAMP: tl.constexpr,
+                FMA: tl.constexpr, ENTROPY: tl.constexpr):  # fmt: skip
+    """Step 3 of the module docstring for one tile whose exact max is ``tmax``, held as one lane tensor
+    (``xe``, state ``se``/``we``; TWO = False: ``xo``/``so``/``wo`` pass through untouched) or as its even
+    and odd lanes (TWO). SKIP_CLAMP: ``tmin`` is the tile's exact min, and when RN(tmin - M) >= -86 no
+    lane can reach the clamp (every t = RN(x - M) >= RN(tmin - M), rounding being monotone), so the lanes
+    take exp_c(t) without it: the same values, one instruction less per element."""
+    m_new = _max_nan(m, tmax) + 0.0  # exact; + 0.0 turns -0.0 into +0.0
+    if m_new > m:  # the running max grew: rescale every lane (never taken once m is NaN)
+        alpha = _exp_neg(m - m_new, FMA)  # exp_c(-86) when m was -inf, while s and w are still 0
+        se, we = _rescaled(se, we, m, m_new, alpha, ENTROPY)
+        if TWO:
+            so, wo = _rescaled(so, wo, m, m_new, alpha, ENTROPY)
+    m = m_new
+    m_safe = tl.where(m == float("-inf"), 0.0, m)  # an all -inf prefix: t = -inf, not NaN
+    te = xe - m_safe
+    to = xo
+    if TWO:
+        to = xo - m_safe
+    if SKIP_CLAMP:
+        if tmin - m_safe >= T_MIN:  # (False for NaN, -inf)
+            se, so, we, wo = _accumulate_lanes(te, to, se, so, we, wo, TWO, False, FMA, ENTROPY)
+        else:
+            se, so, we, wo = _accumulate_lanes(te, to, se, so, we, wo, TWO, True, FMA, ENTROPY)
+    else:
+        se, so, we, wo = _accumulate_lanes(te, to, se, so, we, wo, TWO, True, FMA, ENTROPY)
+    return m, se, so, we, wo
+
+
+@triton.jit
+def _accumulate_lanes(te, to, se, so, we, wo, TWO: tl.constexpr, CLAMP: tl.constexpr, FMA: tl.constexpr,
+                      ENTROPY: tl.constexpr):  # fmt: skip
+    """:func:`_accumulate` of the one or two lane tensors of :func:`_step_lanes`."""
+    se, we = _accumulate(te, se, we, CLAMP, FMA, ENTROPY)
+    if TWO:
+        so, wo = _accumulate(to, so, wo, CLAMP, FMA, ENTROPY)
+    return se, so, we, wo
+
+
+@triton.jit
+def _tile_update(x, m, s, w, FMA: tl.constexpr, ENTROPY: tl.constexpr, INTERP: tl.constexpr):
+    """One tile of the contract's online reduction (step 3 of the module docstring)."""
+    m, s, _s2, w, _w2 = _step_lanes(x, x, _tile_max(x, INTERP), m, m, s, s, w, w, False, False, FMA, ENTROPY)
     return m, s, w
 
 
@@ -505,27 +570,8 @@ def _tile_update_pairs(
 ):
     """:func:`_tile_update` of one tile held as its even and odd columns (lanes): the same operations
     per lane. The tile max is exact whatever the order (a pairwise max first, then the reduction)."""
-    m_new = _max_nan(m, _tile_max(_max_nan(xe, xo), INTERP)) + 0.0
-    if m_new > m:
-        alpha = _exp_neg(m - m_new, FMA)
-        if ENTROPY:
-            delta = tl.where(m == float("-inf"), 0.0, m - m_new)
-            we = (we + se * delta) * alpha
-            wo = (wo + so * delta) * alpha
-        se = se * alpha
-        so = so * alpha
-    m = m_new
-    m_safe = tl.where(m == float("-inf"), 0.0, m)
-    te = xe - m_safe
-    to = xo - m_safe
-    ee = _exp_neg(te, FMA)
-    eo = _exp_neg(to, FMA)
-    se = se + ee
-    so = so + eo
-    if ENTROPY:
-        we = we + ee * _max_nan(te, T_MIN)
-        wo = wo + eo * _max_nan(to, T_MIN)
-    return m, se, so, we, wo
+    tmax = _tile_max(_max_nan(xe, xo), INTERP)
+    return _step_lanes(xe, xo, tmax, m, m, se, so, we, wo, True, False, FMA, ENTROPY)
 
 
 @triton.jit
@@ -567,10 +613,9 @@ def _tile_update_packed(
     The tile's max and min come from packed reductions of the words (max.NaN / min.NaN.bf16x2; Hopper
     fuses three operands per instruction: ~0.25 instructions per element, instead of one FMNMX per
     element for the max), exact whatever the order. With the min, a tile where no lane can reach the
-    clamp skips it: every t = RN(x - M) >= RN(min - M) (rounding is monotone), so when RN(min - M) >=
-    -86, max(t, -86) == t for every lane and the clamp-free exp_c is the same value (one FMNMX per
-    element saved); otherwise (a wide tile, -inf, NaN) the lanes take the clamped path. Under the
-    interpreter (no inline asm) the tile max / min are taken over the fp32 halves: the same values."""
+    clamp skips it (one FMNMX per element saved; see :func:`_step_lanes`); otherwise (a wide tile, -inf,
+    NaN) the lanes take the clamped path. Under the interpreter (no inline asm) the tile max / min are
+    taken over the fp32 halves: the same values."""
     xe = (wd << 16).to(tl.float32, bitcast=True)
     xo = (wd & -65536).to(tl.float32, bitcast=True)
     if INTERP:
@@ -581,48 +626,26 @@ def _tile_update_packed(
         nw = tl.reduce(wd, 0, _bf16x2_min)
         tmax = _max_nan((mw << 16).to(tl.float32, bitcast=True), (mw & -65536).to(tl.float32, bitcast=True))
         tmin = _min_nan((nw << 16).to(tl.float32, bitcast=True), (nw & -65536).to(tl.float32, bitcast=True))
-    m_new = _max_nan(m, tmax) + 0.0
-    if m_new > m:
-        alpha = _exp_neg(m - m_new, FMA)
-        if ENTROPY:
-            delta = tl.where(m == float("-inf"), 0.0, m - m_new)
-            we = (we + se * delta) * alpha
-            wo = (wo + so * delta) * alpha
-        se = se * alpha
-        so = so * alpha
-    m = m_new
-    m_safe = tl.where(m == float("-inf"), 0.0, m)
-    te = xe - m_safe
-    to = xo - m_safe
-    if tmin - m_safe >= T_MIN:  # no lane below the clamp (False for NaN, -inf): exp_c(t) directly
-        _k, ee = _exp2_parts(te, FMA)
-        _k, eo = _exp2_parts(to, FMA)
-        se = se + ee
-        so = so + eo
-        if ENTROPY:
-            we = we + ee * te
-            wo = wo + eo * to
-    else:
-        ee = _exp_neg(te, FMA)
-        eo = _exp_neg(to, FMA)
-        se = se + ee
-        so = so + eo
-        if ENTROPY:
-            we = we + ee * _max_nan(te, T_MIN)
-            wo = wo + eo * _max_nan(to, T_MIN)
-    return m, se, so, we, wo
+    return _step_lanes(xe, xo, tmax, tmin, m, se, so, we, wo, True, True, FMA, ENTROPY)
 
 
 @triton.jit
-def _pairs_update(wd, m, se, so, we, wo, temperature, inv_t, HAS_T: tl.constexpr, FMA: tl.constexpr,
-                  ENTROPY: tl.constexpr, INTERP: tl.constexpr, PACKED: tl.constexpr):  # fmt: skip
-    """One tile of bf16 words: PACKED (T == 1 only) or the plain pairs update."""
-    if PACKED and not HAS_T:
-        m, se, so, we, wo = _tile_update_packed(wd, m, se, so, we, wo, FMA, ENTROPY, INTERP)
+def _tile_step(raw, m, s, s2, w, w2, temperature, inv_t, HAS_T: tl.constexpr, FMA: tl.constexpr,
+               ENTROPY: tl.constexpr, INTERP: tl.constexpr, PAIRS: tl.constexpr,
+               PACKED: tl.constexpr):  # fmt: skip
+    """One full tile of a row (``raw``: its loaded elements, or with PAIRS its words of two bf16, whose
+    even / odd lanes are ``s``/``w`` and ``s2``/``w2``; without PAIRS ``s2``/``w2`` are unused). PACKED
+    applies with T == 1 only."""
+    if PAIRS:
+        if PACKED and not HAS_T:
+            m, s, s2, w, w2 = _tile_update_packed(raw, m, s, s2, w, w2, FMA, ENTROPY, INTERP)
+        else:
+            xe, xo = _split_pair(raw, temperature, inv_t, HAS_T, FMA)
+            m, s, s2, w, w2 = _tile_update_pairs(xe, xo, m, s, s2, w, w2, FMA, ENTROPY, INTERP)
     else:
-        xe, xo = _split_pair(wd, temperature, inv_t, HAS_T, FMA)
-        m, se, so, we, wo = _tile_update_pairs(xe, xo, m, se, so, we, wo, FMA, ENTROPY, INTERP)
-    return m, se, so, we, wo
+        x = _scale(raw.to(tl.float32), temperature, inv_t, HAS_T, FMA)  # exact upcast, then x / T
+        m, s, w = _tile_update(x, m, s, w, FMA, ENTROPY, INTERP)
+    return m, s, s2, w, w2
 
 
 @triton.jit
@@ -654,92 +677,73 @@ def _row_stats(
     """(M, log S in fp64, S, W) of one row under the contract. UNROLL = 2 issues the loads of two tiles
     before reducing them (more bytes in flight); the tiles are still reduced one after the other.
     NUM_STAGES > 1 has Triton pipeline the loop's loads (the next tiles arrive during this one's math).
-    PAIRS: bf16 rows read as 32-bit words (4-byte aligned row, V even; see NEG_INF_PAIR); PACKED: with
-    PAIRS and T == 1, the tile max / min from packed bf16x2 reductions (see _tile_update_packed)."""
+    PAIRS: bf16 rows read as 32-bit words (4-byte aligned row, V even; see NEG_INF_PAIR), lanes split
+    even / odd; PACKED: with PAIRS and T == 1, the tile max / min from packed bf16x2 reductions (see
+    _tile_update_packed)."""
     # -inf, but not a compile-time constant: with a constant, LLVM's optimizer of rows of a single tile
     # (V <= TILE) ran for minutes (Triton 3.6). temperature * 0.0 is 0.0 at run time (T > 0 finite).
     m = tl.full([], float("-inf"), tl.float32) + temperature * 0.0
+    LW: tl.constexpr = TILE // 2 if PAIRS else TILE  # lanes per tensor (two tensors with PAIRS)
     if PAIRS:
-        return _row_stats_pairs(
-            row_ptr, m, V, temperature, inv_t, HAS_T, TILE, LOG2_TILE, FMA, ENTROPY, UNROLL, NUM_STAGES,
-            INTERP, PACKED,
-        )  # fmt: skip
-    lanes = tl.arange(0, TILE)
-    s = tl.zeros([TILE], tl.float32)
-    w = tl.zeros([TILE], tl.float32)
+        ptr = row_ptr.to(tl.pointer_type(tl.int32))
+    else:
+        ptr = row_ptr
+    lanes = tl.arange(0, LW)
+    s = tl.zeros([LW], tl.float32)
+    s2 = tl.zeros([LW], tl.float32)
+    w = tl.zeros([LW], tl.float32)
+    w2 = tl.zeros([LW], tl.float32)
     n_full: tl.constexpr = V // TILE
     if UNROLL == 2:
         n_pairs: tl.constexpr = n_full // 2
         for it in tl.range(0, n_pairs, num_stages=NUM_STAGES):  # full tiles: no bounds mask
-            x0 = _load_scaled(row_ptr + (2 * it) * TILE + lanes, temperature, inv_t, HAS_T, FMA)
-            x1 = _load_scaled(row_ptr + (2 * it + 1) * TILE + lanes, temperature, inv_t, HAS_T, FMA)
-            m, s, w = _tile_update(x0, m, s, w, FMA, ENTROPY, INTERP)
-            m, s, w = _tile_update(x1, m, s, w, FMA, ENTROPY, INTERP)
+            r0 = tl.load(ptr + (2 * it) * LW + lanes)
+            r1 = tl.load(ptr + (2 * it + 1) * LW + lanes)
+            m, s, s2, w, w2 = _tile_step(r0, m, s, s2, w, w2, temperature, inv_t, HAS_T, FMA, ENTROPY, INTERP,
+                                         PAIRS, PACKED)  # fmt: skip
+            m, s, s2, w, w2 = _tile_step(r1, m, s, s2, w, w2, temperature, inv_t, HAS_T, FMA, ENTROPY, INTERP,
+                                         PAIRS, PACKED)  # fmt: skip
         if n_full % 2 == 1:
-            x = _load_scaled(row_ptr + (n_full - 1) * TILE + lanes, temperature, inv_t, HAS_T, FMA)
-            m, s, w = _tile_update(x, m, s, w, FMA, ENTROPY, INTERP)
+            r = tl.load(ptr + (n_full - 1) * LW + lanes)
+            m, s, s2, w, w2 = _tile_step(r, m, s, s2, w, w2, temperature, inv_t, HAS_T, FMA, ENTROPY, INTERP,
+                                         PAIRS, PACKED)  # fmt: skip
     else:
         for it in tl.range(0, n_full, num_stages=NUM_STAGES):
-            x = _load_scaled(row_ptr + it * TILE + lanes, temperature, inv_t, HAS_T, FMA)
-            m, s, w = _tile_update(x, m, s, w, FMA, ENTROPY, INTERP)
-    if n_full * TILE < V:  # the last, partial tile: padding is -inf (contributes exp_c(-86) ~ 0)
-        cols = n_full * TILE + lanes
-        x = tl.load(row_ptr + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
-        x = _scale(x, temperature, inv_t, HAS_T, FMA)
-        m, s, w = _tile_update(x, m, s, w, FMA, ENTROPY, INTERP)
-    s_tot = _tree_sum(s, TILE, LOG2_TILE)
-    if ENTROPY:
-        w_tot = _tree_sum(w, TILE, LOG2_TILE)
-    else:
-        w_tot = 0.0
-    return m, _log_f64(s_tot), s_tot, w_tot
+            r = tl.load(ptr + it * LW + lanes)
+            m, s, s2, w, w2 = _tile_step(r, m, s, s2, w, w2, temperature, inv_t, HAS_T, FMA, ENTROPY, INTERP,
+                                         PAIRS, PACKED)  # fmt: skip
+    return _row_end(row_ptr, m, s, s2, w, w2, V, temperature, inv_t, HAS_T, TILE, LOG2_TILE, FMA, ENTROPY,
+                    INTERP, PAIRS)  # fmt: skip
 
 
 @triton.jit
-def _row_stats_pairs(
-    row_ptr, m, V: tl.constexpr, temperature, inv_t, HAS_T: tl.constexpr, TILE: tl.constexpr,
-    LOG2_TILE: tl.constexpr, FMA: tl.constexpr, ENTROPY: tl.constexpr, UNROLL: tl.constexpr,
-    NUM_STAGES: tl.constexpr, INTERP: tl.constexpr, PACKED: tl.constexpr,
-):  # fmt: skip
-    """:func:`_row_stats` with PAIRS: the same tiles in the same order, lanes split even / odd."""
-    HALF: tl.constexpr = TILE // 2
-    words = row_ptr.to(tl.pointer_type(tl.int32))
-    half = tl.arange(0, HALF)
-    se = tl.zeros([HALF], tl.float32)
-    so = tl.zeros([HALF], tl.float32)
-    we = tl.zeros([HALF], tl.float32)
-    wo = tl.zeros([HALF], tl.float32)
+def _row_end(base, m, s, s2, w, w2, V: tl.constexpr, temperature, inv_t, HAS_T: tl.constexpr,
+             TILE: tl.constexpr, LOG2_TILE: tl.constexpr, FMA: tl.constexpr, ENTROPY: tl.constexpr,
+             INTERP: tl.constexpr, PAIRS: tl.constexpr):  # fmt: skip
+    """The end of one row's pass after its full tiles (state as in :func:`_tile_step`): its partial
+    tile (if any), the lane tree and log S. Returns (M, log S in fp64, S, W)."""
     n_full: tl.constexpr = V // TILE
-    if UNROLL == 2:
-        n_pairs: tl.constexpr = n_full // 2
-        for it in tl.range(0, n_pairs, num_stages=NUM_STAGES):
-            w0 = tl.load(words + (2 * it) * HALF + half)
-            w1 = tl.load(words + (2 * it + 1) * HALF + half)
-            m, se, so, we, wo = _pairs_update(
-                w0, m, se, so, we, wo, temperature, inv_t, HAS_T, FMA, ENTROPY, INTERP, PACKED
-            )
-            m, se, so, we, wo = _pairs_update(
-                w1, m, se, so, we, wo, temperature, inv_t, HAS_T, FMA, ENTROPY, INTERP, PACKED
-            )
-        if n_full % 2 == 1:
-            wd = tl.load(words + (n_full - 1) * HALF + half)
-            m, se, so, we, wo = _pairs_update(
-                wd, m, se, so, we, wo, temperature, inv_t, HAS_T, FMA, ENTROPY, INTERP, PACKED
-            )
+    if PAIRS:
+        if n_full * TILE < V:
+            words = base.to(tl.pointer_type(tl.int32))
+            xe, xo = _pairs_partial(words, n_full, V, TILE // 2, temperature, inv_t, HAS_T, FMA)
+            m, s, s2, w, w2 = _tile_update_pairs(xe, xo, m, s, s2, w, w2, FMA, ENTROPY, INTERP)
+        s_tot = _tree_sum(s + s2, TILE // 2, LOG2_TILE - 1)  # level 1 of the lane tree, then the others
+        if ENTROPY:
+            w_tot = _tree_sum(w + w2, TILE // 2, LOG2_TILE - 1)
+        else:
+            w_tot = 0.0
     else:
-        for it in tl.range(0, n_full, num_stages=NUM_STAGES):
-            wd = tl.load(words + it * HALF + half)
-            m, se, so, we, wo = _pairs_update(
-                wd, m, se, so, we, wo, temperature, inv_t, HAS_T, FMA, ENTROPY, INTERP, PACKED
-            )
-    if n_full * TILE < V:
-        xe, xo = _pairs_partial(words, n_full, V, HALF, temperature, inv_t, HAS_T, FMA)
-        m, se, so, we, wo = _tile_update_pairs(xe, xo, m, se, so, we, wo, FMA, ENTROPY, INTERP)
-    s_tot = _tree_sum(se + so, HALF, LOG2_TILE - 1)  # level 1 of the lane tree, then the other levels
-    if ENTROPY:
-        w_tot = _tree_sum(we + wo, HALF, LOG2_TILE - 1)
-    else:
-        w_tot = 0.0
+        if n_full * TILE < V:  # the last, partial tile: padding is -inf (contributes exp_c(-86) ~ 0)
+            cols = n_full * TILE + tl.arange(0, TILE)
+            x = tl.load(base + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+            x = _scale(x, temperature, inv_t, HAS_T, FMA)
+            m, s, w = _tile_update(x, m, s, w, FMA, ENTROPY, INTERP)
+        s_tot = _tree_sum(s, TILE, LOG2_TILE)
+        if ENTROPY:
+            w_tot = _tree_sum(w, TILE, LOG2_TILE)
+        else:
+            w_tot = 0.0
     return m, _log_f64(s_tot), s_tot, w_tot
 
 
@@ -808,15 +812,11 @@ def _policy_fwd_row(
     PAIRS: tl.constexpr, PACKED: tl.constexpr,
 ):  # fmt: skip
     """Every output of one row."""
+    masked = False
     if HAS_MASK:
-        if tl.load(MASK + row) == 0:  # neutral outputs; the action id is not read
-            _store_masked(row, LOGP, RATIO, KL, ENT, LSE)
-        else:
-            _policy_fwd_live_row(
-                row, X, x_sb, x_sl, R, r_sb, r_sl, IDS, OLD, REF_LP, LOGP, RATIO, KL, ENT, LSE,
-                L, V, temperature, inv_t, HAS_T, HAS_OLD, REF_MODE, KL_MODE, ENTROPY, TILE, LOG2_TILE,
-                FMA, UNROLL, NUM_STAGES, INTERP, PAIRS, PACKED,
-            )  # fmt: skip
+        masked = tl.load(MASK + row) == 0
+    if masked:  # neutral outputs; the action id is not read
+        _store_masked(row, LOGP, RATIO, KL, ENT, LSE)
     else:
         _policy_fwd_live_row(
             row, X, x_sb, x_sl, R, r_sb, r_sl, IDS, OLD, REF_LP, LOGP, RATIO, KL, ENT, LSE,
@@ -886,78 +886,59 @@ def _policy_fwd_kernel(
     PAIRS: tl.constexpr = False,  # bf16 logits read as 32-bit words (see NEG_INF_PAIR)
     PACKED: tl.constexpr = False,  # with PAIRS and T == 1: packed tile max / min (_tile_update_packed)
 ):  # fmt: skip
-    if ROWS_LOOP:
-        pid = tl.program_id(0)
-        nprog = tl.num_programs(0)
-        if INTERP:  # its scalars cannot bound a range() (numpy 2): the same rows, counted loop
-            for i in range(0, N_ITERS):
-                if pid + i * nprog < N:
-                    _policy_fwd_row(
-                        (pid + i * nprog).to(tl.int64),
-                        X, x_sb, x_sl, R, r_sb, r_sl, IDS, OLD, REF_LP, MASK, LOGP, RATIO, KL, ENT, LSE,
-                        L, V, temperature, inv_t, HAS_T, HAS_OLD, HAS_MASK, REF_MODE, KL_MODE, ENTROPY,
-                        TILE, LOG2_TILE, FMA, UNROLL, NUM_STAGES, INTERP, PAIRS, PACKED,
-                    )  # fmt: skip
-        else:
-            for row in range(pid, N, nprog):
-                _policy_fwd_row(
-                    row.to(tl.int64),
-                    X, x_sb, x_sl, R, r_sb, r_sl, IDS, OLD, REF_LP, MASK, LOGP, RATIO, KL, ENT, LSE,
-                    L, V, temperature, inv_t, HAS_T, HAS_OLD, HAS_MASK, REF_MODE, KL_MODE, ENTROPY,
-                    TILE, LOG2_TILE, FMA, UNROLL, NUM_STAGES, INTERP, PAIRS, PACKED,
-                )  # fmt: skip
-    else:
-        _policy_fwd_row(
-            tl.program_id(0).to(tl.int64),
-            X, x_sb, x_sl, R, r_sb, r_sl, IDS, OLD, REF_LP, MASK, LOGP, RATIO, KL, ENT, LSE,
-            L, V, temperature, inv_t, HAS_T, HAS_OLD, HAS_MASK, REF_MODE, KL_MODE, ENTROPY,
-            TILE, LOG2_TILE, FMA, UNROLL, NUM_STAGES, INTERP, PAIRS, PACKED,
-        )  # fmt: skip
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    # ROWS_LOOP: rows pid, pid + nprog, ... (the interpreter's scalars cannot bound a range() (numpy 2): a
+    # counted loop there, rows >= N skipped); else the row pid. (The bound is not assigned to a name: the
+    # interpreter turns every assigned value into a tensor.)
+    for i in range(0, (N_ITERS if INTERP else tl.cdiv(N - pid, nprog)) if ROWS_LOOP else 1):
+        row = pid + i * nprog
+        valid = True
+        if INTERP:
+            valid = row < N
+        if valid:
+            _policy_fwd_row(
+                row.to(tl.int64),
+                X, x_sb, x_sl, R, r_sb, r_sl, IDS, OLD, REF_LP, MASK, LOGP, RATIO, KL, ENT, LSE,
+                L, V, temperature, inv_t, HAS_T, HAS_OLD, HAS_MASK, REF_MODE, KL_MODE, ENTROPY,
+                TILE, LOG2_TILE, FMA, UNROLL, NUM_STAGES, INTERP, PAIRS, PACKED,
+            )  # fmt: skip
 
 
 @triton.jit
-def _stream_update(raw, m, s, s2, w, w2, temperature, inv_t, HAS_T: tl.constexpr, FMA: tl.constexpr,
-                   ENTROPY: tl.constexpr, INTERP: tl.constexpr, PAIRS: tl.constexpr,
-                   PACKED: tl.constexpr):  # fmt: skip
-    """One full tile of the streaming kernel (``raw``: its loaded elements, or words with PAIRS)."""
-    if PAIRS:
-        m, s, s2, w, w2 = _pairs_update(
-            raw, m, s, s2, w, w2, temperature, inv_t, HAS_T, FMA, ENTROPY, INTERP, PACKED
-        )
+def _stream_step(raw, m, s, s2, w, w2, second, temperature, inv_t, HAS_T: tl.constexpr, FMA: tl.constexpr,
+                 ENTROPY: tl.constexpr, INTERP: tl.constexpr, PAIRS: tl.constexpr, PACKED: tl.constexpr,
+                 PASSES: tl.constexpr):  # fmt: skip
+    """:func:`_tile_step` of the stream kernel: ``second`` (the reference pass) takes no entropy."""
+    if ENTROPY and PASSES == 2:
+        if second:
+            m, s, s2, w, w2 = _tile_step(raw, m, s, s2, w, w2, temperature, inv_t, HAS_T, FMA, False, INTERP,
+                                         PAIRS, PACKED)  # fmt: skip
+        else:
+            m, s, s2, w, w2 = _tile_step(raw, m, s, s2, w, w2, temperature, inv_t, HAS_T, FMA, True, INTERP,
+                                         PAIRS, PACKED)  # fmt: skip
     else:
-        x = _scale(raw.to(tl.float32), temperature, inv_t, HAS_T, FMA)
-        m, s, w = _tile_update(x, m, s, w, FMA, ENTROPY, INTERP)
+        m, s, s2, w, w2 = _tile_step(raw, m, s, s2, w, w2, temperature, inv_t, HAS_T, FMA, ENTROPY, INTERP,
+                                     PAIRS, PACKED)  # fmt: skip
     return m, s, s2, w, w2
 
 
 @triton.jit
-def _stream_finish(base, m, s, s2, w, w2, V: tl.constexpr, temperature, inv_t, HAS_T: tl.constexpr,
-                   TILE: tl.constexpr, LOG2_TILE: tl.constexpr, FMA: tl.constexpr, ENTROPY: tl.constexpr,
-                   INTERP: tl.constexpr, PAIRS: tl.constexpr):  # fmt: skip
-    """The end of one row's pass: its partial tile (if any), the lane tree and log S."""
-    n_full: tl.constexpr = V // TILE
-    if PAIRS:
-        if n_full * TILE < V:
-            words = base.to(tl.pointer_type(tl.int32))
-            xe, xo = _pairs_partial(words, n_full, V, TILE // 2, temperature, inv_t, HAS_T, FMA)
-            m, s, s2, w, w2 = _tile_update_pairs(xe, xo, m, s, s2, w, w2, FMA, ENTROPY, INTERP)
-        s_tot = _tree_sum(s + s2, TILE // 2, LOG2_TILE - 1)
-        if ENTROPY:
-            w_tot = _tree_sum(w + w2, TILE // 2, LOG2_TILE - 1)
+def _stream_row_end(base, m, s, s2, w, w2, second, V: tl.constexpr, temperature, inv_t, HAS_T: tl.constexpr,
+                    TILE: tl.constexpr, LOG2_TILE: tl.constexpr, FMA: tl.constexpr, ENTROPY: tl.constexpr,
+                    INTERP: tl.constexpr, PAIRS: tl.constexpr, PASSES: tl.constexpr):  # fmt: skip
+    """:func:`_row_end` of the stream kernel: ``second`` (the reference pass) takes no entropy."""
+    if ENTROPY and PASSES == 2:
+        if second:
+            m, log_s, s_tot, w_tot = _row_end(base, m, s, s2, w, w2, V, temperature, inv_t, HAS_T, TILE,
+                                              LOG2_TILE, FMA, False, INTERP, PAIRS)  # fmt: skip
         else:
-            w_tot = 0.0
+            m, log_s, s_tot, w_tot = _row_end(base, m, s, s2, w, w2, V, temperature, inv_t, HAS_T, TILE,
+                                              LOG2_TILE, FMA, True, INTERP, PAIRS)  # fmt: skip
     else:
-        if n_full * TILE < V:
-            cols = n_full * TILE + tl.arange(0, TILE)
-            x = tl.load(base + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
-            x = _scale(x, temperature, inv_t, HAS_T, FMA)
-            m, s, w = _tile_update(x, m, s, w, FMA, ENTROPY, INTERP)
-        s_tot = _tree_sum(s, TILE, LOG2_TILE)
-        if ENTROPY:
-            w_tot = _tree_sum(w, TILE, LOG2_TILE)
-        else:
-            w_tot = 0.0
-    return m, _log_f64(s_tot), s_tot, w_tot
+        m, log_s, s_tot, w_tot = _row_end(base, m, s, s2, w, w2, V, temperature, inv_t, HAS_T, TILE,
+                                          LOG2_TILE, FMA, ENTROPY, INTERP, PAIRS)  # fmt: skip
+    return m, log_s, s_tot, w_tot
 
 
 @triton.jit
@@ -972,14 +953,20 @@ def _row_offsets(row64, L, x_sb, x_sl, r_sb, r_sl, UNIFORM: tl.constexpr):
 
 
 @triton.jit
-def _row_inputs(row, N, L, X, x_sb, x_sl, R, r_sb, r_sl, IDS, OLD, REF_LP, MASK, HAS_OLD: tl.constexpr,
-                HAS_MASK: tl.constexpr, REF_MODE: tl.constexpr, UNIFORM: tl.constexpr):  # fmt: skip
-    """A row's per-token inputs for the stream kernel's tail: (action logit, reference logit, old logprob,
-    reference logprob), raw; zeros where unused, for a masked row (whose id is not used) or row >= N."""
+def _row_id(row, N, IDS, MASK, HAS_MASK: tl.constexpr):
+    """(live, action id) of a row for the stream kernel: live = row < N and unmasked; the id is read for
+    live rows only (0 elsewhere)."""
     ok = row < N
     if HAS_MASK:
         ok = ok & (tl.load(MASK + row, mask=ok, other=0) != 0)
-    tok = tl.load(IDS + row, mask=ok, other=0)
+    return ok, tl.load(IDS + row, mask=ok, other=0)
+
+
+@triton.jit
+def _row_inputs(row, ok, tok, L, X, x_sb, x_sl, R, r_sb, r_sl, OLD, REF_LP, HAS_OLD: tl.constexpr,
+                REF_MODE: tl.constexpr, UNIFORM: tl.constexpr):  # fmt: skip
+    """A row's per-token inputs for the stream kernel's tail, given its :func:`_row_id`: (action logit,
+    reference logit, old logprob, reference logprob), raw; zeros where unused or not ``ok``."""
     x_off, r_off = _row_offsets(row.to(tl.int64), L, x_sb, x_sl, r_sb, r_sl, UNIFORM)
     xt = tl.load(X + x_off + tok, mask=ok, other=0.0)
     if REF_MODE == 1:
@@ -1017,9 +1004,10 @@ def _policy_fwd_stream_kernel(
     bits are those of :func:`_policy_fwd_kernel`. What changes is the schedule: the software pipeline
     (NUM_STAGES) issues the loads of the next row's first tiles while this row's last tiles and its
     per-row tail run, so no row waits for DRAM at its start; the tail loads the next row's per-token
-    inputs (action id and logit, old / reference logprob), a whole row before they are used, and the
-    steady-state step does nothing but its tile. Needs V >= TILE (a full tile per row); masked rows'
-    tiles are neither read (predicated loads) nor reduced."""
+    inputs (action logit, old / reference logprob), a whole row before they are used, from the action id
+    it loaded one row earlier still (so that no load of the tail waits for another), and the steady-state
+    step does nothing but its tile. Needs V >= TILE (a full tile per row); masked rows' tiles are neither
+    read (predicated loads) nor reduced."""
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     NT: tl.constexpr = V // TILE  # full tiles per row (>= 1)
@@ -1034,10 +1022,12 @@ def _policy_fwd_stream_kernel(
     w = tl.zeros([LW], tl.float32)
     w2 = tl.zeros([LW], tl.float32)
     lp0 = tl.zeros([], tl.float32)  # PASSES == 2: the policy logp, carried to the reference pass
-    # the per-token inputs of the program's first row
+    # the per-token inputs of the program's first row, and the id of its second
+    ok_c, tok_c = _row_id(pid, N, IDS, MASK, HAS_MASK)
     xt_c, rxt_c, old_c, ref_c = _row_inputs(
-        pid, N, L, X, x_sb, x_sl, R, r_sb, r_sl, IDS, OLD, REF_LP, MASK, HAS_OLD, HAS_MASK, REF_MODE, UNIFORM
+        pid, ok_c, tok_c, L, X, x_sb, x_sl, R, r_sb, r_sl, OLD, REF_LP, HAS_OLD, REF_MODE, UNIFORM
     )
+    ok_n, tok_n = _row_id(pid + nprog, N, IDS, MASK, HAS_MASK)
     # (the interpreter's scalars cannot bound a range() (numpy 2): a counted loop there, rows >= N skipped)
     for i in tl.range(0, N_STEPS if INTERP else tl.cdiv(N - pid, nprog) * NTR, num_stages=NUM_STAGES):
         j = i // NTR
@@ -1066,67 +1056,37 @@ def _policy_fwd_stream_kernel(
         else:
             raw = tl.load(ptrs, cache_modifier=".cg")
         if live:
-            if ENTROPY and PASSES == 2:  # the reference pass needs no entropy
-                if second:
-                    m, s, s2, w, w2 = _stream_update(
-                        raw, m, s, s2, w, w2, temperature, inv_t, HAS_T, FMA, False, INTERP, PAIRS, PACKED
-                    )
-                else:
-                    m, s, s2, w, w2 = _stream_update(
-                        raw, m, s, s2, w, w2, temperature, inv_t, HAS_T, FMA, True, INTERP, PAIRS, PACKED
-                    )
-            else:
-                m, s, s2, w, w2 = _stream_update(
-                    raw, m, s, s2, w, w2, temperature, inv_t, HAS_T, FMA, ENTROPY, INTERP, PAIRS, PACKED
-                )
+            m, s, s2, w, w2 = _stream_step(raw, m, s, s2, w, w2, second, temperature, inv_t, HAS_T, FMA,
+                                           ENTROPY, INTERP, PAIRS, PACKED, PASSES)  # fmt: skip
         if tp == NT - 1:  # the pass's last full tile: the pass's tail
             last = t == NTR - 1
             if last:  # the next row's inputs, issued first: their latency hides under this tail and row
                 xt_n, rxt_n, old_n, ref_n = _row_inputs(
-                    row + nprog, N, L, X, x_sb, x_sl, R, r_sb, r_sl, IDS, OLD, REF_LP, MASK, HAS_OLD,
-                    HAS_MASK, REF_MODE, UNIFORM,
+                    row + nprog, ok_n, tok_n, L, X, x_sb, x_sl, R, r_sb, r_sl, OLD, REF_LP, HAS_OLD, REF_MODE,
+                    UNIFORM,
                 )  # fmt: skip
+                ok_n, tok_n = _row_id(row + 2 * nprog, N, IDS, MASK, HAS_MASK)  # the row after that's id
             else:
                 xt_n, rxt_n, old_n, ref_n = xt_c, rxt_c, old_c, ref_c
             if live:
-                if ENTROPY and PASSES == 2:
-                    if second:
-                        m, log_s, s_tot, w_tot = _stream_finish(
-                            base, m, s, s2, w, w2, V, temperature, inv_t, HAS_T, TILE, LOG2_TILE, FMA,
-                            False, INTERP, PAIRS,
-                        )  # fmt: skip
-                    else:
-                        m, log_s, s_tot, w_tot = _stream_finish(
-                            base, m, s, s2, w, w2, V, temperature, inv_t, HAS_T, TILE, LOG2_TILE, FMA,
-                            True, INTERP, PAIRS,
-                        )  # fmt: skip
-                else:
-                    m, log_s, s_tot, w_tot = _stream_finish(
-                        base, m, s, s2, w, w2, V, temperature, inv_t, HAS_T, TILE, LOG2_TILE, FMA,
-                        ENTROPY, INTERP, PAIRS,
-                    )  # fmt: skip
-                if PASSES == 2:
-                    if second:  # the reference logprob
-                        ref, _rok = _logp_of(
-                            _scale(rxt_c.to(tl.float32), temperature, inv_t, HAS_T, FMA), m, log_s
-                        )
-                        tl.store(REF_LP + row, ref)  # saved for the backward
-                        tl.store(KL + row, _kl_of(lp0, ref, KL_MODE, FMA))
-                    else:
-                        xt = _scale(xt_c.to(tl.float32), temperature, inv_t, HAS_T, FMA)
-                        lp, ok = _logp_of(xt, m, log_s)
-                        _store_policy(
-                            row, lp, ok, m, log_s, s_tot, w_tot, old_c, LOGP, RATIO, ENT, LSE, HAS_OLD,
-                            ENTROPY, FMA,
-                        )  # fmt: skip
-                        lp0 = lp
+                m, log_s, s_tot, w_tot = _stream_row_end(
+                    base, m, s, s2, w, w2, second, V, temperature, inv_t, HAS_T, TILE, LOG2_TILE, FMA,
+                    ENTROPY, INTERP, PAIRS, PASSES,
+                )  # fmt: skip
+                if second:  # the reference pass (PASSES == 2; else a constant False): the reference logprob
+                    rxt = _scale(rxt_c.to(tl.float32), temperature, inv_t, HAS_T, FMA)  # exact upcast, x / T
+                    ref, _rok = _logp_of(rxt, m, log_s)
+                    tl.store(REF_LP + row, ref)  # saved for the backward
+                    tl.store(KL + row, _kl_of(lp0, ref, KL_MODE, FMA))
                 else:
                     lp, ok = _logp_of(_scale(xt_c.to(tl.float32), temperature, inv_t, HAS_T, FMA), m, log_s)
                     _store_policy(
                         row, lp, ok, m, log_s, s_tot, w_tot, old_c, LOGP, RATIO, ENT, LSE, HAS_OLD,
                         ENTROPY, FMA,
                     )  # fmt: skip
-                    if REF_MODE == 2:
+                    if PASSES == 2:
+                        lp0 = lp  # the KL waits for the reference pass
+                    elif REF_MODE == 2:
                         tl.store(KL + row, _kl_of(lp, ref_c, KL_MODE, FMA))
                     else:
                         tl.store(KL + row, 0.0)
