@@ -18,8 +18,9 @@ Prints three tables (times from ``triton.testing.do_bench``, median, ms):
 ``--only profile`` (not in the default run): the mma decode's per-kernel device times (torch.profiler)
 next to the whole call's time and SDPA flash, at the rows where it trails flash most.
 
-``--sweep`` adds the mma kernels' launch options (decode chunks per program and stages, extend
-stages: they never change the bits) to pick defaults per GPU; ``--only decode|extend|matmul``.
+``--sweep`` adds the mma kernels' launch options (decode chunks per program and stages, the decode
+fold's ``pam.COMBINE_CANDIDATES`` timed from CUDA graphs, extend stages: they never change the bits) to
+pick defaults per GPU; ``--only decode|extend|matmul``.
 
     python benchmarks/bench_paged_attention.py [--json out.json] [--quick] [--sweep]
 """
@@ -156,6 +157,16 @@ def decode_table(quick: bool, sweep: bool = False):
                     for cpp in (1, 2, 4, 8, 16)
                     for st in (1, 2, 3)
                 }
+                # the fold's launch options (pam.COMBINE_CANDIDATES; default partials options), replayed
+                # from a CUDA graph: the device time, which is what they change (the launcher's host time
+                # would hide it at batch 1); "default" is the module's current fold
+                row["mma_fold_sweep"] = fold = {}
+                for name, opts in {"default": {}, **pam.COMBINE_CANDIDATES}.items():
+                    try:
+                        fold[name] = graph_ms(partial(mma_fn, out=o, **opts))
+                    except Exception as exc:  # one launch failing (resources) must not hide the others
+                        print(f"fold {name} at ctx {ctx} batch {bsz}: FAILED: {exc}", flush=True)
+                        fold[name] = float("inf")
             rows.append(row)
     print(
         "\n== decode (ms): ours / mma (paged KV) vs torch SDPA flash (contiguous KV; goal: mma <= 1.15x) "
@@ -182,6 +193,14 @@ def decode_table(quick: bool, sweep: bool = False):
             print(f"{'':>13} mma sweep: best {best} {r['mma_sweep'][best]:.4f} ms; " + ", ".join(
                 f"{name} {t:.4f}" for name, t in r["mma_sweep"].items()
             ))  # fmt: skip
+        if "mma_fold_sweep" in r:
+            fold = r["mma_fold_sweep"]
+            best = min(fold, key=fold.get)
+            print(
+                f"{'':>13} mma fold sweep (graph): best {best} {fold[best]:.4f} ms "
+                f"({fold[best] / r['flash_graph']:.2f}x flash g, default {fold['default']:.4f}); "
+                + ", ".join(f"{name} {t:.4f}" for name, t in fold.items())
+            )
     return rows
 
 

@@ -1,7 +1,8 @@
 """parity.ops.paged_attention_mma on the CPU: its Triton kernels under the Triton interpreter. decode row
 == extend row == the trainer's full-sequence row bitwise (at any batch composition, prefix hit, chunked
-prefill, launch option), every output written, results close to float64 attention, and negative
-controls (another chunk size changes the bits).
+prefill, launch option), every output written, results close to float64 attention, negative
+controls (another chunk size changes the bits), and the decode fold's launch options (slices, register
+prefetch, pipelining) giving the default fold's bits.
 
 The interpreter must be chosen before triton.jit decorates the kernels, so the kernel checks run in a
 child Python with ``TRITON_INTERPRET=1`` (this file's ``__main__``). There ``tl.dot`` runs as numpy
@@ -11,7 +12,8 @@ Shapes are tiny (contexts up to ~200 keys: several 64-key chunks and 64-row tile
 well under a minute on two cores.
 
 In this process, without a GPU: both kernels compiled for sm_90 (Triton's passes and bundled ptxas),
-and their chunk arithmetic compared op for op (the premise of decode == extend on H100/H200).
+and their chunk arithmetic compared op for op (the premise of decode == extend on H100/H200); the
+decode fold compiled for sm_90 as each benchmark candidate launches it (no spills, no fma).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import os
 import pytest
 import torch
 
+from parity.ops.paged_attention_mma import COMBINE_CANDIDATES
 from tests.helpers import assert_same_bits, count_differing, nan_empty, run_under_triton_interpreter
 
 
@@ -217,6 +220,102 @@ def _check_negative_control(pam):
         )
 
 
+def _combine_options(pam, extra=()):
+    """The fold's launch options to check: the benchmark's candidates (one per interpreter-visible
+    layout: stages, unroll and warps do not exist here) and ``extra``."""
+    seen, out = set(), []
+    for opts in [*pam.COMBINE_CANDIDATES.values(), *extra]:
+        key = tuple(opts.get(f"combine_{k}", 0) for k in ("d_slices", "row_slices", "prefetch"))
+        if key not in seen:
+            seen.add(key)
+            out.append(opts)
+    return out
+
+
+def _decode_and_fold(pam, c, rows, scale, out_dtype):
+    """Decode ``rows`` (the default fold, poisoned output): (that output, ``fold``), where ``fold(opts)``
+    runs the fold alone with launch options ``opts`` on the same partials (their buffers poisoned
+    before the partials kernel wrote them) into a fresh poisoned output."""
+    captured = []
+    launch = pam._launch_combine
+
+    def capture(*args):
+        captured.append(args)
+        return launch(*args)
+
+    pam._launch_combine = capture
+    try:
+        want = c.decode(pam, rows, scale, out=torch.full((len(rows), c.hq, c.d), math.nan, dtype=out_dtype))
+    finally:
+        pam._launch_combine = launch
+    mid, mm, ml, seq, out, chunk, _ = captured[0]
+
+    def fold(opts):
+        config = pam._combine_config(mid.shape[3], mid.shape[4], **opts)
+        return launch(mid, mm, ml, seq, torch.full_like(out, math.nan), chunk, config)
+
+    return want, fold
+
+
+def _check_combine_options(pam):
+    """Every launch option of the decode fold (D and row slices, partials loaded P chunks ahead, the
+    pipelined loop's stages / unroll, warps) gives the default fold's bits: mixed lengths (1, not
+    multiples of 64, chunk counts that are not multiples of P, fewer chunks than P), several batches,
+    G = 4 and G = 3 (a padded row), fp32 and bf16 outputs, poisoned outputs and partials. (Hkv 1: the
+    interpreter's time grows with the programs, and the slices multiply them.)"""
+    cand = pam.COMBINE_CANDIDATES
+    odd = [dict(combine_prefetch=p) for p in (1, 2, 3, 5)] + [
+        dict(combine_d_slices=16, combine_row_slices=2, combine_prefetch=3),
+        dict(combine_d_slices=2, combine_row_slices=2, combine_num_stages=1, combine_unroll=1),
+    ]
+    some = [odd[2], odd[4], cand["d4_r1_p16_w1"], cand["d2_r1_s6_u8_w2"]]
+    c = Cache(11, [700, 1, 65, 129, 7, 200], 4, 1, 64)
+    n = 0
+    for rows, options, dtypes in (
+        # 11, 1 and 3 chunks: P = 2 .. 32 meet whole blocks, tails, and fewer chunks than P
+        ([(0, 699), (1, 0), (3, 128)], _combine_options(pam, odd), (torch.float32,)),
+        ([(0, 699), (1, 0), (2, 64), (3, 128), (0, 191)], some, (torch.bfloat16,)),
+        ([(0, 699)], some, (torch.float32,)),
+        ([(4, 6), (5, 199), (1, 0)], some, (torch.float32,)),
+    ):
+        for dt in dtypes:
+            want, fold = _decode_and_fold(pam, c, rows, 0.125, dt)
+            assert not torch.isnan(want.float()).any(), "unwritten (poisoned) decode outputs"
+            for opts in options:
+                assert_same_bits(fold(opts), want, f"decode fold {opts}, batch of {len(rows)}, {dt} out")
+                n += 1
+            if len(rows) > 1:  # the public call: the partials, then the fold with the options
+                for opts in some[:2]:
+                    got = c.decode(pam, rows, 0.125, out=torch.full_like(want, math.nan), **opts)
+                    assert_same_bits(got, want, f"decode with {opts}, batch of {len(rows)}, {dt} out")
+                    n += 1
+    # G = 3 (padded to 4 rows: a row slice with no head), D 32 (4 columns a slice at 8 D slices)
+    c3 = Cache(12, [300, 1, 130], 6, 2, 32)
+    want, fold = _decode_and_fold(pam, c3, [(0, 299), (1, 0), (2, 129)], 0.2, torch.float32)
+    for opts in (
+        dict(combine_row_slices=4, combine_prefetch=2),
+        dict(combine_d_slices=8, combine_row_slices=2, combine_prefetch=4),
+        dict(combine_d_slices=4),
+    ):
+        assert_same_bits(fold(opts), want, f"decode fold {opts}, G = 3")
+        n += 1
+    print(f"decode fold launch options: {n} runs, the default fold's bits", flush=True)
+
+
+def _check_combine_refusals(pam):
+    c = Cache(13, [10], 4, 2, 64)
+    for opts in (
+        dict(combine_d_slices=3), dict(combine_d_slices=128), dict(combine_row_slices=4),
+        dict(combine_prefetch=-1), dict(combine_num_warps=3),
+    ):  # fmt: skip
+        try:
+            c.decode(pam, [(0, 9)], 0.1, **opts)
+        except ValueError as exc:
+            print(f"refused {opts}: {exc}", flush=True)
+        else:
+            raise AssertionError(f"{opts} should be refused")
+
+
 def _check_refusals(pam):
     c = Cache(7, [10], 4, 2, 64, torch.float32)
     for call, what in (
@@ -245,6 +344,9 @@ def _checks():
     _check_shapes(pam)
     _check_negative_control(pam)
     _check_refusals(pam)
+    _check_combine_refusals(pam)
+    print(f"  {time.monotonic() - t0:.0f} s", flush=True)
+    _check_combine_options(pam)
     print(f"  {time.monotonic() - t0:.0f} s", flush=True)
     print("interpreter checks passed")
 
@@ -252,7 +354,7 @@ def _checks():
 # ---------------------------------------------------------------------------------------------------
 # This process (no interpreter)
 # ---------------------------------------------------------------------------------------------------
-def _compile_sm90(fn, types: dict, consts: dict, num_stages: int):
+def _compile_sm90(fn, types: dict, consts: dict, num_stages: int, num_warps: int = 4):
     """Compile a kernel for sm_90 (H100/H200) without a GPU: Triton's own passes and bundled ptxas."""
     import triton
     from triton.backends.compiler import GPUTarget
@@ -260,10 +362,10 @@ def _compile_sm90(fn, types: dict, consts: dict, num_stages: int):
 
     sig = {n: "constexpr" if n in consts else types[n] for n in fn.arg_names}
     # as a real launch specializes them: 16-byte aligned pointers, strides that are multiples of 16
-    strides = {"sq_t", "sq_b", "sq_h", "sk_t", "sk_h", "sv_t", "sv_h", "so_t", "so_h", "stride_r"}
+    strides = {"sq_t", "sq_b", "sq_h", "sk_t", "sk_h", "sv_t", "sv_h", "so_t", "so_b", "so_h", "stride_r"}
     aligned = [n for n in sig if n in strides or sig[n].startswith("*")]
     attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
-    opts = dict(num_warps=4, num_stages=num_stages, enable_fp_fusion=False)
+    opts = dict(num_warps=num_warps, num_stages=num_stages, enable_fp_fusion=False)
     src = ASTSource(fn, sig, constexprs=consts, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
 
@@ -339,6 +441,47 @@ def test_decode_and_extend_compile_to_the_same_tile_arithmetic_on_sm90():
         assert "fma.rn.f32" not in ptx, "an fma in the PTX: fusion must be off"
     n = sum(len(c) for c in copies.values())
     print(f"sm_90: {n} copies of the chunk arithmetic, one TTGIR ({len(ref)} ops)")
+
+
+@pytest.mark.parametrize("name", ["default", *COMBINE_CANDIDATES])
+def test_decode_fold_launches_compile_for_sm90(name):
+    """The decode fold as launched by default and by each candidate the benchmark's --sweep times
+    (``COMBINE_CANDIDATES``) compiles for sm_90 at the benchmark's shape (G 4, D 128, bf16 out): no
+    register spills; the products rounded before their sums (no fma); exp2 as ex2.approx and the IEEE
+    division, as the partials kernel's; the pipelined loop's loads through cp.async (the pipeliner
+    applied: its stages mean something), the register prefetch's plain loads."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("compiles with the real Triton JIT")
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    import triton
+
+    from parity.ops import paged_attention_mma as pam
+
+    cfg = pam._combine_config(4, 128, **COMBINE_CANDIDATES.get(name, {}))
+    types = dict(MID="*fp32", MM="*fp32", ML="*fp32", max_chunks="i32", SEQ="*i64", OUT="*bf16")
+    types.update(so_b="i32", so_h="i32")
+    consts = {k: v for k, v in cfg.items() if k not in ("slices", "num_warps")}
+    consts.update(G=4, D=128, C=pam.CONTRACT_CHUNK, INTERP=False, OUT_BF16_INTERP=False)
+    # num_stages 3: Triton's default, as the launch passes none (the loop's own stages are STAGES)
+    k = _compile_sm90(pam._decode_combine_kernel, types, consts, 3, cfg["num_warps"])
+    ptx = k.asm["ptx"]
+    assert "fma.rn.f32" not in ptx, "an fma in the PTX: fusion must be off"
+    assert "ex2.approx.ftz.f32" in ptx and "div.rn.f32" in ptx
+    if cfg["PREFETCH"]:
+        assert "cp.async" not in ptx, "register prefetch: the loads should stay plain"
+    elif cfg["STAGES"] > 1:
+        assert "cp.async" in ptx, "the fold's loop was not pipelined"
+    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    if cuobjdump.exists():
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+            f.write(k.asm["cubin"])
+            f.flush()
+            res = subprocess.run([str(cuobjdump), "-res-usage", f.name], capture_output=True, text=True)
+        assert "STACK:0" in res.stdout, res.stdout  # no register spills
+        print(name, res.stdout.strip().splitlines()[-1].strip())
 
 
 def test_mma_refuses_cpu_tensors_without_the_interpreter():

@@ -40,7 +40,10 @@ Why decode == extend bitwise
 * **Decode**: a tile is the ``G`` query heads of one kv head of one request (rows ``G .. 63`` padded,
   fully masked: decode is memory-bound, the idle MMA rows are free). Split-KV: programs compute the
   partials of a few chunks each (``chunks_per_program``, a launch option) and write them in fp32; a
-  second kernel folds them in chunk order with the same ``_combine`` function.
+  second kernel folds them in chunk order with the same ``_combine`` function. How that fold is
+  spread is a launch option too: a (kv head, request) may be cut into slices of its D columns and
+  of its query heads, each program folding the same chunks in the same order for its slice (``M``
+  and ``L`` recomputed by each with the same ops); the partials may be loaded a few chunks ahead.
 * **Per element, an MMA result depends only on its row of A and its column of B** (each output is a
   dot product; the other rows of the tile never enter it), and its accumulation order depends only
   on the instruction sequence, which ``tl.dot`` fixes from the operand shapes ([64, D] x [D, C] and
@@ -56,8 +59,9 @@ Why decode == extend bitwise
 * Everything after the reductions is element-wise fp32 (``max``, ``-``, ``exp2``, ``*``, ``+``,
   ``div_rn``): the same ops on the same values give the same bits in any layout and in any kernel,
   and a partial stored to memory in fp32 and reloaded is exact. Fusion into fma is disabled.
-* Launch options (chunks per decode program, ``num_stages`` pipelining) change the schedule, never
-  the instruction sequence of a chunk's arithmetic: they do not change the bits. ``BLOCK_M``, ``C``
+* Launch options (chunks per decode program, ``num_stages`` pipelining, the fold's ``combine_*``
+  slices, prefetch, stages, unrolling and warps) change the schedule, never the instruction sequence
+  of a chunk's arithmetic nor the order of the fold: they do not change the bits. ``BLOCK_M``, ``C``
   and ``MMA_NUM_WARPS`` are part of the definition (``num_warps`` other than 4 is refused).
 
 Checked without a GPU: ``tests/test_paged_attention_mma_interpreter.py`` compiles both kernels for
@@ -91,8 +95,12 @@ Trade-offs
   chunk) and no fma.
 * Decode writes ``D + 2`` fp32 per chunk and query head (~6% of the KV bytes at ``G = 4``, D = 128,
   read once more) and folds them in order in a second kernel: a serial chain of ``ceil(len / 64)``
-  steps per row (unrolled by 4 so that the exp2 of later chunks overlap it; it shows at batch 1 and
-  long context, not when the batch fills the GPU).
+  steps per row, each waiting on its loads unless they were issued early enough. By default the
+  pipelined loop unrolled by 4 with two stages: each iteration's loads are issued after the previous
+  iteration's folds, so every 4 steps wait a load latency (~180 ns a step on an H200: it shows at
+  batch 1 and long context); the ``combine_*`` options (``COMBINE_CANDIDATES``, timed by
+  ``benchmarks/bench_paged_attention.py --sweep``) keep more chunks in flight (more stages, or P
+  chunks loaded ahead into registers) and spread a row over more programs.
 * The extend kernel uses ~255 registers per thread at D = 128 (no spills on sm_90): 2 programs per SM.
 * ``out`` may be passed as a float32 tensor: the unrounded ``A / L`` (tests use it to see every bit).
 """
@@ -116,8 +124,30 @@ MMA_NUM_WARPS = 4  # warps of every kernel that runs the tile's dots (part of th
 # Launch options (never change the bits).
 DECODE_NUM_STAGES = 2
 EXTEND_NUM_STAGES = 2
-COMBINE_NUM_STAGES = 2
-COMBINE_UNROLL = 4  # decode fold: steps unrolled (independent max/exp2 of later chunks overlap the chain)
+# The decode fold (``_decode_combine_kernel``): how its work is spread and its loads issued.
+COMBINE_NUM_STAGES = 2  # plain loop's pipeliner stages (2: no load in flight while an iteration folds)
+COMBINE_UNROLL = 4  # plain loop: steps unrolled (independent max/exp2 of later chunks overlap the chain)
+COMBINE_D_SLICES = 1  # programs per (kv head, request) over the D columns
+COMBINE_ROW_SLICES = 1  # programs per (kv head, request) over the G query heads (rows)
+COMBINE_PREFETCH = 0  # 0: the plain (pipelined) loop; P > 0: partials loaded P chunks ahead into registers
+COMBINE_NUM_WARPS = 4
+# Combine launches for the benchmark's --sweep (benchmarks/bench_paged_attention.py) to time; the sm_90
+# compile test builds each without register spills. Keys: paged_attention_decode's combine_* options.
+# (P = 32 compiles too, without spills at 8 D slices, but Triton's coalescing pass takes ~40 s on it.)
+COMBINE_CANDIDATES: dict[str, dict[str, int]] = {
+    (f"d{d}_r{r}_" + (f"p{p}" if p else f"s{s}_u{u}") + f"_w{w}"): dict(
+        combine_d_slices=d, combine_row_slices=r, combine_prefetch=p, combine_num_warps=w,
+        **({} if p else dict(combine_num_stages=s, combine_unroll=u)),
+    )
+    for d, r, p, s, u, w in (
+        # d, r: D and row slices; p: chunks loaded ahead (0: pipelined loop of s stages, u unrolled); w: warps
+        (1, 1, 0, 3, 4, 4), (1, 1, 0, 4, 8, 4), (1, 1, 0, 6, 8, 4), (1, 1, 0, 8, 4, 4),
+        (2, 1, 0, 6, 8, 2), (4, 1, 0, 4, 8, 1), (4, 1, 0, 8, 8, 1), (8, 1, 0, 8, 8, 1),
+        (1, 1, 8, 0, 0, 4), (2, 1, 8, 0, 0, 2), (2, 1, 16, 0, 0, 2), (4, 1, 8, 0, 0, 1),
+        (4, 1, 16, 0, 0, 1), (8, 1, 8, 0, 0, 1), (8, 1, 16, 0, 0, 1), (1, 4, 16, 0, 0, 1),
+        (2, 2, 16, 0, 0, 1), (4, 4, 8, 0, 0, 1), (4, 4, 16, 0, 0, 1),
+    )
+}  # fmt: skip
 SEARCH_BLOCK = 256  # segments scanned per step when a tile looks up its request
 
 _LOG2E = 1.4426950408889634
@@ -352,42 +382,98 @@ def _decode_partials_kernel(
 
 
 @triton.jit
-def _combine_step(MID, MM, ML, off, gmask, M, L, A, D: tl.constexpr):
+def _load_partial(MID, MM, ML, off, mask, offs_d, D: tl.constexpr):
+    """Chunk partials (m, l, acc) at rows ``off`` (a chunk's ``(base + j) * G + g``), columns ``offs_d``
+    of acc; masked rows read (-inf, 0, 0)."""
+    m = tl.load(MM + off, mask=mask, other=float("-inf"))
+    l_sum = tl.load(ML + off, mask=mask, other=0.0)
+    acc = tl.load(MID + off[:, None] * D + offs_d[None, :], mask=mask[:, None], other=0.0)
+    return m, l_sum, acc
+
+
+@triton.jit
+def _combine_step(MID, MM, ML, off, gmask, offs_d, M, L, A, D: tl.constexpr):
     """Decode stage 2: load one chunk's partial and fold it in (the extend's fold)."""
-    m = tl.load(MM + off, mask=gmask, other=float("-inf"))
-    l_sum = tl.load(ML + off, mask=gmask, other=0.0)
-    acc = tl.load(MID + off[:, None] * D + tl.arange(0, D)[None, :], mask=gmask[:, None], other=0.0)
+    m, l_sum, acc = _load_partial(MID, MM, ML, off, gmask, offs_d, D)
     return _combine(M, L, A, m, l_sum, acc)
+
+
+@triton.jit
+def _prefetched_steps(
+    MID, MM, ML, base, j, n_chunks, g, gmask, offs_d, M, L, A, buf,
+    G: tl.constexpr, D: tl.constexpr, P: tl.constexpr,
+):  # fmt: skip
+    """Chunks j .. j + P - 1 folded in order from ``buf`` (their partials, a tuple of P loaded during
+    the previous block); after chunk j + i's fold, chunk j + i + P's load (past the request: masked,
+    no traffic) into the registers that fold has read. A block's loads are used by the next block:
+    about P steps of the chain between a load and its use (ptxas may group a block's loads towards
+    its end, after the folds' last reads of their registers). The fold is ``_combine``: the same ops
+    in the same order as the plain loop."""
+    nxt = ()
+    for i in tl.static_range(P):
+        m, l_sum, acc = buf[i]
+        M, L, A = _combine(M, L, A, m, l_sum, acc)
+        jn = j + P + i
+        nxt = nxt + (_load_partial(MID, MM, ML, (base + jn) * G + g, gmask & (jn < n_chunks), offs_d, D),)
+    return M, L, A, nxt
 
 
 @triton.jit
 def _decode_combine_kernel(
     MID, MM, ML, max_chunks,
     SEQ, OUT, so_b, so_h,
-    G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, C: tl.constexpr, STAGES: tl.constexpr,
-    UNROLL: tl.constexpr, INTERP: tl.constexpr, OUT_BF16_INTERP: tl.constexpr,
+    G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, C: tl.constexpr, GR: tl.constexpr,
+    DS: tl.constexpr, PREFETCH: tl.constexpr, STAGES: tl.constexpr, UNROLL: tl.constexpr,
+    INTERP: tl.constexpr, OUT_BF16_INTERP: tl.constexpr,
 ):  # fmt: skip
-    """Decode stage 2: one program per (kv head, request) folds the G heads' partials in chunk order."""
+    """Decode stage 2: one program per (kv head, request, slice) folds the G heads' partials in chunk
+    order. A slice is GR of the GP rows and DS of the D columns (launch options: every slice runs the
+    same fold on its rows and columns; M and L are recomputed alike by the programs of a row). With
+    PREFETCH = 0 the loads go through Triton's pipeliner (``STAGES``, ``UNROLL``); with PREFETCH = P
+    they are issued P chunks ahead into registers (``_prefetched_steps``)."""
     kvh = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
-    g = tl.arange(0, GP)
+    g = tl.arange(0, GR)
+    offs_d = tl.arange(0, DS)
+    if GR < GP or DS < D:
+        s = tl.program_id(2)
+        g += (s // (D // DS)) * GR
+        offs_d += (s % (D // DS)) * DS
     gmask = g < G
     seq = tl.load(SEQ + b).to(tl.int32)
     n_chunks = (seq + C - 1) // C
     base = (b * tl.num_programs(0) + kvh) * max_chunks
-    M = tl.full([GP], float("-inf"), tl.float32)
-    L = tl.zeros([GP], tl.float32)
-    A = tl.zeros([GP, D], tl.float32)
-    if INTERP:
+    M = tl.full([GR], float("-inf"), tl.float32)
+    L = tl.zeros([GR], tl.float32)
+    A = tl.zeros([GR, DS], tl.float32)
+    if PREFETCH > 0:
+        buf = ()
+        for i in tl.static_range(PREFETCH):
+            buf = buf + (_load_partial(MID, MM, ML, (base + i) * G + g, gmask & (i < n_chunks), offs_d, D),)
+        n_full = n_chunks // PREFETCH * PREFETCH
+        if INTERP:
+            j = 0
+            while j < n_full:
+                M, L, A, buf = _prefetched_steps(MID, MM, ML, base, j, n_chunks, g, gmask, offs_d, M, L, A,
+                                                 buf, G, D, PREFETCH)  # fmt: skip
+                j += PREFETCH
+        else:
+            for j in tl.range(0, n_full, PREFETCH, num_stages=1):
+                M, L, A, buf = _prefetched_steps(MID, MM, ML, base, j, n_chunks, g, gmask, offs_d, M, L, A,
+                                                 buf, G, D, PREFETCH)  # fmt: skip
+        for i in tl.static_range(PREFETCH - 1):  # the last n_chunks - n_full chunks, already loaded
+            if n_full + i < n_chunks:
+                m, l_sum, acc = buf[i]
+                M, L, A = _combine(M, L, A, m, l_sum, acc)
+    elif INTERP:
         j = 0
         while j < n_chunks:
-            M, L, A = _combine_step(MID, MM, ML, (base + j) * G + g, gmask, M, L, A, D)
+            M, L, A = _combine_step(MID, MM, ML, (base + j) * G + g, gmask, offs_d, M, L, A, D)
             j += 1
     else:
         for j in tl.range(0, n_chunks, num_stages=STAGES, loop_unroll_factor=UNROLL):
-            M, L, A = _combine_step(MID, MM, ML, (base + j) * G + g, gmask, M, L, A, D)
+            M, L, A = _combine_step(MID, MM, ML, (base + j) * G + g, gmask, offs_d, M, L, A, D)
     o = _finish(A, L)
-    offs_d = tl.arange(0, D)
     _store_rows(OUT + b * so_b + (kvh * G + g)[:, None] * so_h + offs_d[None, :], o, gmask[:, None],
                 OUT_BF16_INTERP)  # fmt: skip
 
@@ -587,14 +673,30 @@ def paged_attention_decode(
     num_warps: int | None = None,
     chunks_per_program: int | None = None,
     num_stages: int | None = None,
+    combine_d_slices: int | None = None,
+    combine_row_slices: int | None = None,
+    combine_prefetch: int | None = None,
+    combine_num_warps: int | None = None,
+    combine_num_stages: int | None = None,
+    combine_unroll: int | None = None,
 ) -> torch.Tensor:
     """One query row per request (``q`` [B, Hq, D]) at position ``seq_lens[b] - 1`` (its own KV already
     written). Split-KV over fixed chunks, then a fold in chunk order. ``max_chunks`` bounds
     ``ceil(max(seq_lens) / chunk)`` (computed with a host sync when None; give it from
     ``seq_lens_cpu``, or from the context length under CUDA-graph capture). ``chunks_per_program``
-    and ``num_stages`` are launch options (the bits do not depend on them)."""
+    and ``num_stages`` (the partials) and the ``combine_*`` options (the fold) are launch options: the
+    bits do not depend on them. The fold's: ``combine_d_slices`` / ``combine_row_slices`` (powers of
+    two, at most D / the padded group) split each (kv head, request) over more programs, each folding
+    the same chunks for its columns / query heads; ``combine_prefetch`` P > 0 loads each program's
+    partials P chunks ahead into registers (0: the pipelined loop, ``combine_num_stages`` and
+    ``combine_unroll``); ``combine_num_warps``. None: the module's ``COMBINE_*`` defaults."""
     del heads_per_program
     hq, hkv, d = _checked(q, k_buffer, v_buffer, chunk, out, num_warps)
+    combine = _combine_config(
+        hq // hkv, d, combine_d_slices=combine_d_slices, combine_row_slices=combine_row_slices,
+        combine_prefetch=combine_prefetch, combine_num_warps=combine_num_warps,
+        combine_num_stages=combine_num_stages, combine_unroll=combine_unroll,
+    )  # fmt: skip
     bsz = q.shape[0]
     if out is None:
         out = _empty(q.shape, dtype=q.dtype, device=q.device)
@@ -622,15 +724,60 @@ def paged_attention_decode(
         G=g, D=d, C=chunk, BLOCK_M=BLOCK_M, INTERP=interp,
         num_warps=MMA_NUM_WARPS, num_stages=num_stages or DECODE_NUM_STAGES, enable_fp_fusion=False,
     )  # fmt: skip
-    _decode_combine_kernel[(hkv, bsz)](
+    return _launch_combine(mid, mm, ml, seq_lens, out, chunk, combine)
+
+
+def _combine_config(
+    g: int,
+    d: int,
+    *,
+    combine_d_slices: int | None = None,
+    combine_row_slices: int | None = None,
+    combine_prefetch: int | None = None,
+    combine_num_warps: int | None = None,
+    combine_num_stages: int | None = None,
+    combine_unroll: int | None = None,
+) -> dict:
+    """The decode fold's launch (``paged_attention_decode``'s ``combine_*`` options, validated): slices
+    per (kv head, request), the kernel's launch constexprs and warps."""
+    gp = triton.next_power_of_2(g)
+    d_slices = _pow2_option("combine_d_slices", combine_d_slices, COMBINE_D_SLICES, d)
+    row_slices = _pow2_option("combine_row_slices", combine_row_slices, COMBINE_ROW_SLICES, gp)
+    prefetch = COMBINE_PREFETCH if combine_prefetch is None else combine_prefetch
+    if not 0 <= prefetch <= 64:
+        raise ValueError(f"combine_prefetch {prefetch}: 0 (the pipelined loop) .. 64 chunks ahead")
+    stages = COMBINE_NUM_STAGES if combine_num_stages is None else combine_num_stages
+    unroll = COMBINE_UNROLL if combine_unroll is None else combine_unroll
+    if stages < 1 or unroll < 1:
+        raise ValueError(f"combine_num_stages {stages}, combine_unroll {unroll}: at least 1")
+    return dict(
+        slices=d_slices * row_slices, GP=gp, GR=gp // row_slices, DS=d // d_slices, PREFETCH=prefetch,
+        STAGES=stages, UNROLL=unroll,
+        num_warps=_pow2_option("combine_num_warps", combine_num_warps, COMBINE_NUM_WARPS, 16),
+    )  # fmt: skip
+
+
+def _launch_combine(mid, mm, ml, seq_lens, out, chunk, config: dict) -> torch.Tensor:
+    """The decode fold of partials ``mid`` [B, Hkv, max_chunks, G, D] / ``mm``, ``ml`` [B, Hkv,
+    max_chunks, G] into ``out`` [B, Hkv * G, D], launched as ``config`` (``_combine_config``)."""
+    bsz, hkv, max_chunks, g, d = mid.shape
+    cfg = dict(config)
+    interp = _interpreting()
+    _decode_combine_kernel[(hkv, bsz, cfg.pop("slices"))](
         mid, mm, ml, max_chunks,
         seq_lens, out, out.stride(0), out.stride(1),
-        G=g, GP=triton.next_power_of_2(g), D=d, C=chunk, STAGES=COMBINE_NUM_STAGES, UNROLL=COMBINE_UNROLL,
-        INTERP=interp,
-        OUT_BF16_INTERP=interp and out.dtype == torch.bfloat16,
-        num_warps=4, enable_fp_fusion=False,
+        G=g, D=d, C=chunk, INTERP=interp, OUT_BF16_INTERP=interp and out.dtype == torch.bfloat16,
+        enable_fp_fusion=False, **cfg,
     )  # fmt: skip
     return out
+
+
+def _pow2_option(name: str, value: int | None, default: int, most: int) -> int:
+    """A power-of-two launch option in 1 .. ``most`` (None: ``default``)."""
+    v = default if value is None else value
+    if v < 1 or v > most or v & (v - 1):
+        raise ValueError(f"{name} {v}: a power of two in 1 .. {most}")
+    return v
 
 
 # ====================================================================================================
