@@ -91,6 +91,31 @@ def decode_loop_vs_full_logprobs(model, ids: torch.Tensor, prompt: int) -> tuple
     return inc[:-1].gather(-1, tok[:, None])[:, 0], full[:-1].gather(-1, tok[:, None])[:, 0]
 
 
+def exact_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """``x @ w.T (+ b)`` in float64, then one rounding to x's dtype: the exact answer for inputs whose
+    products and sums are exact in float64 and in a kernel's fp32 (small integers)."""
+    y = x.double() @ w.double().T
+    if b is not None:
+        y = y + b.double()
+    return y.to(x.dtype)
+
+
+def cubin_resource_usage(cubin: bytes) -> str | None:
+    """``cuobjdump -res-usage`` of a compiled kernel (e.g. ``"... STACK:0 ..."``: no register spills),
+    with the cuobjdump Triton ships; None where that binary is absent."""
+    import tempfile
+
+    import triton
+
+    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    if not cuobjdump.exists():
+        return None
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        return subprocess.run([str(cuobjdump), "-res-usage", f.name], capture_output=True, text=True).stdout
+
+
 def run_under_triton_interpreter(script: str | Path, timeout: float = 600) -> subprocess.CompletedProcess:
     """Run ``script`` (a test file's ``__main__``) in a child Python with ``TRITON_INTERPRET=1``.
 

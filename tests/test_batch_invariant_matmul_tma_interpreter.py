@@ -25,19 +25,12 @@ import sys
 
 import torch
 
-from tests.helpers import assert_same_bits, nan_empty, run_under_triton_interpreter
+from tests.helpers import assert_same_bits, exact_linear, nan_empty, run_under_triton_interpreter
 
 
 def test_tma_members_under_the_triton_interpreter():
     proc = run_under_triton_interpreter(__file__, timeout=600)
     assert "tma interpreter checks passed" in proc.stdout
-
-
-def _exact(x, w, b):
-    y = x.double() @ w.double().T
-    if b is not None:
-        y = y + b.double()
-    return y.to(x.dtype)  # one rounding (the values are exact in float64 and in the kernel's fp32)
 
 
 class _Spy:
@@ -72,7 +65,7 @@ def _checks():
         x = torch.randint(-4, 5, (m, k), generator=g).to(torch.bfloat16)
         w = torch.randint(-4, 5, (n, k), generator=g).to(torch.bfloat16)
         b = torch.randint(-64, 65, (n,), generator=g).to(torch.bfloat16) if bias else None
-        want = _exact(x, w, b)
+        want = exact_linear(x, w, b)
         before = (ptr.launches, tma.launches)
         for c in members:
             got = bm.batch_invariant_linear(x, w, b, config=c)

@@ -25,7 +25,13 @@ import pytest
 import torch
 
 from parity.ops.paged_attention_mma import COMBINE_CANDIDATES
-from tests.helpers import assert_same_bits, count_differing, nan_empty, run_under_triton_interpreter
+from tests.helpers import (
+    assert_same_bits,
+    count_differing,
+    cubin_resource_usage,
+    nan_empty,
+    run_under_triton_interpreter,
+)
 
 
 class Cache:
@@ -452,12 +458,6 @@ def test_decode_fold_launches_compile_for_sm90(name):
     applied: its stages mean something), the register prefetch's plain loads."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         pytest.skip("compiles with the real Triton JIT")
-    import subprocess
-    import tempfile
-    from pathlib import Path
-
-    import triton
-
     from parity.ops import paged_attention_mma as pam
 
     cfg = pam._combine_config(4, 128, **COMBINE_CANDIDATES.get(name, {}))
@@ -474,14 +474,10 @@ def test_decode_fold_launches_compile_for_sm90(name):
         assert "cp.async" not in ptx, "register prefetch: the loads should stay plain"
     elif cfg["STAGES"] > 1:
         assert "cp.async" in ptx, "the fold's loop was not pipelined"
-    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    if cuobjdump.exists():
-        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-            f.write(k.asm["cubin"])
-            f.flush()
-            res = subprocess.run([str(cuobjdump), "-res-usage", f.name], capture_output=True, text=True)
-        assert "STACK:0" in res.stdout, res.stdout  # no register spills
-        print(name, res.stdout.strip().splitlines()[-1].strip())
+    usage = cubin_resource_usage(k.asm["cubin"])
+    if usage is not None:
+        assert "STACK:0" in usage, usage  # no register spills
+        print(name, usage.strip().splitlines()[-1].strip())
 
 
 def test_mma_refuses_cpu_tensors_without_the_interpreter():
