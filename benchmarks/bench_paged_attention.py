@@ -17,10 +17,12 @@ Prints three tables (times from ``triton.testing.do_bench``, median, ms):
 
 ``--only profile`` (not in the default run): the mma decode's per-kernel device times (torch.profiler)
 next to the whole call's time and SDPA flash, at the rows where it trails flash most.
+``--only partials`` (not in the default run): the mma decode partials' launch options (chunks per
+program, stages, grid order) from CUDA graphs, on randomly permuted and on in-order KV slots.
 
-``--sweep`` adds the mma kernels' launch options (decode chunks per program and stages, the decode
-fold's ``pam.COMBINE_CANDIDATES`` timed from CUDA graphs, extend stages: they never change the bits) to
-pick defaults per GPU; ``--only decode|extend|matmul``.
+``--sweep`` adds the mma kernels' launch options (the decode fold's ``pam.COMBINE_CANDIDATES`` timed
+from CUDA graphs, extend stages: they never change the bits) to pick defaults per GPU;
+``--only decode|extend|matmul|profile|partials``.
 
     python benchmarks/bench_paged_attention.py [--json out.json] [--quick] [--sweep]
 """
@@ -40,6 +42,8 @@ from parity.ops import paged_attention_mma as pam
 
 DEV = "cuda"
 HQ, HKV, D = 32, 8, 128
+PARTIALS_FOLD = "d4_r1_p16_w1"  # the fold launch (pam.COMBINE_CANDIDATES) of the partials table
+PARTIALS_SHAPES = ((16384, 1), (32768, 1), (4096, 8), (16384, 8), (32768, 8), (4096, 64))  # (ctx, batch)
 
 
 def bench(fn) -> float:
@@ -152,11 +156,6 @@ def decode_table(quick: bool, sweep: bool = False):
                 flash_copy_fraction=copy / flash,
             )  # fmt: skip
             if sweep:
-                row["mma_sweep"] = {
-                    f"cpp{cpp}_s{st}": bench(partial(mma_fn, out=o, chunks_per_program=cpp, num_stages=st))
-                    for cpp in (1, 2, 4, 8, 16)
-                    for st in (1, 2, 3)
-                }
                 # the fold's launch options (pam.COMBINE_CANDIDATES; default partials options), replayed
                 # from a CUDA graph: the device time, which is what they change (the launcher's host time
                 # would hide it at batch 1); "default" is the module's current fold
@@ -188,11 +187,6 @@ def decode_table(quick: bool, sweep: bool = False):
             f"{r['mma_graph']:8.4f} {r['flash_graph']:8.4f} {r['mma_graph'] / r['flash_graph']:7.2f}"
             + ("" if r["flash_kind"] == "flash" else f"  ({r['flash_kind']})")
         )
-        if "mma_sweep" in r:
-            best = min(r["mma_sweep"], key=r["mma_sweep"].get)
-            print(f"{'':>13} mma sweep: best {best} {r['mma_sweep'][best]:.4f} ms; " + ", ".join(
-                f"{name} {t:.4f}" for name, t in r["mma_sweep"].items()
-            ))  # fmt: skip
         if "mma_fold_sweep" in r:
             fold = r["mma_fold_sweep"]
             best = min(fold, key=fold.get)
@@ -298,6 +292,53 @@ def matmul_table(quick: bool, sweep: bool = False):
     return rows
 
 
+def partials_table(quick: bool, sweep: bool = False):
+    """The mma decode's partials launch options (chunks per program, pipeline stages, the kv head as
+    the grid's fastest axis), each whole call replayed from a CUDA graph with one fold launch
+    (``PARTIALS_FOLD``), on the benchmark's randomly permuted slots and on slots in order (a fresh
+    cache's allocation; the same K/V values), vs SDPA flash (contiguous KV) replayed likewise."""
+    del sweep
+    rows = []
+    print(
+        f"\n== decode partials options (ms, CUDA graph, fold {PARTIALS_FOLD}): the module's default and "
+        "the best option per slot layout, vs flash g"
+    )
+    for ctx, bsz in ((32768, 1), (16384, 8)) if quick else PARTIALS_SHAPES:
+        k, v, r2t = make_pool(bsz, ctx)
+        q = torch.randn(bsz, HQ, D, device=DEV).to(torch.bfloat16)
+        seq = torch.full((bsz,), ctx, dtype=torch.int64, device=DEV)
+        pools = torch.arange(bsz, device=DEV)
+        _, flash_graph, _ = flash_ms(
+            q[:, :, None], contiguous_kv(k, r2t), contiguous_kv(v, r2t), False, graphed=True
+        )
+        row = dict(ctx=ctx, batch=bsz, flash_graph=flash_graph)
+        for layout, slots in (("random", r2t), ("in_order", torch.sort(r2t.view(-1)).values.view_as(r2t))):
+            fn = partial(
+                pam.paged_attention_decode, q, k, v, slots, pools, seq, D**-0.5, out=torch.empty_like(q),
+                max_chunks=-(-ctx // pam.CONTRACT_CHUNK), **pam.COMBINE_CANDIDATES[PARTIALS_FOLD],
+            )  # fmt: skip
+            times = {"default": graph_ms(fn)}
+            for cpp in (2, 8) if quick else (1, 2, 4, 8, 16, 32):
+                for stages in (2, 3, 4):
+                    for heads_fastest in (False, True):
+                        name = f"cpp{cpp}_s{stages}" + ("_hf" if heads_fastest else "")
+                        times[name] = graph_ms(
+                            partial(fn, chunks_per_program=cpp, num_stages=stages,
+                                    partials_heads_fastest=heads_fastest)
+                        )  # fmt: skip
+            row[layout] = times
+            best = min(times, key=times.get)
+            print(
+                f"ctx {ctx:>6} batch {bsz:>3} {layout:>8}: default {times['default']:.4f} "
+                f"({times['default'] / flash_graph:.2f}x flash g {flash_graph:.4f}), best {best} "
+                f"{times[best]:.4f} ({times[best] / flash_graph:.2f}x); "
+                + ", ".join(f"{n} {t:.4f}" for n, t in times.items()),
+                flush=True,
+            )
+        rows.append(row)
+    return rows
+
+
 def kernel_times(fn, iters: int = 20) -> dict[str, float]:
     """Mean device time per call of each CUDA kernel ``fn`` launches (torch.profiler), in ms."""
     from torch.profiler import ProfilerActivity, profile
@@ -347,14 +388,14 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--json")
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--only", choices=["decode", "extend", "matmul", "profile"])
+    ap.add_argument("--only", choices=["decode", "extend", "matmul", "profile", "partials"])
     ap.add_argument("--sweep", action="store_true", help="also time the mma kernels' launch options")
     args = ap.parse_args()
     print(torch.cuda.get_device_name(), "torch", torch.__version__, "triton", triton.__version__, flush=True)
     out = {}
     tables = (("decode", decode_table), ("extend", extend_table), ("matmul", matmul_table))
-    for name, fn in (*tables, ("profile", profile_table)):
-        if args.only == name or (args.only is None and name != "profile"):
+    for name, fn in (*tables, ("profile", profile_table), ("partials", partials_table)):
+        if args.only == name or (args.only is None and name not in ("profile", "partials")):
             try:
                 out[name] = fn(args.quick, args.sweep)
             except Exception as exc:  # report and go on: one table failing must not hide the others

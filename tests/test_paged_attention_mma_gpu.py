@@ -163,9 +163,16 @@ def test_launch_options_do_not_change_the_bits(poison):
     rows = [(0, 4999), (1, 76), (2, 1199), (0, 2047)]
     want = p.decode(rows, scale, chunks_per_program=1, num_stages=2)
     for cpp in (2, 3, 16, 40):
-        for stages in (1, 2, 3):
-            got = p.decode(rows, scale, chunks_per_program=cpp, num_stages=stages, max_chunks=100)
-            assert_same_bits(got, want, f"decode: {cpp} chunks/program, {stages} stages, spare chunks")
+        for stages in (1, 2, 3, 4):
+            for heads_fastest, pdl in ((False, True), (True, False)):
+                got = p.decode(
+                    rows, scale, chunks_per_program=cpp, num_stages=stages, max_chunks=100,
+                    partials_heads_fastest=heads_fastest, pdl=pdl,
+                )  # fmt: skip
+                assert_same_bits(
+                    got, want, f"decode: {cpp} chunks/program, {stages} stages, heads fastest "
+                    f"{heads_fastest}, pdl {pdl}, spare chunks",
+                )  # fmt: skip
     assert_same_bits(p.decode(rows, scale), want, "decode: default options")
     ext = p.extend([(0, 4900, 100), (2, 0, 1200)], scale)
     for stages in (1, 3):

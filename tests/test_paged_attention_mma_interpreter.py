@@ -131,10 +131,15 @@ def _check_decode_equals_extend(pam):
         assert not torch.isnan(batch.float()).any(), f"{tag}: unwritten (poisoned) decode outputs"
         for i, row in enumerate(rows):
             assert_same_bits(batch[i], ref[row], f"decode {row} in a batch of {len(rows)} vs extend ({tag})")
-        for cpp, max_chunks in ((1, None), (3, 5), (2, 9)):
-            alone = c.decode(pam, [(0, 199)], scale, chunks_per_program=cpp, max_chunks=max_chunks, **kw(1))
+        for cpp, max_chunks, heads_fastest in ((1, None, False), (3, 5, True), (2, 9, False)):
+            alone = c.decode(
+                pam, [(0, 199)], scale, chunks_per_program=cpp, max_chunks=max_chunks,
+                partials_heads_fastest=heads_fastest, **kw(1),
+            )  # fmt: skip
             assert_same_bits(alone[0], ref[(0, 199)], f"decode alone, {cpp} chunks/program ({tag})")
-        sub = c.decode(pam, [(2, 130), (0, 128)], scale, chunks_per_program=2, **kw(2))
+        sub = c.decode(
+            pam, [(2, 130), (0, 128)], scale, chunks_per_program=2, partials_heads_fastest=True, **kw(2)
+        )
         assert_same_bits(sub, torch.stack([ref[(2, 130)], ref[(0, 128)]]), f"decode sub-batch ({tag})")
         # explicit rows in any order (paged_attention_rows): the same bits
         order = torch.tensor([7, 3, 199, 64, 65, 0, 150])
@@ -254,11 +259,11 @@ def _decode_and_fold(pam, c, rows, scale, out_dtype):
         want = c.decode(pam, rows, scale, out=torch.full((len(rows), c.hq, c.d), math.nan, dtype=out_dtype))
     finally:
         pam._launch_combine = launch
-    mid, mm, ml, seq, out, chunk, _ = captured[0]
+    mid, mm, ml, seq, out, chunk, _, pdl = captured[0]
 
     def fold(opts):
         config = pam._combine_config(mid.shape[3], mid.shape[4], **opts)
-        return launch(mid, mm, ml, seq, torch.full_like(out, math.nan), chunk, config)
+        return launch(mid, mm, ml, seq, torch.full_like(out, math.nan), chunk, config, pdl)
 
     return want, fold
 
@@ -312,7 +317,7 @@ def _check_combine_refusals(pam):
     c = Cache(13, [10], 4, 2, 64)
     for opts in (
         dict(combine_d_slices=3), dict(combine_d_slices=128), dict(combine_row_slices=4),
-        dict(combine_prefetch=-1), dict(combine_num_warps=3),
+        dict(combine_prefetch=-1), dict(combine_num_warps=3), dict(pdl=True),  # pdl: no sm_90 GPU here
     ):  # fmt: skip
         try:
             c.decode(pam, [(0, 9)], 0.1, **opts)
@@ -420,18 +425,22 @@ def test_decode_and_extend_compile_to_the_same_tile_arithmetic_on_sm90():
     dec_types.update(max_chunks="i32", cpp="i32")
     shape = dict(G=4, D=128, C=pam.CONTRACT_CHUNK, BLOCK_M=pam.BLOCK_M, INTERP=False)
     ext_consts = dict(shape, SEARCH=pam.SEARCH_BLOCK, HAS_ROW_POS=False, OUT_BF16_INTERP=False)
+    dec_consts = dict(shape, HEADS_FASTEST=False, PDL=False)
     # the variants a real launch compiles (an int argument equal to 1 becomes a constant) and options
     kernels = {
         "extend": _compile_sm90(pam._extend_kernel, ext_types, ext_consts, pam.EXTEND_NUM_STAGES),
         "extend, one request": _compile_sm90(pam._extend_kernel, ext_types, dict(ext_consts, S=1), 1),
-        "decode, 1 stage": _compile_sm90(pam._decode_partials_kernel, dec_types, shape, 1),
-        "decode, 2 stages": _compile_sm90(pam._decode_partials_kernel, dec_types, shape, 2),
+        "decode, 1 stage": _compile_sm90(pam._decode_partials_kernel, dec_types, dec_consts, 1),
+        "decode, 2 stages": _compile_sm90(pam._decode_partials_kernel, dec_types, dec_consts, 2),
         "decode, 1 chunk/program": _compile_sm90(
-            pam._decode_partials_kernel, dec_types, dict(shape, cpp=1), 3
+            pam._decode_partials_kernel, dec_types, dict(dec_consts, cpp=1), 3
+        ),
+        "decode, heads fastest, 4 stages": _compile_sm90(
+            pam._decode_partials_kernel, dec_types, dict(dec_consts, HEADS_FASTEST=True, PDL=True), 4
         ),
     }
     copies = {name: _tile_arithmetic(k.asm["ttgir"]) for name, k in kernels.items()}
-    assert [len(c) for c in copies.values()] == [2, 2, 1, 1, 1], {k: len(c) for k, c in copies.items()}
+    assert [len(c) for c in copies.values()] == [2, 2, 1, 1, 1, 1], {k: len(c) for k, c in copies.items()}
     ref = copies["extend"][0]
     assert any("tt.reduce" in line for line in ref) and any("math.exp2" in line for line in ref)
     for name, cs in copies.items():
@@ -464,12 +473,13 @@ def test_decode_fold_launches_compile_for_sm90(name):
     types = dict(MID="*fp32", MM="*fp32", ML="*fp32", max_chunks="i32", SEQ="*i64", OUT="*bf16")
     types.update(so_b="i32", so_h="i32")
     consts = {k: v for k, v in cfg.items() if k not in ("slices", "num_warps")}
-    consts.update(G=4, D=128, C=pam.CONTRACT_CHUNK, INTERP=False, OUT_BF16_INTERP=False)
+    consts.update(G=4, D=128, C=pam.CONTRACT_CHUNK, PDL=True, INTERP=False, OUT_BF16_INTERP=False)
     # num_stages 3: Triton's default, as the launch passes none (the loop's own stages are STAGES)
     k = _compile_sm90(pam._decode_combine_kernel, types, consts, 3, cfg["num_warps"])
     ptx = k.asm["ptx"]
     assert "fma.rn.f32" not in ptx, "an fma in the PTX: fusion must be off"
     assert "ex2.approx.ftz.f32" in ptx and "div.rn.f32" in ptx
+    assert "griddepcontrol.wait" in ptx, "launched as a dependent of the partials: it must wait for them"
     if cfg["PREFETCH"]:
         assert "cp.async" not in ptx, "register prefetch: the loads should stay plain"
     elif cfg["STAGES"] > 1:

@@ -112,6 +112,7 @@ import functools
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from parity.ops.paged_attention import _attention_fp32, _check, _full_sequence_rows, _inner_unit, _store_rows
 from parity.ops.paged_attention import extend_rows as extend_rows  # same helper, re-exported
@@ -123,6 +124,10 @@ MMA_NUM_WARPS = 4  # warps of every kernel that runs the tile's dots (part of th
 
 # Launch options (never change the bits).
 DECODE_NUM_STAGES = 2
+DECODE_HEADS_FASTEST = False  # partials grid: (chunk blocks, kv heads, requests); True: kv heads first
+# The fold kernel launched as a programmatic dependent of the partials (sm_90+: it starts while the
+# partials' last programs run and waits on ``griddepcontrol.wait`` before reading them).
+DECODE_PDL = True
 EXTEND_NUM_STAGES = 2
 # The decode fold (``_decode_combine_kernel``): how its work is spread and its loads issued.
 COMBINE_NUM_STAGES = 2  # plain loop's pipeliner stages (2: no load in flight while an iteration folds)
@@ -347,12 +352,24 @@ def _decode_partials_kernel(
     R2T, stride_r, POOL, SEQ,
     MID, MM, ML, max_chunks, cpp,
     qk_scale,
-    G: tl.constexpr, D: tl.constexpr, C: tl.constexpr, BLOCK_M: tl.constexpr, INTERP: tl.constexpr,
+    G: tl.constexpr, D: tl.constexpr, C: tl.constexpr, BLOCK_M: tl.constexpr, HEADS_FASTEST: tl.constexpr,
+    PDL: tl.constexpr, INTERP: tl.constexpr,
 ):  # fmt: skip
     """Decode stage 1: one program per (block of ``cpp`` chunks, kv head, request); the tile's rows
-    are the kv head's G query heads (padded to BLOCK_M with rows that attend to nothing)."""
-    blk = tl.program_id(0)
-    kvh = tl.program_id(1)
+    are the kv head's G query heads (padded to BLOCK_M with rows that attend to nothing). The grid's
+    fastest axis is the chunk block, or with HEADS_FASTEST the kv head (programs launched together
+    then read the same tokens' slots: one token's kv heads are adjacent in the buffers). PDL: let the
+    fold kernel launch once every program has started (it waits for this grid's end to read)."""
+    if PDL:
+        gdc_launch_dependents()
+    if HEADS_FASTEST:
+        kvh = tl.program_id(0)
+        blk = tl.program_id(1)
+        n_kv = tl.num_programs(0)
+    else:
+        blk = tl.program_id(0)
+        kvh = tl.program_id(1)
+        n_kv = tl.num_programs(1)
     b = tl.program_id(2).to(tl.int64)
     seq = tl.load(SEQ + b).to(tl.int32)
     n_chunks = (seq + C - 1) // C
@@ -368,7 +385,7 @@ def _decode_partials_kernel(
     )
     row_lim = tl.where(gmask, seq, 0)
     pool = tl.load(POOL + b).to(tl.int64)
-    base = (b * tl.num_programs(1) + kvh) * max_chunks
+    base = (b * n_kv + kvh) * max_chunks
     if INTERP:
         j = j0
         while j < j1:
@@ -424,13 +441,14 @@ def _decode_combine_kernel(
     SEQ, OUT, so_b, so_h,
     G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, C: tl.constexpr, GR: tl.constexpr,
     DS: tl.constexpr, PREFETCH: tl.constexpr, STAGES: tl.constexpr, UNROLL: tl.constexpr,
-    INTERP: tl.constexpr, OUT_BF16_INTERP: tl.constexpr,
+    PDL: tl.constexpr, INTERP: tl.constexpr, OUT_BF16_INTERP: tl.constexpr,
 ):  # fmt: skip
     """Decode stage 2: one program per (kv head, request, slice) folds the G heads' partials in chunk
     order. A slice is GR of the GP rows and DS of the D columns (launch options: every slice runs the
     same fold on its rows and columns; M and L are recomputed alike by the programs of a row). With
     PREFETCH = 0 the loads go through Triton's pipeliner (``STAGES``, ``UNROLL``); with PREFETCH = P
-    they are issued P chunks ahead into registers (``_prefetched_steps``)."""
+    they are issued P chunks ahead into registers (``_prefetched_steps``). PDL: launched as a
+    programmatic dependent of the partials kernel: wait for it to finish before reading partials."""
     kvh = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     g = tl.arange(0, GR)
@@ -443,6 +461,8 @@ def _decode_combine_kernel(
     seq = tl.load(SEQ + b).to(tl.int32)
     n_chunks = (seq + C - 1) // C
     base = (b * tl.num_programs(0) + kvh) * max_chunks
+    if PDL:
+        gdc_wait()  # the partials kernel has finished and its stores are visible
     M = tl.full([GR], float("-inf"), tl.float32)
     L = tl.zeros([GR], tl.float32)
     A = tl.zeros([GR, DS], tl.float32)
@@ -673,6 +693,8 @@ def paged_attention_decode(
     num_warps: int | None = None,
     chunks_per_program: int | None = None,
     num_stages: int | None = None,
+    partials_heads_fastest: bool | None = None,
+    pdl: bool | None = None,
     combine_d_slices: int | None = None,
     combine_row_slices: int | None = None,
     combine_prefetch: int | None = None,
@@ -683,9 +705,11 @@ def paged_attention_decode(
     """One query row per request (``q`` [B, Hq, D]) at position ``seq_lens[b] - 1`` (its own KV already
     written). Split-KV over fixed chunks, then a fold in chunk order. ``max_chunks`` bounds
     ``ceil(max(seq_lens) / chunk)`` (computed with a host sync when None; give it from
-    ``seq_lens_cpu``, or from the context length under CUDA-graph capture). ``chunks_per_program``
-    and ``num_stages`` (the partials) and the ``combine_*`` options (the fold) are launch options: the
-    bits do not depend on them. The fold's: ``combine_d_slices`` / ``combine_row_slices`` (powers of
+    ``seq_lens_cpu``, or from the context length under CUDA-graph capture). ``chunks_per_program``,
+    ``num_stages`` and ``partials_heads_fastest`` (the partials: the kv head as the grid's fastest
+    axis), ``pdl`` (the fold as a programmatic dependent launch: sm_90+; None: ``DECODE_PDL`` where
+    the GPU has it) and the ``combine_*`` options (the fold) are launch options: the bits do not
+    depend on them. The fold's: ``combine_d_slices`` / ``combine_row_slices`` (powers of
     two, at most D / the padded group) split each (kv head, request) over more programs, each folding
     the same chunks for its columns / query heads; ``combine_prefetch`` P > 0 loads each program's
     partials P chunks ahead into registers (0: the pipelined loop, ``combine_num_stages`` and
@@ -714,17 +738,30 @@ def paged_attention_decode(
     mm = _empty((bsz, hkv, max_chunks, g), dtype=torch.float32, device=q.device)
     ml = _empty((bsz, hkv, max_chunks, g), dtype=torch.float32, device=q.device)
     cpp = chunks_per_program or _chunks_per_program(bsz * hkv * max_chunks, q.device)
+    heads_fastest = DECODE_HEADS_FASTEST if partials_heads_fastest is None else partials_heads_fastest
+    pdl = _decode_pdl(pdl, q.device)
+    blocks = -(-max_chunks // cpp)
     interp = _interpreting()
-    _decode_partials_kernel[(-(-max_chunks // cpp), hkv, bsz)](
+    _decode_partials_kernel[(hkv, blocks, bsz) if heads_fastest else (blocks, hkv, bsz)](
         q, q.stride(0), q.stride(1),
         k_buffer, k_buffer.stride(0), k_buffer.stride(1), v_buffer, v_buffer.stride(0), v_buffer.stride(1),
         req_to_token, req_to_token.stride(0), req_pool_indices.to(q.device).contiguous(), seq_lens,
         mid, mm, ml, max_chunks, cpp,
         _qk_scale(scale),
-        G=g, D=d, C=chunk, BLOCK_M=BLOCK_M, INTERP=interp,
+        G=g, D=d, C=chunk, BLOCK_M=BLOCK_M, HEADS_FASTEST=heads_fastest, PDL=pdl, INTERP=interp,
         num_warps=MMA_NUM_WARPS, num_stages=num_stages or DECODE_NUM_STAGES, enable_fp_fusion=False,
     )  # fmt: skip
-    return _launch_combine(mid, mm, ml, seq_lens, out, chunk, combine)
+    return _launch_combine(mid, mm, ml, seq_lens, out, chunk, combine, pdl)
+
+
+def _decode_pdl(option: bool | None, device: torch.device) -> bool:
+    """Whether the decode fold is launched as a programmatic dependent of the partials kernel: asked
+    for (or ``DECODE_PDL``) and possible (a CUDA GPU of compute capability 9.0 or newer)."""
+    want = DECODE_PDL if option is None else option
+    able = device.type == "cuda" and not _interpreting() and torch.cuda.get_device_capability(device)[0] >= 9
+    if option and not able:
+        raise ValueError("pdl: programmatic dependent launch needs a CUDA GPU of compute capability >= 9.0")
+    return want and able
 
 
 def _combine_config(
@@ -757,17 +794,18 @@ def _combine_config(
     )  # fmt: skip
 
 
-def _launch_combine(mid, mm, ml, seq_lens, out, chunk, config: dict) -> torch.Tensor:
+def _launch_combine(mid, mm, ml, seq_lens, out, chunk, config: dict, pdl: bool) -> torch.Tensor:
     """The decode fold of partials ``mid`` [B, Hkv, max_chunks, G, D] / ``mm``, ``ml`` [B, Hkv,
-    max_chunks, G] into ``out`` [B, Hkv * G, D], launched as ``config`` (``_combine_config``)."""
+    max_chunks, G] into ``out`` [B, Hkv * G, D], launched as ``config`` (``_combine_config``); with
+    ``pdl`` as a programmatic dependent of the kernel before it on the stream (the partials)."""
     bsz, hkv, max_chunks, g, d = mid.shape
     cfg = dict(config)
     interp = _interpreting()
     _decode_combine_kernel[(hkv, bsz, cfg.pop("slices"))](
         mid, mm, ml, max_chunks,
         seq_lens, out, out.stride(0), out.stride(1),
-        G=g, D=d, C=chunk, INTERP=interp, OUT_BF16_INTERP=interp and out.dtype == torch.bfloat16,
-        enable_fp_fusion=False, **cfg,
+        G=g, D=d, C=chunk, PDL=pdl, INTERP=interp, OUT_BF16_INTERP=interp and out.dtype == torch.bfloat16,
+        launch_pdl=pdl, enable_fp_fusion=False, **cfg,
     )  # fmt: skip
     return out
 
