@@ -95,12 +95,18 @@ Trade-offs
   chunk) and no fma.
 * Decode writes ``D + 2`` fp32 per chunk and query head (~6% of the KV bytes at ``G = 4``, D = 128,
   read once more) and folds them in order in a second kernel: a serial chain of ``ceil(len / 64)``
-  steps per row, each waiting on its loads unless they were issued early enough. By default the
-  pipelined loop unrolled by 4 with two stages: each iteration's loads are issued after the previous
-  iteration's folds, so every 4 steps wait a load latency (~180 ns a step on an H200: it shows at
-  batch 1 and long context); the ``combine_*`` options (``COMBINE_CANDIDATES``, timed by
-  ``benchmarks/bench_paged_attention.py --sweep``) keep more chunks in flight (more stages, or P
-  chunks loaded ahead into registers) and spread a row over more programs.
+  steps per row. By default (``d2_r2_p16_w1`` of ``COMBINE_CANDIDATES``, the best or within 3% of
+  it at every point of ``benchmarks/bench_paged_attention.py --sweep`` on an H200 but 32k context at
+  batch 1, 5%) each (kv head,
+  request) is folded by 4 one-warp programs (2 D slices x 2 row slices), loading partials 16 chunks
+  ahead into registers. The chain is still the price at batch 1 and long context: ~35 us at 32k
+  (512 steps, ~70 ns each), one warp per SM issuing every ~2.4 cycles (ncu): at most 4096
+  independent (head, column) chains exist at batch 1 (Hq 32, D 128), so the fold cannot spread wider.
+* The decode partials use ~113 KB of shared memory at D = 128 (K and V double-buffered, q, and the
+  conversion of the [64, D] partial to a coalesced store): 2 programs per SM. ``num_stages = 3`` (the
+  slot load one chunk further ahead) and ~2 programs' worth of chunks per SM
+  (``_chunks_per_program``) were the best of the sweep (``--only partials``): batch 8 / 16k ~1.5x
+  flash, batch 64 ~0.9x.
 * The extend kernel uses ~255 registers per thread at D = 128 (no spills on sm_90): 2 programs per SM.
 * ``out`` may be passed as a float32 tensor: the unrounded ``A / L`` (tests use it to see every bit).
 """
@@ -123,19 +129,21 @@ BLOCK_M = 64  # query rows per MMA tile, decode and extend (part of the definiti
 MMA_NUM_WARPS = 4  # warps of every kernel that runs the tile's dots (part of the definition)
 
 # Launch options (never change the bits).
-DECODE_NUM_STAGES = 2
+DECODE_NUM_STAGES = 3  # the partials' pipeline (3: the slot ids one chunk ahead of K and V)
+DECODE_PROGRAMS_PER_SM = 2  # resident partials programs per SM (shared memory: ~113 KB each at D = 128)
+DECODE_MAX_CHUNKS_PER_PROGRAM = 32
 DECODE_HEADS_FASTEST = False  # partials grid: (chunk blocks, kv heads, requests); True: kv heads first
 # The fold kernel launched as a programmatic dependent of the partials (sm_90+: it starts while the
 # partials' last programs run and waits on ``griddepcontrol.wait`` before reading them).
 DECODE_PDL = True
 EXTEND_NUM_STAGES = 2
 # The decode fold (``_decode_combine_kernel``): how its work is spread and its loads issued.
-COMBINE_NUM_STAGES = 2  # plain loop's pipeliner stages (2: no load in flight while an iteration folds)
-COMBINE_UNROLL = 4  # plain loop: steps unrolled (independent max/exp2 of later chunks overlap the chain)
-COMBINE_D_SLICES = 1  # programs per (kv head, request) over the D columns
-COMBINE_ROW_SLICES = 1  # programs per (kv head, request) over the G query heads (rows)
-COMBINE_PREFETCH = 0  # 0: the plain (pipelined) loop; P > 0: partials loaded P chunks ahead into registers
-COMBINE_NUM_WARPS = 4
+COMBINE_NUM_STAGES = 6  # plain loop's pipeliner stages (used with COMBINE_PREFETCH = 0)
+COMBINE_UNROLL = 8  # plain loop: steps unrolled (independent max/exp2 of later chunks overlap the chain)
+COMBINE_D_SLICES = 2  # programs per (kv head, request) over the D columns
+COMBINE_ROW_SLICES = 2  # programs per (kv head, request) over the G query heads (rows)
+COMBINE_PREFETCH = 16  # 0: the plain (pipelined) loop; P > 0: partials loaded P chunks ahead into registers
+COMBINE_NUM_WARPS = 1
 # Combine launches for the benchmark's --sweep (benchmarks/bench_paged_attention.py) to time; the sm_90
 # compile test builds each without register spills. Keys: paged_attention_decode's combine_* options.
 # (P = 32 compiles too, without spills at 8 D slices, but Triton's coalescing pass takes ~40 s on it.)
@@ -418,20 +426,22 @@ def _combine_step(MID, MM, ML, off, gmask, offs_d, M, L, A, D: tl.constexpr):
 @triton.jit
 def _prefetched_steps(
     MID, MM, ML, base, j, n_chunks, g, gmask, offs_d, M, L, A, buf,
-    G: tl.constexpr, D: tl.constexpr, P: tl.constexpr,
+    G: tl.constexpr, D: tl.constexpr, P: tl.constexpr, BOUNDED: tl.constexpr,
 ):  # fmt: skip
     """Chunks j .. j + P - 1 folded in order from ``buf`` (their partials, a tuple of P loaded during
     the previous block); after chunk j + i's fold, chunk j + i + P's load (past the request: masked,
     no traffic) into the registers that fold has read. A block's loads are used by the next block:
     about P steps of the chain between a load and its use (ptxas may group a block's loads towards
     its end, after the folds' last reads of their registers). The fold is ``_combine``: the same ops
-    in the same order as the plain loop."""
+    in the same order as the plain loop. Without BOUNDED the caller knows chunks j + P .. j + 2P - 1
+    exist (no per-chunk bound check: fewer instructions per step of the chain)."""
     nxt = ()
     for i in tl.static_range(P):
         m, l_sum, acc = buf[i]
         M, L, A = _combine(M, L, A, m, l_sum, acc)
         jn = j + P + i
-        nxt = nxt + (_load_partial(MID, MM, ML, (base + jn) * G + g, gmask & (jn < n_chunks), offs_d, D),)
+        mask = gmask & (jn < n_chunks) if BOUNDED else gmask
+        nxt = nxt + (_load_partial(MID, MM, ML, (base + jn) * G + g, mask, offs_d, D),)
     return M, L, A, nxt
 
 
@@ -471,16 +481,21 @@ def _decode_combine_kernel(
         for i in tl.static_range(PREFETCH):
             buf = buf + (_load_partial(MID, MM, ML, (base + i) * G + g, gmask & (i < n_chunks), offs_d, D),)
         n_full = n_chunks // PREFETCH * PREFETCH
+        # blocks whose next block is whole (no bound checks), then the last whole block (checked)
+        n_safe = tl.maximum(n_full - PREFETCH, 0)
         if INTERP:
             j = 0
-            while j < n_full:
+            while j < n_safe:
                 M, L, A, buf = _prefetched_steps(MID, MM, ML, base, j, n_chunks, g, gmask, offs_d, M, L, A,
-                                                 buf, G, D, PREFETCH)  # fmt: skip
+                                                 buf, G, D, PREFETCH, False)  # fmt: skip
                 j += PREFETCH
         else:
-            for j in tl.range(0, n_full, PREFETCH, num_stages=1):
+            for j in tl.range(0, n_safe, PREFETCH, num_stages=1):
                 M, L, A, buf = _prefetched_steps(MID, MM, ML, base, j, n_chunks, g, gmask, offs_d, M, L, A,
-                                                 buf, G, D, PREFETCH)  # fmt: skip
+                                                 buf, G, D, PREFETCH, False)  # fmt: skip
+        if n_safe < n_full:
+            M, L, A, buf = _prefetched_steps(MID, MM, ML, base, n_safe, n_chunks, g, gmask, offs_d, M, L, A,
+                                             buf, G, D, PREFETCH, True)  # fmt: skip
         for i in tl.static_range(PREFETCH - 1):  # the last n_chunks - n_full chunks, already loaded
             if n_full + i < n_chunks:
                 m, l_sum, acc = buf[i]
@@ -670,11 +685,13 @@ def _sm_count(index: int) -> int:
 
 
 def _chunks_per_program(work_chunks: int, device: torch.device) -> int:
-    """Chunks per decode program (a launch option): at least ~8 programs per SM, at most 16 chunks."""
+    """Chunks per decode program (a launch option): the work in one wave of resident programs where it
+    fits (``DECODE_PROGRAMS_PER_SM`` per SM), longer programs (up to ``DECODE_MAX_CHUNKS_PER_PROGRAM``)
+    where it does not: fewer, longer pipelines won the sweep over short ones at every size."""
     if device.type != "cuda":
         return 1
     sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    return max(1, min(16, work_chunks // (sms * 8)))
+    return max(1, min(DECODE_MAX_CHUNKS_PER_PROGRAM, -(-work_chunks // (sms * DECODE_PROGRAMS_PER_SM))))
 
 
 def paged_attention_decode(
@@ -811,8 +828,8 @@ def _launch_combine(mid, mm, ml, seq_lens, out, chunk, config: dict, pdl: bool) 
 
 
 def _pow2_option(name: str, value: int | None, default: int, most: int) -> int:
-    """A power-of-two launch option in 1 .. ``most`` (None: ``default``)."""
-    v = default if value is None else value
+    """A power-of-two launch option in 1 .. ``most`` (None: ``default``, at most ``most``)."""
+    v = min(default, most) if value is None else value
     if v < 1 or v > most or v & (v - 1):
         raise ValueError(f"{name} {v}: a power of two in 1 .. {most}")
     return v
