@@ -18,7 +18,7 @@ Prints three tables (times from ``triton.testing.do_bench``, median, ms):
 ``--only profile`` (not in the default run): the mma decode's per-kernel device times (torch.profiler)
 next to the whole call's time and SDPA flash, at the rows where it trails flash most.
 ``--only partials`` (not in the default run): the mma decode partials' launch options (chunks per
-program, stages, grid order) from CUDA graphs, on randomly permuted and on in-order KV slots.
+program, stages) and PDL on / off from CUDA graphs, on randomly permuted and on in-order KV slots.
 
 ``--sweep`` adds the mma kernels' launch options (the decode fold's ``pam.COMBINE_CANDIDATES`` timed
 from CUDA graphs, extend stages: they never change the bits) to pick defaults per GPU;
@@ -293,8 +293,8 @@ def matmul_table(quick: bool, sweep: bool = False):
 
 
 def partials_table(quick: bool, sweep: bool = False):
-    """The mma decode's partials launch options (chunks per program, pipeline stages, the kv head as
-    the grid's fastest axis), each whole call replayed from a CUDA graph with one fold launch
+    """The mma decode's partials launch options (chunks per program, pipeline stages) and the fold as a
+    programmatic dependent launch or not, each whole call replayed from a CUDA graph with one fold launch
     (``PARTIALS_FOLD``), on the benchmark's randomly permuted slots and on slots in order (a fresh
     cache's allocation; the same K/V values), vs SDPA flash (contiguous KV) replayed likewise."""
     del sweep
@@ -320,12 +320,11 @@ def partials_table(quick: bool, sweep: bool = False):
             times = {"default": graph_ms(fn)}
             for cpp in (2, 8) if quick else (1, 2, 4, 8, 16, 32):
                 for stages in (2, 3, 4):
-                    for heads_fastest in (False, True):
-                        name = f"cpp{cpp}_s{stages}" + ("_hf" if heads_fastest else "")
+                    for pdl in (False, True):
+                        name = f"cpp{cpp}_s{stages}" + ("_pdl" if pdl else "")
                         times[name] = graph_ms(
-                            partial(fn, chunks_per_program=cpp, num_stages=stages,
-                                    partials_heads_fastest=heads_fastest)
-                        )  # fmt: skip
+                            partial(fn, chunks_per_program=cpp, num_stages=stages, pdl=pdl)
+                        )
             row[layout] = times
             best = min(times, key=times.get)
             print(

@@ -164,15 +164,13 @@ def test_launch_options_do_not_change_the_bits(poison):
     want = p.decode(rows, scale, chunks_per_program=1, num_stages=2)
     for cpp in (2, 3, 16, 40):
         for stages in (1, 2, 3, 4):
-            for heads_fastest, pdl in ((False, True), (True, False)):
+            for pdl in (False, True):
                 got = p.decode(
-                    rows, scale, chunks_per_program=cpp, num_stages=stages, max_chunks=100,
-                    partials_heads_fastest=heads_fastest, pdl=pdl,
-                )  # fmt: skip
+                    rows, scale, chunks_per_program=cpp, num_stages=stages, max_chunks=100, pdl=pdl
+                )
                 assert_same_bits(
-                    got, want, f"decode: {cpp} chunks/program, {stages} stages, heads fastest "
-                    f"{heads_fastest}, pdl {pdl}, spare chunks",
-                )  # fmt: skip
+                    got, want, f"decode: {cpp} chunks/program, {stages} stages, pdl {pdl}, spare chunks"
+                )
     assert_same_bits(p.decode(rows, scale), want, "decode: default options")
     ext = p.extend([(0, 4900, 100), (2, 0, 1200)], scale)
     for stages in (1, 3):

@@ -131,15 +131,10 @@ def _check_decode_equals_extend(pam):
         assert not torch.isnan(batch.float()).any(), f"{tag}: unwritten (poisoned) decode outputs"
         for i, row in enumerate(rows):
             assert_same_bits(batch[i], ref[row], f"decode {row} in a batch of {len(rows)} vs extend ({tag})")
-        for cpp, max_chunks, heads_fastest in ((1, None, False), (3, 5, True), (2, 9, False)):
-            alone = c.decode(
-                pam, [(0, 199)], scale, chunks_per_program=cpp, max_chunks=max_chunks,
-                partials_heads_fastest=heads_fastest, **kw(1),
-            )  # fmt: skip
+        for cpp, max_chunks in ((1, None), (3, 5), (2, 9)):
+            alone = c.decode(pam, [(0, 199)], scale, chunks_per_program=cpp, max_chunks=max_chunks, **kw(1))
             assert_same_bits(alone[0], ref[(0, 199)], f"decode alone, {cpp} chunks/program ({tag})")
-        sub = c.decode(
-            pam, [(2, 130), (0, 128)], scale, chunks_per_program=2, partials_heads_fastest=True, **kw(2)
-        )
+        sub = c.decode(pam, [(2, 130), (0, 128)], scale, chunks_per_program=2, **kw(2))
         assert_same_bits(sub, torch.stack([ref[(2, 130)], ref[(0, 128)]]), f"decode sub-batch ({tag})")
         # explicit rows in any order (paged_attention_rows): the same bits
         order = torch.tensor([7, 3, 199, 64, 65, 0, 150])
@@ -268,12 +263,16 @@ def _decode_and_fold(pam, c, rows, scale, out_dtype):
     return want, fold
 
 
+PLAIN_FOLD = dict(combine_d_slices=1, combine_row_slices=1, combine_prefetch=0)
+
+
 def _check_combine_options(pam):
     """Every launch option of the decode fold (D and row slices, partials loaded P chunks ahead, the
-    pipelined loop's stages / unroll, warps) gives the default fold's bits: mixed lengths (1, not
-    multiples of 64, chunk counts that are not multiples of P, fewer chunks than P), several batches,
-    G = 4 and G = 3 (a padded row), fp32 and bf16 outputs, poisoned outputs and partials. (Hkv 1: the
-    interpreter's time grows with the programs, and the slices multiply them.)"""
+    pipelined loop's stages / unroll, warps) and the default give the bits of the plain serial fold
+    (``PLAIN_FOLD``): mixed lengths (1, not multiples of 64, chunk counts that are not multiples of P,
+    fewer chunks than P), several batches, G = 4 and G = 3 (a padded row), fp32 and bf16 outputs,
+    poisoned outputs and partials. (Hkv 1: the interpreter's time grows with the programs, and the
+    slices multiply them.)"""
     cand = pam.COMBINE_CANDIDATES
     odd = [dict(combine_prefetch=p) for p in (1, 2, 3, 5)] + [
         dict(combine_d_slices=16, combine_row_slices=2, combine_prefetch=3),
@@ -290,8 +289,12 @@ def _check_combine_options(pam):
         ([(4, 6), (5, 199), (1, 0)], some, (torch.float32,)),
     ):
         for dt in dtypes:
-            want, fold = _decode_and_fold(pam, c, rows, 0.125, dt)
+            default, fold = _decode_and_fold(pam, c, rows, 0.125, dt)
+            want = fold(PLAIN_FOLD)
             assert not torch.isnan(want.float()).any(), "unwritten (poisoned) decode outputs"
+            assert_same_bits(
+                default, want, f"the default fold vs the plain one, batch of {len(rows)}, {dt} out"
+            )
             for opts in options:
                 assert_same_bits(fold(opts), want, f"decode fold {opts}, batch of {len(rows)}, {dt} out")
                 n += 1
@@ -302,7 +305,8 @@ def _check_combine_options(pam):
                     n += 1
     # G = 3 (padded to 4 rows: a row slice with no head), D 32 (4 columns a slice at 8 D slices)
     c3 = Cache(12, [300, 1, 130], 6, 2, 32)
-    want, fold = _decode_and_fold(pam, c3, [(0, 299), (1, 0), (2, 129)], 0.2, torch.float32)
+    _, fold = _decode_and_fold(pam, c3, [(0, 299), (1, 0), (2, 129)], 0.2, torch.float32)
+    want = fold(PLAIN_FOLD)
     for opts in (
         dict(combine_row_slices=4, combine_prefetch=2),
         dict(combine_d_slices=8, combine_row_slices=2, combine_prefetch=4),
@@ -425,7 +429,7 @@ def test_decode_and_extend_compile_to_the_same_tile_arithmetic_on_sm90():
     dec_types.update(max_chunks="i32", cpp="i32")
     shape = dict(G=4, D=128, C=pam.CONTRACT_CHUNK, BLOCK_M=pam.BLOCK_M, INTERP=False)
     ext_consts = dict(shape, SEARCH=pam.SEARCH_BLOCK, HAS_ROW_POS=False, OUT_BF16_INTERP=False)
-    dec_consts = dict(shape, HEADS_FASTEST=False, PDL=False)
+    dec_consts = dict(shape, PDL=False)
     # the variants a real launch compiles (an int argument equal to 1 becomes a constant) and options
     kernels = {
         "extend": _compile_sm90(pam._extend_kernel, ext_types, ext_consts, pam.EXTEND_NUM_STAGES),
@@ -435,8 +439,8 @@ def test_decode_and_extend_compile_to_the_same_tile_arithmetic_on_sm90():
         "decode, 1 chunk/program": _compile_sm90(
             pam._decode_partials_kernel, dec_types, dict(dec_consts, cpp=1), 3
         ),
-        "decode, heads fastest, 4 stages": _compile_sm90(
-            pam._decode_partials_kernel, dec_types, dict(dec_consts, HEADS_FASTEST=True, PDL=True), 4
+        "decode, PDL, 4 stages": _compile_sm90(
+            pam._decode_partials_kernel, dec_types, dict(dec_consts, PDL=True), 4
         ),
     }
     copies = {name: _tile_arithmetic(k.asm["ttgir"]) for name, k in kernels.items()}

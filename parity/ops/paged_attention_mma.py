@@ -132,7 +132,6 @@ MMA_NUM_WARPS = 4  # warps of every kernel that runs the tile's dots (part of th
 DECODE_NUM_STAGES = 3  # the partials' pipeline (3: the slot ids one chunk ahead of K and V)
 DECODE_PROGRAMS_PER_SM = 2  # resident partials programs per SM (shared memory: ~113 KB each at D = 128)
 DECODE_MAX_CHUNKS_PER_PROGRAM = 32
-DECODE_HEADS_FASTEST = False  # partials grid: (chunk blocks, kv heads, requests); True: kv heads first
 # The fold kernel launched as a programmatic dependent of the partials (sm_90+: it starts while the
 # partials' last programs run and waits on ``griddepcontrol.wait`` before reading them).
 DECODE_PDL = True
@@ -161,6 +160,15 @@ COMBINE_CANDIDATES: dict[str, dict[str, int]] = {
         (2, 2, 16, 0, 0, 1), (4, 4, 8, 0, 0, 1), (4, 4, 16, 0, 0, 1),
     )
 }  # fmt: skip
+# Tried on the H200 and not kept (same bits; whole decode replayed from a CUDA graph, Hq 32 / Hkv 8):
+# - the partials grid with the kv head as its fastest axis (programs launched together read adjacent
+#   slots): within +-1% everywhere; KV slots in order instead of randomly permuted: 1-3% faster, so the
+#   paging is not what the partials pay for.
+# - the fold's factors first: every chunk's a_j = exp2(M_{j-1} - r_j), b_j = exp2(m_j - r_j) by a
+#   prefix-max scan over all chunks at once (max is exact: the same M_j as the serial fold), then a
+#   chain of multiplies and adds only (~31 instructions a step instead of ~40, no exp2 in the loop).
+#   Bitwise equal to the serial fold on the GPU, but slower: 32k batch 1 0.093-0.114 ms vs 0.091,
+#   16k batch 1 0.052-0.063 vs 0.052, batch 8 +1-4%: the chain's time is not its instruction count.
 SEARCH_BLOCK = 256  # segments scanned per step when a tile looks up its request
 
 _LOG2E = 1.4426950408889634
@@ -360,24 +368,16 @@ def _decode_partials_kernel(
     R2T, stride_r, POOL, SEQ,
     MID, MM, ML, max_chunks, cpp,
     qk_scale,
-    G: tl.constexpr, D: tl.constexpr, C: tl.constexpr, BLOCK_M: tl.constexpr, HEADS_FASTEST: tl.constexpr,
-    PDL: tl.constexpr, INTERP: tl.constexpr,
+    G: tl.constexpr, D: tl.constexpr, C: tl.constexpr, BLOCK_M: tl.constexpr, PDL: tl.constexpr,
+    INTERP: tl.constexpr,
 ):  # fmt: skip
     """Decode stage 1: one program per (block of ``cpp`` chunks, kv head, request); the tile's rows
-    are the kv head's G query heads (padded to BLOCK_M with rows that attend to nothing). The grid's
-    fastest axis is the chunk block, or with HEADS_FASTEST the kv head (programs launched together
-    then read the same tokens' slots: one token's kv heads are adjacent in the buffers). PDL: let the
+    are the kv head's G query heads (padded to BLOCK_M with rows that attend to nothing). PDL: let the
     fold kernel launch once every program has started (it waits for this grid's end to read)."""
     if PDL:
         gdc_launch_dependents()
-    if HEADS_FASTEST:
-        kvh = tl.program_id(0)
-        blk = tl.program_id(1)
-        n_kv = tl.num_programs(0)
-    else:
-        blk = tl.program_id(0)
-        kvh = tl.program_id(1)
-        n_kv = tl.num_programs(1)
+    blk = tl.program_id(0)
+    kvh = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
     seq = tl.load(SEQ + b).to(tl.int32)
     n_chunks = (seq + C - 1) // C
@@ -393,7 +393,7 @@ def _decode_partials_kernel(
     )
     row_lim = tl.where(gmask, seq, 0)
     pool = tl.load(POOL + b).to(tl.int64)
-    base = (b * n_kv + kvh) * max_chunks
+    base = (b * tl.num_programs(1) + kvh) * max_chunks
     if INTERP:
         j = j0
         while j < j1:
@@ -710,7 +710,6 @@ def paged_attention_decode(
     num_warps: int | None = None,
     chunks_per_program: int | None = None,
     num_stages: int | None = None,
-    partials_heads_fastest: bool | None = None,
     pdl: bool | None = None,
     combine_d_slices: int | None = None,
     combine_row_slices: int | None = None,
@@ -722,15 +721,14 @@ def paged_attention_decode(
     """One query row per request (``q`` [B, Hq, D]) at position ``seq_lens[b] - 1`` (its own KV already
     written). Split-KV over fixed chunks, then a fold in chunk order. ``max_chunks`` bounds
     ``ceil(max(seq_lens) / chunk)`` (computed with a host sync when None; give it from
-    ``seq_lens_cpu``, or from the context length under CUDA-graph capture). ``chunks_per_program``,
-    ``num_stages`` and ``partials_heads_fastest`` (the partials: the kv head as the grid's fastest
-    axis), ``pdl`` (the fold as a programmatic dependent launch: sm_90+; None: ``DECODE_PDL`` where
-    the GPU has it) and the ``combine_*`` options (the fold) are launch options: the bits do not
-    depend on them. The fold's: ``combine_d_slices`` / ``combine_row_slices`` (powers of
-    two, at most D / the padded group) split each (kv head, request) over more programs, each folding
-    the same chunks for its columns / query heads; ``combine_prefetch`` P > 0 loads each program's
-    partials P chunks ahead into registers (0: the pipelined loop, ``combine_num_stages`` and
-    ``combine_unroll``); ``combine_num_warps``. None: the module's ``COMBINE_*`` defaults."""
+    ``seq_lens_cpu``, or from the context length under CUDA-graph capture). ``chunks_per_program`` and
+    ``num_stages`` (the partials), ``pdl`` (the fold as a programmatic dependent launch: sm_90+;
+    None: ``DECODE_PDL`` where the GPU has it) and the ``combine_*`` options (the fold) are launch
+    options: the bits do not depend on them. The fold's: ``combine_d_slices`` / ``combine_row_slices``
+    (powers of two, at most D / the padded group) split each (kv head, request) over more programs,
+    each folding the same chunks for its columns / query heads; ``combine_prefetch`` P > 0 loads each
+    program's partials P chunks ahead into registers (0: the pipelined loop, ``combine_num_stages``
+    and ``combine_unroll``); ``combine_num_warps``. None: the module's ``COMBINE_*`` defaults."""
     del heads_per_program
     hq, hkv, d = _checked(q, k_buffer, v_buffer, chunk, out, num_warps)
     combine = _combine_config(
@@ -755,17 +753,15 @@ def paged_attention_decode(
     mm = _empty((bsz, hkv, max_chunks, g), dtype=torch.float32, device=q.device)
     ml = _empty((bsz, hkv, max_chunks, g), dtype=torch.float32, device=q.device)
     cpp = chunks_per_program or _chunks_per_program(bsz * hkv * max_chunks, q.device)
-    heads_fastest = DECODE_HEADS_FASTEST if partials_heads_fastest is None else partials_heads_fastest
     pdl = _decode_pdl(pdl, q.device)
-    blocks = -(-max_chunks // cpp)
     interp = _interpreting()
-    _decode_partials_kernel[(hkv, blocks, bsz) if heads_fastest else (blocks, hkv, bsz)](
+    _decode_partials_kernel[(-(-max_chunks // cpp), hkv, bsz)](
         q, q.stride(0), q.stride(1),
         k_buffer, k_buffer.stride(0), k_buffer.stride(1), v_buffer, v_buffer.stride(0), v_buffer.stride(1),
         req_to_token, req_to_token.stride(0), req_pool_indices.to(q.device).contiguous(), seq_lens,
         mid, mm, ml, max_chunks, cpp,
         _qk_scale(scale),
-        G=g, D=d, C=chunk, BLOCK_M=BLOCK_M, HEADS_FASTEST=heads_fastest, PDL=pdl, INTERP=interp,
+        G=g, D=d, C=chunk, BLOCK_M=BLOCK_M, PDL=pdl, INTERP=interp,
         num_warps=MMA_NUM_WARPS, num_stages=num_stages or DECODE_NUM_STAGES, enable_fp_fusion=False,
     )  # fmt: skip
     return _launch_combine(mid, mm, ml, seq_lens, out, chunk, combine, pdl)
