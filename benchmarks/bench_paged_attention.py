@@ -20,7 +20,7 @@ next to the whole call's time and SDPA flash, at the rows where it trails flash 
 ``--only partials`` (not in the default run): the mma decode partials' launch options (chunks per
 program, stages) and PDL on / off from CUDA graphs, on randomly permuted and on in-order KV slots.
 
-``--sweep`` adds the mma kernels' launch options (the decode fold's ``pam.COMBINE_CANDIDATES`` timed
+``--sweep`` adds the mma kernels' launch options (the decode fold's ``pam.FOLD_CANDIDATES`` timed
 from CUDA graphs, extend stages: they never change the bits) to pick defaults per GPU;
 ``--only decode|extend|matmul|profile|partials``.
 
@@ -42,7 +42,6 @@ from parity.ops import paged_attention_mma as pam
 
 DEV = "cuda"
 HQ, HKV, D = 32, 8, 128
-PARTIALS_FOLD = "d4_r1_p16_w1"  # the fold launch (pam.COMBINE_CANDIDATES) of the partials table
 PARTIALS_SHAPES = ((16384, 1), (32768, 1), (4096, 8), (16384, 8), (32768, 8), (4096, 64))  # (ctx, batch)
 
 
@@ -156,13 +155,13 @@ def decode_table(quick: bool, sweep: bool = False):
                 flash_copy_fraction=copy / flash,
             )  # fmt: skip
             if sweep:
-                # the fold's launch options (pam.COMBINE_CANDIDATES; default partials options), replayed
+                # the fold's launch options (pam.FOLD_CANDIDATES; default partials options), replayed
                 # from a CUDA graph: the device time, which is what they change (the launcher's host time
                 # would hide it at batch 1); "default" is the module's current fold
                 row["mma_fold_sweep"] = fold = {}
-                for name, opts in {"default": {}, **pam.COMBINE_CANDIDATES}.items():
+                for name, launch in {"default": None, **pam.FOLD_CANDIDATES}.items():
                     try:
-                        fold[name] = graph_ms(partial(mma_fn, out=o, **opts))
+                        fold[name] = graph_ms(partial(mma_fn, out=o, fold=launch))
                     except Exception as exc:  # one launch failing (resources) must not hide the others
                         print(f"fold {name} at ctx {ctx} batch {bsz}: FAILED: {exc}", flush=True)
                         fold[name] = float("inf")
@@ -294,14 +293,14 @@ def matmul_table(quick: bool, sweep: bool = False):
 
 def partials_table(quick: bool, sweep: bool = False):
     """The mma decode's partials launch options (chunks per program, pipeline stages) and the fold as a
-    programmatic dependent launch or not, each whole call replayed from a CUDA graph with one fold launch
-    (``PARTIALS_FOLD``), on the benchmark's randomly permuted slots and on slots in order (a fresh
+    programmatic dependent launch or not, each whole call replayed from a CUDA graph with the default
+    fold launch, on the benchmark's randomly permuted slots and on slots in order (a fresh
     cache's allocation; the same K/V values), vs SDPA flash (contiguous KV) replayed likewise."""
     del sweep
     rows = []
     print(
-        f"\n== decode partials options (ms, CUDA graph, fold {PARTIALS_FOLD}): the module's default and "
-        "the best option per slot layout, vs flash g"
+        f"\n== decode partials options (ms, CUDA graph, fold {pam.FoldLaunch().name}): the module's "
+        "default and the best option per slot layout, vs flash g"
     )
     for ctx, bsz in ((32768, 1), (16384, 8)) if quick else PARTIALS_SHAPES:
         k, v, r2t = make_pool(bsz, ctx)
@@ -315,7 +314,7 @@ def partials_table(quick: bool, sweep: bool = False):
         for layout, slots in (("random", r2t), ("in_order", torch.sort(r2t.view(-1)).values.view_as(r2t))):
             fn = partial(
                 pam.paged_attention_decode, q, k, v, slots, pools, seq, D**-0.5, out=torch.empty_like(q),
-                max_chunks=-(-ctx // pam.CONTRACT_CHUNK), **pam.COMBINE_CANDIDATES[PARTIALS_FOLD],
+                max_chunks=-(-ctx // pam.CONTRACT_CHUNK),
             )  # fmt: skip
             times = {"default": graph_ms(fn)}
             for cpp in (2, 8) if quick else (1, 2, 4, 8, 16, 32):

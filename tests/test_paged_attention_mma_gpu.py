@@ -13,6 +13,7 @@ import torch
 import triton
 
 from parity.ops import paged_attention_mma as pam
+from parity.ops.paged_attention_mma import FoldLaunch
 from tests import helpers
 from tests.helpers import assert_same_bits, bit_view, nan_empty
 
@@ -183,19 +184,22 @@ def test_launch_options_do_not_change_the_bits(poison):
 @pytest.mark.parametrize("hq,hkv,d,dtype", [CONFIGS[0], CONFIGS[3]])
 def test_decode_fold_launch_options_do_not_change_the_bits(poison, hq, hkv, d, dtype):
     """The decode fold's launch options (D / row slices, partials loaded P chunks ahead, the pipelined
-    loop's stages and unroll, warps) give the default fold's bits, fp32 outputs (every bit) and 16-bit
-    ones, all poisoned: every candidate the benchmark's --sweep times (at its shape: Hq 32, Hkv 8,
-    D 128) and odd ones (P not a power of two, a head per program, 16 D slices, one stage), on mixed
+    loop's stages and unroll, warps) and the default give the bits of the plain serial fold (one
+    program per kv head and request, the loop neither pipelined nor unrolled), fp32 outputs (every
+    bit) and 16-bit ones, all poisoned: every candidate the benchmark's --sweep times (at its shape:
+    Hq 32, Hkv 8, D 128) and odd ones (P not a power of two, a head per program, 16 D slices, one
+    stage), on mixed
     batches to 32k context (lengths 1, 64, 65, not multiples of 64, chunk counts not multiples of P;
     batches of 9, 1 and 3; spare chunks past the longest request)."""
     gp = triton.next_power_of_2(hq // hkv)
-    odd = [dict(combine_prefetch=p) for p in (1, 3, 5)] + [
-        dict(combine_row_slices=gp, combine_prefetch=4, combine_num_warps=1),
-        dict(combine_d_slices=16, combine_row_slices=2, combine_prefetch=3, combine_num_warps=2),
-        dict(combine_d_slices=2, combine_row_slices=2, combine_num_stages=1, combine_unroll=1),
-        dict(combine_d_slices=4, combine_num_stages=5, combine_unroll=3, combine_num_warps=1),
+    plain = FoldLaunch(d_slices=1, row_slices=1, prefetch=0, num_warps=4, num_stages=1, unroll=1)
+    odd = [FoldLaunch(prefetch=p) for p in (1, 3, 5)] + [
+        FoldLaunch(row_slices=gp, prefetch=4, num_warps=1),
+        FoldLaunch(d_slices=16, row_slices=2, prefetch=3, num_warps=2),
+        FoldLaunch(d_slices=2, row_slices=2, prefetch=0, num_stages=2, unroll=1),
+        FoldLaunch(d_slices=4, row_slices=1, prefetch=0, num_stages=5, unroll=3, num_warps=1),
     ]
-    cand = pam.COMBINE_CANDIDATES
+    cand = pam.FOLD_CANDIDATES
     some = [odd[1], odd[3], cand["d4_r1_p16_w1"], cand["d4_r1_s8_u8_w1"]]
     options = [*cand.values(), *odd] if hq == 32 else some + odd[4:]
     lengths = [32768, 1, 64, 65, 4097, 777, 12345, 130, 20000]
@@ -213,11 +217,13 @@ def test_decode_fold_launch_options_do_not_change_the_bits(poison, hq, hkv, d, d
             def out(_rows=rows, _dt=out_dtype):
                 return {"out": torch.full((len(_rows), hq, d), math.nan, dtype=_dt, device=DEV)}
 
-            want = p.decode(rows, scale, max_chunks=max_chunks, **out())
+            want = p.decode(rows, scale, max_chunks=max_chunks, fold=plain, **out())
             assert not torch.isnan(want.float()).any(), "unwritten (poisoned) decode outputs"
-            for opts in opts_list:
-                got = p.decode(rows, scale, max_chunks=max_chunks, **opts, **out())
-                assert_same_bits(got, want, f"decode fold {opts}, batch of {len(rows)}, {out_dtype} out")
+            default = p.decode(rows, scale, max_chunks=max_chunks, **out())
+            assert_same_bits(default, want, f"the default fold vs the plain one, batch of {len(rows)}")
+            for fold in opts_list:
+                got = p.decode(rows, scale, max_chunks=max_chunks, fold=fold, **out())
+                assert_same_bits(got, want, f"decode fold {fold}, batch of {len(rows)}, {out_dtype} out")
 
 
 def test_a_row_does_not_depend_on_the_other_rows_of_its_tile(poison):

@@ -24,7 +24,7 @@ import os
 import pytest
 import torch
 
-from parity.ops.paged_attention_mma import COMBINE_CANDIDATES
+from parity.ops.paged_attention_mma import FOLD_CANDIDATES, FoldLaunch
 from tests.helpers import (
     assert_same_bits,
     count_differing,
@@ -230,11 +230,11 @@ def _combine_options(pam, extra=()):
     """The fold's launch options to check: the benchmark's candidates (one per interpreter-visible
     layout: stages, unroll and warps do not exist here) and ``extra``."""
     seen, out = set(), []
-    for opts in [*pam.COMBINE_CANDIDATES.values(), *extra]:
-        key = tuple(opts.get(f"combine_{k}", 0) for k in ("d_slices", "row_slices", "prefetch"))
+    for fold in [*pam.FOLD_CANDIDATES.values(), *extra]:
+        key = (fold.d_slices, fold.row_slices, fold.prefetch)
         if key not in seen:
             seen.add(key)
-            out.append(opts)
+            out.append(fold)
     return out
 
 
@@ -256,14 +256,14 @@ def _decode_and_fold(pam, c, rows, scale, out_dtype):
         pam._launch_combine = launch
     mid, mm, ml, seq, out, chunk, _, pdl = captured[0]
 
-    def fold(opts):
-        config = pam._combine_config(mid.shape[3], mid.shape[4], **opts)
+    def fold(fold_launch):
+        config = pam._combine_config(mid.shape[3], mid.shape[4], fold_launch)
         return launch(mid, mm, ml, seq, torch.full_like(out, math.nan), chunk, config, pdl)
 
     return want, fold
 
 
-PLAIN_FOLD = dict(combine_d_slices=1, combine_row_slices=1, combine_prefetch=0)
+PLAIN_FOLD = FoldLaunch(d_slices=1, row_slices=1, prefetch=0, num_warps=4, num_stages=2, unroll=1)
 
 
 def _check_combine_options(pam):
@@ -273,10 +273,10 @@ def _check_combine_options(pam):
     fewer chunks than P), several batches, G = 4 and G = 3 (a padded row), fp32 and bf16 outputs,
     poisoned outputs and partials. (Hkv 1: the interpreter's time grows with the programs, and the
     slices multiply them.)"""
-    cand = pam.COMBINE_CANDIDATES
-    odd = [dict(combine_prefetch=p) for p in (1, 2, 3, 5)] + [
-        dict(combine_d_slices=16, combine_row_slices=2, combine_prefetch=3),
-        dict(combine_d_slices=2, combine_row_slices=2, combine_num_stages=1, combine_unroll=1),
+    cand = pam.FOLD_CANDIDATES
+    odd = [FoldLaunch(prefetch=p) for p in (1, 2, 3, 5)] + [
+        FoldLaunch(d_slices=16, row_slices=2, prefetch=3),
+        FoldLaunch(d_slices=2, row_slices=2, prefetch=0, num_stages=1, unroll=1),
     ]
     some = [odd[2], odd[4], cand["d4_r1_p16_w1"], cand["d2_r1_s6_u8_w2"]]
     c = Cache(11, [700, 1, 65, 129, 7, 200], 4, 1, 64)
@@ -295,24 +295,24 @@ def _check_combine_options(pam):
             assert_same_bits(
                 default, want, f"the default fold vs the plain one, batch of {len(rows)}, {dt} out"
             )
-            for opts in options:
-                assert_same_bits(fold(opts), want, f"decode fold {opts}, batch of {len(rows)}, {dt} out")
+            for launch in options:
+                assert_same_bits(fold(launch), want, f"decode fold {launch}, batch of {len(rows)}, {dt} out")
                 n += 1
             if len(rows) > 1:  # the public call: the partials, then the fold with the options
-                for opts in some[:2]:
-                    got = c.decode(pam, rows, 0.125, out=torch.full_like(want, math.nan), **opts)
-                    assert_same_bits(got, want, f"decode with {opts}, batch of {len(rows)}, {dt} out")
+                for launch in some[:2]:
+                    got = c.decode(pam, rows, 0.125, out=torch.full_like(want, math.nan), fold=launch)
+                    assert_same_bits(got, want, f"decode with {launch}, batch of {len(rows)}, {dt} out")
                     n += 1
     # G = 3 (padded to 4 rows: a row slice with no head), D 32 (4 columns a slice at 8 D slices)
     c3 = Cache(12, [300, 1, 130], 6, 2, 32)
     _, fold = _decode_and_fold(pam, c3, [(0, 299), (1, 0), (2, 129)], 0.2, torch.float32)
     want = fold(PLAIN_FOLD)
-    for opts in (
-        dict(combine_row_slices=4, combine_prefetch=2),
-        dict(combine_d_slices=8, combine_row_slices=2, combine_prefetch=4),
-        dict(combine_d_slices=4),
+    for launch in (
+        FoldLaunch(row_slices=4, prefetch=2),
+        FoldLaunch(d_slices=8, row_slices=2, prefetch=4),
+        FoldLaunch(d_slices=4, row_slices=1),
     ):
-        assert_same_bits(fold(opts), want, f"decode fold {opts}, G = 3")
+        assert_same_bits(fold(launch), want, f"decode fold {launch}, G = 3")
         n += 1
     print(f"decode fold launch options: {n} runs, the default fold's bits", flush=True)
 
@@ -320,8 +320,10 @@ def _check_combine_options(pam):
 def _check_combine_refusals(pam):
     c = Cache(13, [10], 4, 2, 64)
     for opts in (
-        dict(combine_d_slices=3), dict(combine_d_slices=128), dict(combine_row_slices=4),
-        dict(combine_prefetch=-1), dict(combine_num_warps=3), dict(pdl=True),  # pdl: no sm_90 GPU here
+        dict(fold=FoldLaunch(d_slices=3)), dict(fold=FoldLaunch(d_slices=128)),
+        dict(fold=FoldLaunch(row_slices=4)), dict(fold=FoldLaunch(prefetch=-1)),
+        dict(fold=FoldLaunch(num_warps=3)), dict(fold=FoldLaunch(prefetch=0, num_stages=0)),
+        dict(pdl=True),  # pdl: no sm_90 GPU here
     ):  # fmt: skip
         try:
             c.decode(pam, [(0, 9)], 0.1, **opts)
@@ -462,10 +464,10 @@ def test_decode_and_extend_compile_to_the_same_tile_arithmetic_on_sm90():
     print(f"sm_90: {n} copies of the chunk arithmetic, one TTGIR ({len(ref)} ops)")
 
 
-@pytest.mark.parametrize("name", ["default", *COMBINE_CANDIDATES])
+@pytest.mark.parametrize("name", ["default", *FOLD_CANDIDATES])
 def test_decode_fold_launches_compile_for_sm90(name):
     """The decode fold as launched by default and by each candidate the benchmark's --sweep times
-    (``COMBINE_CANDIDATES``) compiles for sm_90 at the benchmark's shape (G 4, D 128, bf16 out): no
+    (``FOLD_CANDIDATES``) compiles for sm_90 at the benchmark's shape (G 4, D 128, bf16 out): no
     register spills; the products rounded before their sums (no fma); exp2 as ex2.approx and the IEEE
     division, as the partials kernel's; the pipelined loop's loads through cp.async (the pipeliner
     applied: its stages mean something), the register prefetch's plain loads."""
@@ -473,7 +475,7 @@ def test_decode_fold_launches_compile_for_sm90(name):
         pytest.skip("compiles with the real Triton JIT")
     from parity.ops import paged_attention_mma as pam
 
-    cfg = pam._combine_config(4, 128, **COMBINE_CANDIDATES.get(name, {}))
+    cfg = pam._combine_config(4, 128, FOLD_CANDIDATES.get(name))
     types = dict(MID="*fp32", MM="*fp32", ML="*fp32", max_chunks="i32", SEQ="*i64", OUT="*bf16")
     types.update(so_b="i32", so_h="i32")
     consts = {k: v for k, v in cfg.items() if k not in ("slices", "num_warps")}

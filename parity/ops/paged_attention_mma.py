@@ -59,7 +59,7 @@ Why decode == extend bitwise
 * Everything after the reductions is element-wise fp32 (``max``, ``-``, ``exp2``, ``*``, ``+``,
   ``div_rn``): the same ops on the same values give the same bits in any layout and in any kernel,
   and a partial stored to memory in fp32 and reloaded is exact. Fusion into fma is disabled.
-* Launch options (chunks per decode program, ``num_stages`` pipelining, the fold's ``combine_*``
+* Launch options (chunks per decode program, ``num_stages`` pipelining, the fold's :class:`FoldLaunch`
   slices, prefetch, stages, unrolling and warps) change the schedule, never the instruction sequence
   of a chunk's arithmetic nor the order of the fold: they do not change the bits. ``BLOCK_M``, ``C``
   and ``MMA_NUM_WARPS`` are part of the definition (``num_warps`` other than 4 is refused).
@@ -95,7 +95,7 @@ Trade-offs
   chunk) and no fma.
 * Decode writes ``D + 2`` fp32 per chunk and query head (~6% of the KV bytes at ``G = 4``, D = 128,
   read once more) and folds them in order in a second kernel: a serial chain of ``ceil(len / 64)``
-  steps per row. By default (``d2_r2_p16_w1`` of ``COMBINE_CANDIDATES``, the best or within 3% of
+  steps per row. By default (``d2_r2_p16_w1`` of ``FOLD_CANDIDATES``, the best or within 3% of
   it at every point of ``benchmarks/bench_paged_attention.py --sweep`` on an H200 but 32k context at
   batch 1, 5%) each (kv head,
   request) is folded by 4 one-warp programs (2 D slices x 2 row slices), loading partials 16 chunks
@@ -113,6 +113,7 @@ Trade-offs
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import torch
@@ -136,28 +137,42 @@ DECODE_MAX_CHUNKS_PER_PROGRAM = 32
 # partials' last programs run and waits on ``griddepcontrol.wait`` before reading them).
 DECODE_PDL = True
 EXTEND_NUM_STAGES = 2
-# The decode fold (``_decode_combine_kernel``): how its work is spread and its loads issued.
-COMBINE_NUM_STAGES = 6  # plain loop's pipeliner stages (used with COMBINE_PREFETCH = 0)
-COMBINE_UNROLL = 8  # plain loop: steps unrolled (independent max/exp2 of later chunks overlap the chain)
-COMBINE_D_SLICES = 2  # programs per (kv head, request) over the D columns
-COMBINE_ROW_SLICES = 2  # programs per (kv head, request) over the G query heads (rows)
-COMBINE_PREFETCH = 16  # 0: the plain (pipelined) loop; P > 0: partials loaded P chunks ahead into registers
-COMBINE_NUM_WARPS = 1
-# Combine launches for the benchmark's --sweep (benchmarks/bench_paged_attention.py) to time; the sm_90
-# compile test builds each without register spills. Keys: paged_attention_decode's combine_* options.
+
+
+@dataclasses.dataclass(frozen=True)
+class FoldLaunch:
+    """How the decode fold (``_decode_combine_kernel``) is spread and its loads issued: launch options,
+    never the bits (every program folds its rows' and columns' chunks in chunk order with ``_combine``).
+    The defaults are the H200 sweep's pick, ``d2_r2_p16_w1`` (the module docstring)."""
+
+    d_slices: int = 2  # programs per (kv head, request) over the D columns: a power of two <= D
+    row_slices: int = 2  # ... over the G query heads: a power of two <= G's next power of two
+    prefetch: int = 16  # P > 0: partials loaded P chunks ahead into registers; 0: the pipelined loop
+    num_warps: int = 1  # a power of two <= 16
+    num_stages: int = 6  # the pipelined loop's stages (prefetch 0)
+    unroll: int = 8  # the pipelined loop's unrolled steps (prefetch 0)
+
+    @property
+    def name(self) -> str:
+        loop = f"p{self.prefetch}" if self.prefetch else f"s{self.num_stages}_u{self.unroll}"
+        return f"d{self.d_slices}_r{self.row_slices}_{loop}_w{self.num_warps}"
+
+
+# Fold launches for the benchmark's --sweep (benchmarks/bench_paged_attention.py) to time, by name; the
+# sm_90 compile test builds each without register spills.
 # (P = 32 compiles too, without spills at 8 D slices, but Triton's coalescing pass takes ~40 s on it.)
-COMBINE_CANDIDATES: dict[str, dict[str, int]] = {
-    (f"d{d}_r{r}_" + (f"p{p}" if p else f"s{s}_u{u}") + f"_w{w}"): dict(
-        combine_d_slices=d, combine_row_slices=r, combine_prefetch=p, combine_num_warps=w,
-        **({} if p else dict(combine_num_stages=s, combine_unroll=u)),
-    )
-    for d, r, p, s, u, w in (
-        # d, r: D and row slices; p: chunks loaded ahead (0: pipelined loop of s stages, u unrolled); w: warps
-        (1, 1, 0, 3, 4, 4), (1, 1, 0, 4, 8, 4), (1, 1, 0, 6, 8, 4), (1, 1, 0, 8, 4, 4),
-        (2, 1, 0, 6, 8, 2), (4, 1, 0, 4, 8, 1), (4, 1, 0, 8, 8, 1), (8, 1, 0, 8, 8, 1),
-        (1, 1, 8, 0, 0, 4), (2, 1, 8, 0, 0, 2), (2, 1, 16, 0, 0, 2), (4, 1, 8, 0, 0, 1),
-        (4, 1, 16, 0, 0, 1), (8, 1, 8, 0, 0, 1), (8, 1, 16, 0, 0, 1), (1, 4, 16, 0, 0, 1),
-        (2, 2, 16, 0, 0, 1), (4, 4, 8, 0, 0, 1), (4, 4, 16, 0, 0, 1),
+FOLD_CANDIDATES: dict[str, FoldLaunch] = {
+    f.name: f
+    for f in (
+        FoldLaunch(d, r, p, w, *((s, u) if s else ()))
+        for d, r, p, s, u, w in (
+            # d, r: D / row slices; p: chunks loaded ahead (0: pipelined loop, s stages, u unrolled); w: warps
+            (1, 1, 0, 3, 4, 4), (1, 1, 0, 4, 8, 4), (1, 1, 0, 6, 8, 4), (1, 1, 0, 8, 4, 4),
+            (2, 1, 0, 6, 8, 2), (4, 1, 0, 4, 8, 1), (4, 1, 0, 8, 8, 1), (8, 1, 0, 8, 8, 1),
+            (1, 1, 8, 0, 0, 4), (2, 1, 8, 0, 0, 2), (2, 1, 16, 0, 0, 2), (4, 1, 8, 0, 0, 1),
+            (4, 1, 16, 0, 0, 1), (8, 1, 8, 0, 0, 1), (8, 1, 16, 0, 0, 1), (1, 4, 16, 0, 0, 1),
+            (2, 2, 16, 0, 0, 1), (4, 4, 8, 0, 0, 1), (4, 4, 16, 0, 0, 1),
+        )
     )
 }  # fmt: skip
 # Tried on the H200 and not kept (same bits; whole decode replayed from a CUDA graph, Hq 32 / Hkv 8):
@@ -711,31 +726,18 @@ def paged_attention_decode(
     chunks_per_program: int | None = None,
     num_stages: int | None = None,
     pdl: bool | None = None,
-    combine_d_slices: int | None = None,
-    combine_row_slices: int | None = None,
-    combine_prefetch: int | None = None,
-    combine_num_warps: int | None = None,
-    combine_num_stages: int | None = None,
-    combine_unroll: int | None = None,
+    fold: FoldLaunch | None = None,
 ) -> torch.Tensor:
     """One query row per request (``q`` [B, Hq, D]) at position ``seq_lens[b] - 1`` (its own KV already
     written). Split-KV over fixed chunks, then a fold in chunk order. ``max_chunks`` bounds
     ``ceil(max(seq_lens) / chunk)`` (computed with a host sync when None; give it from
     ``seq_lens_cpu``, or from the context length under CUDA-graph capture). ``chunks_per_program`` and
     ``num_stages`` (the partials), ``pdl`` (the fold as a programmatic dependent launch: sm_90+;
-    None: ``DECODE_PDL`` where the GPU has it) and the ``combine_*`` options (the fold) are launch
-    options: the bits do not depend on them. The fold's: ``combine_d_slices`` / ``combine_row_slices``
-    (powers of two, at most D / the padded group) split each (kv head, request) over more programs,
-    each folding the same chunks for its columns / query heads; ``combine_prefetch`` P > 0 loads each
-    program's partials P chunks ahead into registers (0: the pipelined loop, ``combine_num_stages``
-    and ``combine_unroll``); ``combine_num_warps``. None: the module's ``COMBINE_*`` defaults."""
+    None: ``DECODE_PDL`` where the GPU has it) and ``fold`` (:class:`FoldLaunch`; None: its defaults,
+    the slices capped at the shape's) are launch options: the bits do not depend on them."""
     del heads_per_program
     hq, hkv, d = _checked(q, k_buffer, v_buffer, chunk, out, num_warps)
-    combine = _combine_config(
-        hq // hkv, d, combine_d_slices=combine_d_slices, combine_row_slices=combine_row_slices,
-        combine_prefetch=combine_prefetch, combine_num_warps=combine_num_warps,
-        combine_num_stages=combine_num_stages, combine_unroll=combine_unroll,
-    )  # fmt: skip
+    combine = _combine_config(hq // hkv, d, fold)
     bsz = q.shape[0]
     if out is None:
         out = _empty(q.shape, dtype=q.dtype, device=q.device)
@@ -777,34 +779,35 @@ def _decode_pdl(option: bool | None, device: torch.device) -> bool:
     return want and able
 
 
-def _combine_config(
-    g: int,
-    d: int,
-    *,
-    combine_d_slices: int | None = None,
-    combine_row_slices: int | None = None,
-    combine_prefetch: int | None = None,
-    combine_num_warps: int | None = None,
-    combine_num_stages: int | None = None,
-    combine_unroll: int | None = None,
-) -> dict:
-    """The decode fold's launch (``paged_attention_decode``'s ``combine_*`` options, validated): slices
-    per (kv head, request), the kernel's launch constexprs and warps."""
+def _combine_config(g: int, d: int, fold: FoldLaunch | None) -> dict:
+    """The decode fold's launch for G query heads per kv head and head dim D: ``fold`` validated (None:
+    ``FoldLaunch()`` with its slices capped at the shape's) as the grid's slices per (kv head,
+    request), the kernel's launch constexprs and warps."""
     gp = triton.next_power_of_2(g)
-    d_slices = _pow2_option("combine_d_slices", combine_d_slices, COMBINE_D_SLICES, d)
-    row_slices = _pow2_option("combine_row_slices", combine_row_slices, COMBINE_ROW_SLICES, gp)
-    prefetch = COMBINE_PREFETCH if combine_prefetch is None else combine_prefetch
-    if not 0 <= prefetch <= 64:
-        raise ValueError(f"combine_prefetch {prefetch}: 0 (the pipelined loop) .. 64 chunks ahead")
-    stages = COMBINE_NUM_STAGES if combine_num_stages is None else combine_num_stages
-    unroll = COMBINE_UNROLL if combine_unroll is None else combine_unroll
-    if stages < 1 or unroll < 1:
-        raise ValueError(f"combine_num_stages {stages}, combine_unroll {unroll}: at least 1")
+    if fold is None:
+        default = FoldLaunch()
+        fold = dataclasses.replace(
+            default, d_slices=min(default.d_slices, d), row_slices=min(default.row_slices, gp)
+        )
+    for name, value, most in (
+        ("d_slices", fold.d_slices, d), ("row_slices", fold.row_slices, gp), ("num_warps", fold.num_warps, 16)
+    ):  # fmt: skip
+        if value < 1 or value > most or value & (value - 1):
+            raise ValueError(f"fold {name} {value}: a power of two in 1 .. {most}")
+    if not 0 <= fold.prefetch <= 64:
+        raise ValueError(f"fold prefetch {fold.prefetch}: 0 (the pipelined loop) .. 64 chunks ahead")
+    if fold.num_stages < 1 or fold.unroll < 1:
+        raise ValueError(f"fold num_stages {fold.num_stages}, unroll {fold.unroll}: at least 1")
     return dict(
-        slices=d_slices * row_slices, GP=gp, GR=gp // row_slices, DS=d // d_slices, PREFETCH=prefetch,
-        STAGES=stages, UNROLL=unroll,
-        num_warps=_pow2_option("combine_num_warps", combine_num_warps, COMBINE_NUM_WARPS, 16),
-    )  # fmt: skip
+        slices=fold.d_slices * fold.row_slices,
+        GP=gp,
+        GR=gp // fold.row_slices,
+        DS=d // fold.d_slices,
+        PREFETCH=fold.prefetch,
+        STAGES=fold.num_stages,
+        UNROLL=fold.unroll,
+        num_warps=fold.num_warps,
+    )
 
 
 def _launch_combine(mid, mm, ml, seq_lens, out, chunk, config: dict, pdl: bool) -> torch.Tensor:
@@ -821,14 +824,6 @@ def _launch_combine(mid, mm, ml, seq_lens, out, chunk, config: dict, pdl: bool) 
         launch_pdl=pdl, enable_fp_fusion=False, **cfg,
     )  # fmt: skip
     return out
-
-
-def _pow2_option(name: str, value: int | None, default: int, most: int) -> int:
-    """A power-of-two launch option in 1 .. ``most`` (None: ``default``, at most ``most``)."""
-    v = min(default, most) if value is None else value
-    if v < 1 or v > most or v & (v - 1):
-        raise ValueError(f"{name} {v}: a power of two in 1 .. {most}")
-    return v
 
 
 # ====================================================================================================
@@ -885,6 +880,8 @@ def full_sequence_attention(
 __all__ = [
     "BLOCK_M",
     "CONTRACT_CHUNK",
+    "FOLD_CANDIDATES",
+    "FoldLaunch",
     "MMA_NUM_WARPS",
     "extend_rows",
     "full_sequence_attention",
