@@ -11,7 +11,9 @@ Exit status 1 unless every on-policy run is exactly 0.0 and every plugin-off run
 
 Options after the archs: ``--on-only`` (skip the plugin-off controls), ``--tp2`` (issue 11: the server
 with ``--tp-size 2`` on two GPUs, the trainer emulating its rank-order row-parallel sums), ``--exact``
-(both sides on the fp32 CUDA-core attention kernels, ``--gpu-attention exact``; default: mma).
+(both sides on the fp32 CUDA-core attention kernels, ``--gpu-attention exact``; default: mma),
+``--cuda-graph`` (the servers decode from CUDA graphs: ``truepolicy server --cuda-graph``, and SGLang's
+own graphs for the plugin-off control).
 """
 
 from __future__ import annotations
@@ -54,15 +56,21 @@ class Tee:
 
 
 def run_one(
-    arch: str, out_dir: Path, on_policy: bool, tp_size: int = 1, attention: str = DEFAULT_GPU_ATTENTION
-) -> float:
+    arch: str, out_dir: Path, on_policy: bool, tp_size: int = 1, attention: str = DEFAULT_GPU_ATTENTION,
+    cuda_graph: bool = False,
+) -> float:  # fmt: skip
     model_path = build_tiny_model(arch, cache_dir=out_dir / "models", overrides=SIZE | HEAD_DIM[arch])
     tag = f"{arch}-{'on' if on_policy else 'off'}" + (f"-tp{tp_size}" if tp_size > 1 else "")
     tag += f"-{attention}" if on_policy and attention != DEFAULT_GPU_ATTENTION else ""
-    ours = ["--gpu-attention", attention] if on_policy else []
+    tag += "-graph" if cuda_graph else ""
+    ours = ["--gpu-attention", attention, *(["--cuda-graph"] if cuda_graph else [])] if on_policy else []
     t0 = time.monotonic()
     # Without the plugin the launcher adds nothing: the same triton backend for a like-for-like drift.
-    plain = [] if on_policy else ["--attention-backend", "triton", "--disable-cuda-graph"]
+    plain = (
+        []
+        if on_policy
+        else ["--attention-backend", "triton", *([] if cuda_graph else ["--disable-cuda-graph"])]
+    )
     with running_server(
         model_path, out_dir / f"server-{tag}.log", device="cuda", on_policy=on_policy,
         extra_args=[*ours, *SERVER_ARGS, *plain, "--tp-size", str(tp_size)],
@@ -97,17 +105,20 @@ def main(
     with_off: bool = True,
     tp_size: int = 1,
     attention: str = DEFAULT_GPU_ATTENTION,
+    cuda_graph: bool = False,
 ) -> int:
     # Everything printed also goes to OUT/report.txt (the device call returns files, and only a tail).
     out_dir.mkdir(parents=True, exist_ok=True)
     sys.stdout = Tee(sys.stdout, open(out_dir / "report.txt", "w"))  # noqa: SIM115 (lives to exit)
     ok = True
-    on = {arch: run_one(arch, out_dir, True, tp_size, attention) for arch in archs}  # the headline first
+    on = {
+        arch: run_one(arch, out_dir, True, tp_size, attention, cuda_graph) for arch in archs
+    }  # headline first
     if not with_off:
         print("plugin on:", on)
         return 0 if all(v == 0.0 for v in on.values()) else 1
     for arch in archs:
-        off = run_one(arch, out_dir, on_policy=False, tp_size=tp_size)
+        off = run_one(arch, out_dir, on_policy=False, tp_size=tp_size, cuda_graph=cuda_graph)
         print(f"{arch}: plugin on {on[arch]!r}, plugin off {off!r}")
         ok &= on[arch] == 0.0 and off > 0.0
     print("HEADLINE:", "bitwise on-policy on the GPU" if ok else "NOT bitwise")
@@ -117,7 +128,11 @@ def main(
 if __name__ == "__main__":
     # --on-only: skip the plugin-off controls; --tp2: the server on 2 GPUs (--tp-size 2), issue 11;
     # --exact: the fp32 CUDA-core attention kernels on both sides (--gpu-attention exact)
-    args = [a for a in sys.argv[2:] if a not in ("--on-only", "--tp2", "--exact")]
+    # --cuda-graph: the servers decode from CUDA graphs
+    args = [a for a in sys.argv[2:] if a not in ("--on-only", "--tp2", "--exact", "--cuda-graph")]
     tp = 2 if "--tp2" in sys.argv else 1
     attention = "exact" if "--exact" in sys.argv else DEFAULT_GPU_ATTENTION
-    sys.exit(main(Path(sys.argv[1]), args or ["qwen3", "qwen2"], "--on-only" not in sys.argv, tp, attention))
+    sys.exit(main(
+        Path(sys.argv[1]), args or ["qwen3", "qwen2"], "--on-only" not in sys.argv, tp, attention,
+        "--cuda-graph" in sys.argv,
+    ))  # fmt: skip

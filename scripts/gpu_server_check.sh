@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Issue 4 headline, one device call: install the carried SGLang wheels and truepolicy, then run
 # gpu_server_check.py (Qwen3 + Qwen2 on the GPU, plugin on and off, parity-check style).
-#   run(command="bash scripts/gpu_server_check.sh [qwen3 qwen2] [--on-only] [--tp2] [--exact]", carry=[".gpusgl"])
+#   run(command="bash scripts/gpu_server_check.sh [qwen3 qwen2] [--on-only] [--tp2] [--exact] [--cuda-graph]",
+#       carry=[".gpusgl"])
 #   (--tp2 needs a 2-GPU kind, e.g. kind="nvidia-h100-x2")
 # install.sh's own pipelines may exit non-zero on empty output: source it before `set -e`.
 source .gpusgl/install.sh

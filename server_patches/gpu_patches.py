@@ -16,12 +16,15 @@ RMSNorm through ``forward_cuda`` (sgl_kernel's fused norm). ``GPU_PATCHES`` repl
 
 Everything outside what the kernels compute raises ``NotImplementedError`` naming the patch (sliding
 window, logit capping, sinks, FP8 KV cache, MLA, DCP, paged KV with page_size > 1, the unified
-virtual KV pool, speculative decoding, CUDA-graph capture of decode) instead of computing other bits.
+virtual KV pool, speculative decoding) instead of computing other bits. Decode may be captured in a
+CUDA graph (``truepolicy server --cuda-graph``): the split-KV grid is then sized for the whole context
+(``req_to_token``'s width), as a replay serves any lengths; the programs past a request's last chunk
+exit at once, and the bits are those of any other launch.
 
 Integration (``server_patches/plugin.py``, not edited here): when on-policy mode is on and the server
 runs on CUDA (``get_global_server_args().device == "cuda"``), check and register ``GPU_PATCHES`` in
 addition to ``PATCHES``, with the same all-or-nothing rule (any ``Patch.check()`` failure refuses the
-start), and require ``--attention-backend triton`` and ``--disable-cuda-graph`` (refuse otherwise).
+start), and require ``--attention-backend triton`` (refuse otherwise).
 The CPU-only rows of ``PATCHES`` (torch_native attention, the CPU murmur hash, the gloo all-reduce)
 stay harmless on a GPU: their targets are not called there.
 """
@@ -126,16 +129,16 @@ def triton_forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=Tru
 def triton_forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, sinks=None):
     """REPLACE TritonAttnBackend.forward_decode: one row per request, split into fixed-size chunks."""
     _check_attention("triton_attention_decode", self, layer, forward_batch, sinks)
-    if q.is_cuda and torch.cuda.is_current_stream_capturing():
-        raise _outside("triton_attention_decode", "CUDA-graph capture (run with --disable-cuda-graph)")
     heads, dim = layer.tp_q_head_num, layer.qk_head_dim
     q = q.reshape(-1, heads * dim)
     o = torch.empty_like(q)
     if save_kv_cache:
         _write_kv(self, forward_batch, layer, k, v)
-    seq_cpu = getattr(forward_batch, "seq_lens_cpu", None)
-    chunk = _attention.CONTRACT_CHUNK
-    max_chunks = -(-int(seq_cpu.max()) // chunk) if seq_cpu is not None and seq_cpu.numel() else None
+    capturing = q.is_cuda and torch.cuda.is_current_stream_capturing()
+    max_chunks = decode_max_chunks(
+        self.req_to_token.shape[1], getattr(forward_batch, "seq_lens_cpu", None), _attention.CONTRACT_CHUNK,
+        capturing,
+    )  # fmt: skip
     _attention.paged_attention_decode(
         q.view(-1, heads, dim),
         self.token_to_kv_pool.get_key_buffer(layer.layer_id),
@@ -148,6 +151,20 @@ def triton_forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=Tru
         max_chunks=max_chunks,
     )
     return o
+
+
+def decode_max_chunks(
+    context: int, seq_lens_cpu: torch.Tensor | None, chunk: int, capturing: bool
+) -> int | None:
+    """The decode grid's bound on chunks per request: under CUDA-graph capture the whole context (a
+    graph is replayed for any lengths up to ``context``, the width of ``req_to_token``; the seq lens
+    seen at capture are placeholders), else the batch's longest request from ``seq_lens_cpu`` (None
+    without it: the kernel's launcher syncs with the device to find it)."""
+    if capturing:
+        return -(-context // chunk)
+    if seq_lens_cpu is None or not seq_lens_cpu.numel():
+        return None
+    return -(-int(seq_lens_cpu.max()) // chunk)
 
 
 def linear_batch_invariant(original, self, layer, x, bias=None):

@@ -13,7 +13,8 @@ On a GPU (``--device cuda``) with the plugin on, the contract's kernels replace 
 attention backend (``server_patches/gpu_patches.py``): ``--attention-backend triton``,
 ``--disable-cuda-graph`` and ``--sampling-backend pytorch`` (SGLang's CUDA default is flashinfer,
 whose sampling no per-request seed reproduces) are the defaults, and any other attention or sampling
-backend, or CUDA graphs, are refused (the patches would not be on the code path, or cannot capture).
+backend is refused (the patches would not be on the code path). ``--cuda-graph`` lets SGLang capture
+decode in CUDA graphs instead (dense models: the MoE patches refuse capture).
 The device reaches the plugin through ``TRUEPOLICY_DEVICE``.
 
 Two more variables make SGLang's CPU engine start (both only set when the user has not):
@@ -65,6 +66,12 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_GPU_ATTENTION,
         help="GPU attention kernels: mma (tensor cores) or exact (fp32, CPU-reproducible, slower); the "
         "trainer must use the same (parity.prepare_model(..., gpu_attention=...))",
+    )
+    parser.add_argument(
+        "--cuda-graph",
+        action="store_true",
+        help="on a GPU with the plugin on: let SGLang capture decode in CUDA graphs (default: "
+        "--disable-cuda-graph is added); dense models only, the MoE patches refuse capture",
     )
     parser.add_argument(
         "--on-policy",
@@ -148,14 +155,15 @@ def plan_launch(opts: argparse.Namespace, sglang_args: list[str], base_env: dict
     if device == "cpu" and not has_flag(sglang_args, "--attention-backend"):
         args += ["--attention-backend", "torch_native"]
     if device == "cuda" and opts.on_policy:
-        args += _gpu_on_policy_args(sglang_args)
+        args += _gpu_on_policy_args(sglang_args, opts.cuda_graph)
     tp_size = int(flag_value(sglang_args, "--tp-size", "--tp") or 1)
     env = runtime_env(device, opts.on_policy, base_env, tp_size, opts.gpu_attention)
     return LaunchPlan(argv=[sys.executable, "-m", "sglang.launch_server", *args], env=env)
 
 
-def _gpu_on_policy_args(sglang_args: list[str]) -> list[str]:
-    """The SGLang arguments the GPU patches need (added when absent; conflicting ones refused)."""
+def _gpu_on_policy_args(sglang_args: list[str], cuda_graph: bool) -> list[str]:
+    """The SGLang arguments the GPU patches need (added when absent; conflicting ones refused), with
+    CUDA graphs (``cuda_graph``) or without."""
     added = []
     backend = flag_value(sglang_args, "--attention-backend")
     if backend is None:
@@ -165,7 +173,9 @@ def _gpu_on_policy_args(sglang_args: list[str]) -> list[str]:
             f"--attention-backend {backend}: on a GPU the on-policy patches replace the triton backend "
             "only (use --attention-backend triton, or --no-on-policy)"
         )
-    if not has_flag(sglang_args, "--disable-cuda-graph"):
+    if cuda_graph and has_flag(sglang_args, "--disable-cuda-graph"):
+        raise LaunchError("--cuda-graph and --disable-cuda-graph: choose one")
+    if not cuda_graph and not has_flag(sglang_args, "--disable-cuda-graph"):
         added.append("--disable-cuda-graph")
     sampling = flag_value(sglang_args, "--sampling-backend")
     if sampling is None:

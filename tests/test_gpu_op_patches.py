@@ -72,6 +72,19 @@ def test_rope_patch_equals_hf(sglang_layers, device, head_dim, base, max_pos):
     assert not torch.equal(fused.reshape(n, -1), want_q)
 
 
+def test_decode_grid_spans_the_whole_context_under_cuda_graph_capture():
+    """The decode hook's bound on chunks per request: at capture the seq lens are placeholders and a
+    replay serves any length up to the pool's width (``req_to_token``), so the grid covers the width;
+    otherwise the batch's longest request (or None: the launcher finds it). Launches with spare chunks
+    give the same bits (the kernels' launch-option tests)."""
+    bound = gpu_patches.decode_max_chunks
+    assert bound(4096, torch.tensor([1, 1]), 64, capturing=True) == 64
+    assert bound(4097, None, 64, capturing=True) == 65
+    assert bound(4096, torch.tensor([100, 7]), 64, capturing=False) == 2
+    assert bound(4096, torch.tensor([], dtype=torch.int64), 64, capturing=False) is None
+    assert bound(4096, None, 64, capturing=False) is None
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_silu_and_mul_patch_equals_hf(sglang_layers, device):
     from sglang.srt.layers.activation import SiluAndMul

@@ -97,6 +97,16 @@ def test_cuda_on_policy_runs_the_triton_backend_and_pytorch_sampler_without_cuda
     assert "--disable-cuda-graph" not in plan.argv and "TRUEPOLICY_DEVICE" not in plan.env
 
 
+def test_cuda_graph_is_opt_in_and_conflicts_are_refused():
+    opts, rest = parse(["--model-path", "/m", "--device", "cuda", "--cuda-graph"])
+    argv = plan_launch(opts, rest, {}).argv
+    assert "--disable-cuda-graph" not in argv
+    assert argv[-4:] == ["--attention-backend", "triton", "--sampling-backend", "pytorch"]
+    opts, rest = parse(["--model-path", "/m", "--device", "cuda", "--cuda-graph", "--disable-cuda-graph"])
+    with pytest.raises(LaunchError, match="--cuda-graph and --disable-cuda-graph"):
+        plan_launch(opts, rest, {})
+
+
 def test_plugin_takes_the_gpu_patches_on_cuda_only(monkeypatch):
     from server_patches.gpu_patches import GPU_PATCHES
     from server_patches.plugin import active_patches

@@ -95,13 +95,13 @@ Trade-offs
   chunk) and no fma.
 * Decode writes ``D + 2`` fp32 per chunk and query head (~6% of the KV bytes at ``G = 4``, D = 128,
   read once more) and folds them in order in a second kernel: a serial chain of ``ceil(len / 64)``
-  steps per row. By default (``d2_r2_p16_w1`` of ``FOLD_CANDIDATES``, the best or within 3% of
-  it at every point of ``benchmarks/bench_paged_attention.py --sweep`` on an H200 but 32k context at
-  batch 1, 5%) each (kv head,
-  request) is folded by 4 one-warp programs (2 D slices x 2 row slices), loading partials 16 chunks
-  ahead into registers. The chain is still the price at batch 1 and long context: ~35 us at 32k
-  (512 steps, ~70 ns each), one warp per SM issuing every ~2.4 cycles (ncu): at most 4096
-  independent (head, column) chains exist at batch 1 (Hq 32, D 128), so the fold cannot spread wider.
+  steps per row. By default (``d2_r2_p16_w1`` of ``FOLD_CANDIDATES``: the best, or within 3% of the
+  best, at every point of ``benchmarks/bench_paged_attention.py --sweep`` on an H200 but one, 5% at
+  32k context and batch 1) each (kv head, request) is folded by 4 one-warp programs (2 D slices x 2
+  row slices), loading partials 16 chunks ahead into registers. The chain is still the price at
+  batch 1 and long context: ~35 us at 32k (512 steps, ~70 ns each), one warp per SM issuing every
+  ~2.4 cycles (ncu): at most 4096 independent (head, column) chains exist at batch 1 (Hq 32, D 128),
+  so the fold cannot spread wider.
 * The decode partials use ~113 KB of shared memory at D = 128 (K and V double-buffered, q, and the
   conversion of the [64, D] partial to a coalesced store): 2 programs per SM. ``num_stages = 3`` (the
   slot load one chunk further ahead) and ~2 programs' worth of chunks per SM
