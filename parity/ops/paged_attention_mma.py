@@ -695,8 +695,13 @@ def paged_attention_extend(
 
 
 @functools.cache
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
+def _properties(index: int):
+    return torch.cuda.get_device_properties(index)
+
+
+def _device_properties(device: torch.device):
+    """The CUDA device's properties, read once per device (the decode launcher consults them per call)."""
+    return _properties(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def _chunks_per_program(work_chunks: int, device: torch.device) -> int:
@@ -705,7 +710,7 @@ def _chunks_per_program(work_chunks: int, device: torch.device) -> int:
     where it does not: fewer, longer pipelines won the sweep over short ones at every size."""
     if device.type != "cuda":
         return 1
-    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    sms = _device_properties(device).multi_processor_count
     return max(1, min(DECODE_MAX_CHUNKS_PER_PROGRAM, -(-work_chunks // (sms * DECODE_PROGRAMS_PER_SM))))
 
 
@@ -773,7 +778,7 @@ def _decode_pdl(option: bool | None, device: torch.device) -> bool:
     """Whether the decode fold is launched as a programmatic dependent of the partials kernel: asked
     for (or ``DECODE_PDL``) and possible (a CUDA GPU of compute capability 9.0 or newer)."""
     want = DECODE_PDL if option is None else option
-    able = device.type == "cuda" and not _interpreting() and torch.cuda.get_device_capability(device)[0] >= 9
+    able = device.type == "cuda" and not _interpreting() and _device_properties(device).major >= 9
     if option and not able:
         raise ValueError("pdl: programmatic dependent launch needs a CUDA GPU of compute capability >= 9.0")
     return want and able
