@@ -154,6 +154,11 @@ def plan_launch(opts: argparse.Namespace, sglang_args: list[str], base_env: dict
     args = ["--model-path", opts.model_path, "--device", device, *sglang_args]
     if device == "cpu" and not has_flag(sglang_args, "--attention-backend"):
         args += ["--attention-backend", "torch_native"]
+    if opts.cuda_graph and not (device == "cuda" and opts.on_policy):
+        raise LaunchError(
+            "--cuda-graph belongs to the GPU on-policy mode (--device cuda): on the CPU SGLang captures no "
+            "CUDA graphs, and with --no-on-policy SGLang's own defaults apply"
+        )
     if device == "cuda" and opts.on_policy:
         args += _gpu_on_policy_args(sglang_args, opts.cuda_graph)
     tp_size = int(flag_value(sglang_args, "--tp-size", "--tp") or 1)

@@ -105,6 +105,10 @@ def test_cuda_graph_is_opt_in_and_conflicts_are_refused():
     opts, rest = parse(["--model-path", "/m", "--device", "cuda", "--cuda-graph", "--disable-cuda-graph"])
     with pytest.raises(LaunchError, match="--cuda-graph and --disable-cuda-graph"):
         plan_launch(opts, rest, {})
+    for other in (["--device", "cpu"], ["--device", "cuda", "--no-on-policy"]):
+        opts, rest = parse(["--model-path", "/m", *other, "--cuda-graph"])
+        with pytest.raises(LaunchError, match="--cuda-graph belongs to the GPU on-policy mode"):
+            plan_launch(opts, rest, {})
 
 
 def test_plugin_takes_the_gpu_patches_on_cuda_only(monkeypatch):
