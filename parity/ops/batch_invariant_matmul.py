@@ -118,7 +118,6 @@ Trade-offs
 
 from __future__ import annotations
 
-import functools
 import os
 from typing import NamedTuple
 
@@ -126,6 +125,8 @@ import torch
 import triton
 import triton.language as tl
 from triton.runtime import _allocation
+
+from parity.ops.device import sm_count
 
 KERNELS = ("ptr", "tma_persistent")  # the two kernels of the family (see "Kernels" above)
 
@@ -502,13 +503,8 @@ def tma_compatible(t: torch.Tensor) -> bool:
 _INTERPRETER_PROGRAMS = 3  # the interpreter's "SMs": few, so that each program runs several tiles
 
 
-@functools.cache
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def _persistent_programs(device: torch.device) -> int:
-    return _sm_count(device) if device.type == "cuda" else _INTERPRETER_PROGRAMS
+    return sm_count(device) if device.type == "cuda" else _INTERPRETER_PROGRAMS
 
 
 def _scratch_allocator(device: torch.device):

@@ -67,6 +67,7 @@ import triton
 import triton.language as tl
 
 from parity import contract
+from parity.ops.device import sm_count
 from parity.ops.rms_norm_pairwise import add_rms_norm_pairwise, launch_options, pairwise_rms_norm_row, to_bf16
 from parity.tp import rank_order_sum
 
@@ -466,7 +467,7 @@ class SymmetricAllReduceAddRMSNorm:
         if precompile and impl == "triton":
             self.compile_s = warm_up_kernel(self.world, hidden, device, fused_norm=fused_norm)
         # The kernel's programs wait for their peers, so all must be resident at once: one per SM at most.
-        self.max_programs = min(max_tokens, torch.cuda.get_device_properties(device).multi_processor_count)
+        self.max_programs = min(max_tokens, sm_count(torch.device(device)))
         self.region = max_tokens * hidden
         self.buffer, self.handle, self.table = _symmetric(
             2 * self.world * self.region, torch.bfloat16, group, device

@@ -102,6 +102,8 @@ import torch
 import triton
 import triton.language as tl
 
+from parity.ops.device import sm_count
+
 # ----------------------------------------------------------------------------------------------------
 # Contract constants. Every fp32 constant below is exactly representable in fp32 (so rounding a
 # Python float to fp32 -- in Triton, numpy or PyTorch -- is exact and cannot differ between them).
@@ -1349,15 +1351,10 @@ def _pairs_ok(x: torch.Tensor, sb: int, sl: int, vocab: int) -> bool:
     return x.dtype == torch.bfloat16 and even and x.data_ptr() % 4 == 0
 
 
-@functools.lru_cache(maxsize=8)
-def _sm_count_of(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def _sm_count(device: torch.device) -> int:
     """Streaming multiprocessors of a CUDA device (the persistent grid is FwdLaunch.stream per SM); 1
     elsewhere (the interpreter), so that small test batches give programs several rows."""
-    return _sm_count_of(device) if device.type == "cuda" else 1
+    return sm_count(device) if device.type == "cuda" else 1
 
 
 def _backward(logits, ids, mask, lse, logp, ratio, ref_lp, ent, g_logp, g_ratio, g_kl, g_ent, temperature,
