@@ -292,7 +292,7 @@ def matmul_table(quick: bool, sweep: bool = False):
 
 
 def partials_table(quick: bool, sweep: bool = False):
-    """The mma decode's partials launch options (chunks per program, pipeline stages) and the fold as a
+    """The mma decode's partials launch options (groups per program, pipeline stages) and the fold as a
     programmatic dependent launch or not, each whole call replayed from a CUDA graph with the default
     fold launch, on the benchmark's randomly permuted slots and on slots in order (a fresh
     cache's allocation; the same K/V values), vs SDPA flash (contiguous KV) replayed likewise."""
@@ -317,12 +317,12 @@ def partials_table(quick: bool, sweep: bool = False):
                 max_chunks=-(-ctx // pam.CONTRACT_CHUNK),
             )  # fmt: skip
             times = {"default": graph_ms(fn)}
-            for cpp in (2, 8) if quick else (1, 2, 4, 8, 16, 32):
+            for gpp in (1, 2) if quick else (1, 2, 3, 4, 8):
                 for stages in (2, 3, 4):
                     for pdl in (False, True):
-                        name = f"cpp{cpp}_s{stages}" + ("_pdl" if pdl else "")
+                        name = f"gpp{gpp}_s{stages}" + ("_pdl" if pdl else "")
                         times[name] = graph_ms(
-                            partial(fn, chunks_per_program=cpp, num_stages=stages, pdl=pdl)
+                            partial(fn, groups_per_program=gpp, num_stages=stages, pdl=pdl)
                         )
             row[layout] = times
             best = min(times, key=times.get)
@@ -334,6 +334,37 @@ def partials_table(quick: bool, sweep: bool = False):
                 flush=True,
             )
         rows.append(row)
+    return rows
+
+
+def groups_table(quick: bool, sweep: bool = False):
+    """The definition's group size (chunks folded in registers by one partials program before the
+    serial fold; part of the contract: each gives other bits) for the mma decode, replayed from CUDA
+    graphs, vs SDPA flash: the data for choosing ``CONTRACT_GROUP``."""
+    del sweep
+    groups = (1, 4, 8, 16)
+    rows = []
+    print(f"\n== decode by group size (ms, CUDA graph; module default {pam.CONTRACT_GROUP}) vs flash g")
+    for ctx in (1024, 32768) if quick else (1024, 4096, 16384, 32768):
+        for bsz in (1, 8) if quick else (1, 8, 64):
+            k, v, r2t = make_pool(bsz, ctx)
+            q = torch.randn(bsz, HQ, D, device=DEV).to(torch.bfloat16)
+            seq = torch.full((bsz,), ctx, dtype=torch.int64, device=DEV)
+            pools = torch.arange(bsz, device=DEV)
+            _, flash_graph, _ = flash_ms(
+                q[:, :, None], contiguous_kv(k, r2t), contiguous_kv(v, r2t), False, graphed=True
+            )
+            fn = partial(
+                pam.paged_attention_decode, q, k, v, r2t, pools, seq, D**-0.5, out=torch.empty_like(q),
+                max_chunks=-(-ctx // pam.CONTRACT_CHUNK),
+            )  # fmt: skip
+            times = {g: graph_ms(partial(fn, group=g)) for g in groups}
+            rows.append(dict(ctx=ctx, batch=bsz, flash_graph=flash_graph, groups=times))
+            print(
+                f"ctx {ctx:>6} batch {bsz:>3}: flash g {flash_graph:.4f}; "
+                + ", ".join(f"group {g} {t:.4f} ({t / flash_graph:.2f}x)" for g, t in times.items()),
+                flush=True,
+            )
     return rows
 
 
@@ -386,14 +417,15 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--json")
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--only", choices=["decode", "extend", "matmul", "profile", "partials"])
+    ap.add_argument("--only", choices=["decode", "extend", "matmul", "profile", "partials", "groups"])
     ap.add_argument("--sweep", action="store_true", help="also time the mma kernels' launch options")
     args = ap.parse_args()
     print(torch.cuda.get_device_name(), "torch", torch.__version__, "triton", triton.__version__, flush=True)
     out = {}
     tables = (("decode", decode_table), ("extend", extend_table), ("matmul", matmul_table))
-    for name, fn in (*tables, ("profile", profile_table), ("partials", partials_table)):
-        if args.only == name or (args.only is None and name not in ("profile", "partials")):
+    extra = (("profile", profile_table), ("partials", partials_table), ("groups", groups_table))
+    for name, fn in (*tables, *extra):
+        if args.only == name or (args.only is None and name not in dict(extra)):
             try:
                 out[name] = fn(args.quick, args.sweep)
             except Exception as exc:  # report and go on: one table failing must not hide the others

@@ -2,7 +2,8 @@
 on random batches up to 32k context (GQA groups 1/4/7/8, head dim 64/128, bf16/fp16), at every position
 of a request, under every launch option; a row's bits do not depend on the other rows of its MMA tile;
 close to float64 attention; full_sequence_attention's gradient against float64; the trainer-side HF
-model's decode loop == its full forward with these kernels; negative control (another chunk size)."""
+model's decode loop == its full forward with these kernels; negative controls (another chunk or
+group size)."""
 
 from __future__ import annotations
 
@@ -127,16 +128,21 @@ def test_decode_equals_extend_equals_trainer_on_random_batches(poison, seed, hq,
         assert err < tol, (i, lengths[i], err)
 
 
-@pytest.mark.parametrize("hq,hkv,d,dtype", CONFIGS[:2] + CONFIGS[3:])
-def test_every_position_and_every_split(poison, hq, hkv, d, dtype):
+@pytest.mark.parametrize(
+    "hq,hkv,d,dtype,contract",
+    [(*c, {}) for c in CONFIGS[:2] + CONFIGS[3:]]
+    + [(*CONFIGS[0], dict(group=3)), (*CONFIGS[3], dict(group=1))],
+)
+def test_every_position_and_every_split(poison, hq, hkv, d, dtype, contract):
     """One 700-token request: every position decoded (one batch) == the prefill rows == prefill after a
-    prefix hit == chunked prefill of odd sizes (tiles and chunks at every alignment), fp32 outputs."""
+    prefix hit == chunked prefill of odd sizes (tiles, chunks and groups at every alignment), fp32
+    outputs; under the module's contract (11 chunks: 2 groups) and groups of 3 and 1 chunks."""
     lengths = [700, 333]
     p = Pool(hq + d, lengths, hq, hkv, d, dtype)
     scale = d**-0.5
 
     def out(n):
-        return {"out": torch.full((n, hq, d), math.nan, device=DEV)}  # fp32, poisoned
+        return {"out": torch.full((n, hq, d), math.nan, device=DEV), **contract}  # fp32, poisoned
 
     want = p.extend([(0, 0, 700)], scale, **out(700))
     dec = p.decode([(0, i) for i in range(700)], scale, **out(700))
@@ -154,7 +160,7 @@ def test_every_position_and_every_split(poison, hq, hkv, d, dtype):
     )  # fmt: skip
     assert_same_bits(got, want[rows], "explicit rows in random order")
     # bf16/fp16 outputs: the fp32 ones rounded once
-    assert_same_bits(p.extend([(0, 0, 700)], scale), want.to(dtype), "16-bit out == fp32 out rounded")
+    assert_same_bits(p.extend([(0, 0, 700)], scale, **contract), want.to(dtype), "16-bit out == fp32 rounded")
 
 
 def test_launch_options_do_not_change_the_bits(poison):
@@ -162,15 +168,15 @@ def test_launch_options_do_not_change_the_bits(poison):
     p = Pool(5, [5000, 77, 1200], hq, hkv, d, torch.bfloat16)
     scale = d**-0.5
     rows = [(0, 4999), (1, 76), (2, 1199), (0, 2047)]
-    want = p.decode(rows, scale, chunks_per_program=1, num_stages=2)
-    for cpp in (2, 3, 16, 40):
+    want = p.decode(rows, scale, groups_per_program=1, num_stages=2)
+    for gpp in (2, 3, 5, 11):
         for stages in (1, 2, 3, 4):
             for pdl in (False, True):
                 got = p.decode(
-                    rows, scale, chunks_per_program=cpp, num_stages=stages, max_chunks=100, pdl=pdl
+                    rows, scale, groups_per_program=gpp, num_stages=stages, max_chunks=100, pdl=pdl
                 )
                 assert_same_bits(
-                    got, want, f"decode: {cpp} chunks/program, {stages} stages, pdl {pdl}, spare chunks"
+                    got, want, f"decode: {gpp} groups/program, {stages} stages, pdl {pdl}, spare chunks"
                 )
     assert_same_bits(p.decode(rows, scale), want, "decode: default options")
     ext = p.extend([(0, 4900, 100), (2, 0, 1200)], scale)
@@ -269,8 +275,9 @@ def test_full_sequence_backward_against_float64():
 
 
 def test_negative_control_another_chunk_size_is_not_bitwise(poison):
-    """What the fixed chunk buys: a decode with 32- or 128-key chunks (another split of the keys, as
-    SGLang's length-dependent split sizes give) is not the extend row. fp32 outputs show every bit."""
+    """What the fixed chunk and group buy: a decode with 32- or 128-key chunks (another split of the
+    keys, as SGLang's length-dependent split sizes give), or with other groups, is not the extend row.
+    fp32 outputs show every bit."""
     hq, hkv, d = 32, 8, 128
     p = Pool(7, [3000], hq, hkv, d, torch.bfloat16)
     scale = d**-0.5
@@ -287,6 +294,12 @@ def test_negative_control_another_chunk_size_is_not_bitwise(poison):
         print(f"decode with chunk {chunk} vs extend with chunk 64: {n} of {want.numel()} differ")
         assert n > 0
         assert (other.double() - want.double()).abs().max().item() < 1e-2  # other bits, same attention
+    for group in (1, 4, 16):  # 47 chunks in groups of another size than the module's 8
+        other = p.decode(rows, scale, group=group, out=torch.full((3, hq, d), math.nan, device=DEV))
+        n = int((bit_view(other) != bit_view(want)).sum())
+        print(f"decode in groups of {group} vs extend in groups of {pam.CONTRACT_GROUP}: {n} differ")
+        assert n > 0
+        assert (other.double() - want.double()).abs().max().item() < 1e-2
 
 
 def test_hf_decode_loop_equals_one_full_forward_with_the_mma_kernels():

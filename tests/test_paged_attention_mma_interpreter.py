@@ -93,17 +93,19 @@ def test_mma_kernels_under_the_triton_interpreter():
     print(proc.stdout)
 
 
-def _check_decode_equals_extend(pam):
+def _check_decode_equals_extend(pam, contract: dict):
     """Three requests (200, 70, 131 keys; Hq 4, Hkv 2, D 64): the extend rows of a mixed batch with
-    prefix hits, the decode rows of other batches, chunked prefill, launch options: one set of bits."""
+    prefix hits, the decode rows of other batches, chunked prefill, launch options: one set of bits,
+    under the definition's ``contract`` (chunk and group sizes: {} is the module's)."""
     lengths = [200, 70, 131]
     c = Cache(1, lengths, 4, 2, 64)
     scale = 0.125
     for out_dtype in (torch.bfloat16, torch.float32):
-        tag = f"{out_dtype} out"
+        tag = f"{out_dtype} out, {contract or 'the module contract'}"
 
         def kw(q_rows, _dt=out_dtype):
-            return {} if _dt == torch.bfloat16 else {"out": torch.full((q_rows, 4, 64), math.nan)}
+            out = {} if _dt == torch.bfloat16 else {"out": torch.full((q_rows, 4, 64), math.nan)}
+            return dict(contract, **out)
 
         # request 0 prefilled from scratch, request 1 after a 5-token prefix hit, request 2 after 100
         ext = c.extend(pam, [(0, 0, 200), (1, 5, 65), (2, 100, 31)], scale, **kw(296))
@@ -131,10 +133,10 @@ def _check_decode_equals_extend(pam):
         assert not torch.isnan(batch.float()).any(), f"{tag}: unwritten (poisoned) decode outputs"
         for i, row in enumerate(rows):
             assert_same_bits(batch[i], ref[row], f"decode {row} in a batch of {len(rows)} vs extend ({tag})")
-        for cpp, max_chunks in ((1, None), (3, 5), (2, 9)):
-            alone = c.decode(pam, [(0, 199)], scale, chunks_per_program=cpp, max_chunks=max_chunks, **kw(1))
-            assert_same_bits(alone[0], ref[(0, 199)], f"decode alone, {cpp} chunks/program ({tag})")
-        sub = c.decode(pam, [(2, 130), (0, 128)], scale, chunks_per_program=2, **kw(2))
+        for gpp, max_chunks in ((1, None), (3, 17), (2, 40)):
+            alone = c.decode(pam, [(0, 199)], scale, groups_per_program=gpp, max_chunks=max_chunks, **kw(1))
+            assert_same_bits(alone[0], ref[(0, 199)], f"decode alone, {gpp} groups/program ({tag})")
+        sub = c.decode(pam, [(2, 130), (0, 128)], scale, groups_per_program=2, **kw(2))
         assert_same_bits(sub, torch.stack([ref[(2, 130)], ref[(0, 128)]]), f"decode sub-batch ({tag})")
         # explicit rows in any order (paged_attention_rows): the same bits
         order = torch.tensor([7, 3, 199, 64, 65, 0, 150])
@@ -156,15 +158,17 @@ def _check_decode_equals_extend(pam):
     return c, ext_bf16[:200]
 
 
-def _check_trainer_full_sequence(pam, c, want0):
-    """The trainer's full-sequence attention (HF layout) gives the server's rows, and its backward is
-    the gradient of attention."""
+def _check_trainer_full_sequence(pam, c, want0, contract: dict):
+    """The trainer's full-sequence attention (HF layout) gives the server's rows (under ``contract``),
+    and its backward is the gradient of attention."""
     k, v = c.full_kv(0, 200)
     q = c.q[:200, 0].permute(1, 0, 2)[None]  # [1, Hq, 200, D]
-    out = pam.full_sequence_attention(q, k, v, 0.125)  # [1, 200, Hq, D]
-    assert_same_bits(out[0], want0, "trainer full sequence vs server rows")
-    tail = pam.full_sequence_attention(q[:, :, 150:], k, v, 0.125)  # the last 50 rows, all keys
-    assert_same_bits(tail[0], want0[150:], "trainer rows 150..199 against the 200 keys")
+    out = pam.full_sequence_attention(q, k, v, 0.125, **contract)  # [1, 200, Hq, D]
+    assert_same_bits(out[0], want0, f"trainer full sequence vs server rows ({contract})")
+    tail = pam.full_sequence_attention(q[:, :, 150:], k, v, 0.125, **contract)  # the last 50 rows
+    assert_same_bits(tail[0], want0[150:], f"trainer rows 150..199 against the 200 keys ({contract})")
+    if contract:
+        return
     # two sequences in one batch (B = 2): each is its own request
     k2, v2 = c.full_kv(2, 131)
     q2 = c.q[:131, 2].permute(1, 0, 2)[None]
@@ -206,8 +210,9 @@ def _check_shapes(pam):
 
 
 def _check_negative_control(pam):
-    """What the fixed chunk buys: a decode with 32- or 128-key chunks (another split of the keys, as
-    SGLang's length-dependent splits give) is not the extend row (fp32 outputs show every bit)."""
+    """What the fixed chunk and group buy: a decode with 32- or 128-key chunks (another split of the
+    keys, as SGLang's length-dependent splits give), or with other groups of 16-key chunks, is not the
+    extend row (fp32 outputs show every bit)."""
     c = Cache(6, [200], 4, 2, 64)
     rows = [(0, 199), (0, 150), (0, 100)]
     want = c.extend(pam, [(0, 0, 200)], 0.125, out=torch.empty(200, 4, 64))
@@ -224,6 +229,16 @@ def _check_negative_control(pam):
             f"negative control: decode with chunk {chunk} vs extend with chunk 64: "
             f"{n} of {want.numel()} differ"
         )
+    want = c.extend(pam, [(0, 0, 200)], 0.125, chunk=16, group=3, out=torch.empty(200, 4, 64))[
+        [199, 150, 100]
+    ]
+    same = c.decode(pam, rows, 0.125, chunk=16, group=3, out=torch.empty(3, 4, 64))
+    assert_same_bits(same, want, "decode vs extend, both 16-key chunks in groups of 3 (fp32 out)")
+    for group in (1, 2, 4):
+        other = c.decode(pam, rows, 0.125, chunk=16, group=group, out=torch.empty(3, 4, 64))
+        n = count_differing(other, want)
+        assert n > 0, f"a decode with groups of {group} should not equal the extend rows (groups of 3)"
+        print(f"negative control: decode with groups of {group} vs extend with groups of 3: {n} differ")
 
 
 def _combine_options(pam, extra=()):
@@ -239,9 +254,10 @@ def _combine_options(pam, extra=()):
 
 
 def _decode_and_fold(pam, c, rows, scale, out_dtype):
-    """Decode ``rows`` (the default fold, poisoned output): (that output, ``fold``), where ``fold(opts)``
-    runs the fold alone with launch options ``opts`` on the same partials (their buffers poisoned
-    before the partials kernel wrote them) into a fresh poisoned output."""
+    """Decode ``rows`` in groups of one chunk (a fold step per chunk: P = 2 .. 32 meet whole blocks and
+    tails at these lengths) with the default fold, poisoned output: (that output, ``fold``), where
+    ``fold(opts)`` runs the fold alone with launch options ``opts`` on the same partials (their buffers
+    poisoned before the partials kernel wrote them) into a fresh poisoned output."""
     captured = []
     launch = pam._launch_combine
 
@@ -251,7 +267,8 @@ def _decode_and_fold(pam, c, rows, scale, out_dtype):
 
     pam._launch_combine = capture
     try:
-        want = c.decode(pam, rows, scale, out=torch.full((len(rows), c.hq, c.d), math.nan, dtype=out_dtype))
+        out = torch.full((len(rows), c.hq, c.d), math.nan, dtype=out_dtype)
+        want = c.decode(pam, rows, scale, group=1, out=out)
     finally:
         pam._launch_combine = launch
     mid, mm, ml, seq, out, chunk, _, pdl = captured[0]
@@ -300,7 +317,9 @@ def _check_combine_options(pam):
                 n += 1
             if len(rows) > 1:  # the public call: the partials, then the fold with the options
                 for launch in some[:2]:
-                    got = c.decode(pam, rows, 0.125, out=torch.full_like(want, math.nan), fold=launch)
+                    got = c.decode(
+                        pam, rows, 0.125, group=1, out=torch.full_like(want, math.nan), fold=launch
+                    )
                     assert_same_bits(got, want, f"decode with {launch}, batch of {len(rows)}, {dt} out")
                     n += 1
     # G = 3 (padded to 4 rows: a row slice with no head), D 32 (4 columns a slice at 8 D slices)
@@ -354,10 +373,13 @@ def _checks():
 
     pam._empty = nan_empty
     t0 = time.monotonic()
-    c, want0 = _check_decode_equals_extend(pam)
-    print(f"  {time.monotonic() - t0:.0f} s", flush=True)
-    _check_trainer_full_sequence(pam, c, want0)
-    print(f"  {time.monotonic() - t0:.0f} s", flush=True)
+    # the module's contract (200 keys: one group of 4 chunks) and 16-key chunks in groups of 3 (13
+    # chunks: 5 groups, the last one short; extend tiles whose rows end in different groups)
+    for contract in ({}, dict(chunk=16, group=3)):
+        c, want0 = _check_decode_equals_extend(pam, contract)
+        print(f"  {time.monotonic() - t0:.0f} s", flush=True)
+        _check_trainer_full_sequence(pam, c, want0, contract)
+        print(f"  {time.monotonic() - t0:.0f} s", flush=True)
     _check_shapes(pam)
     _check_negative_control(pam)
     _check_refusals(pam)
@@ -388,26 +410,31 @@ def _compile_sm90(fn, types: dict, consts: dict, num_stages: int, num_warps: int
 
 
 def _tile_arithmetic(ttgir: str) -> list[list[str]]:
-    """Each copy of the chunk arithmetic in a TTGIR module: the ops from a first tensor-core dot to the
-    wait of the second (scores, row max, exp2, row sum, p @ v), SSA names and locations dropped, layout
-    aliases replaced by their definitions (so layouts compare by value)."""
+    """Each copy of the chunk arithmetic in a TTGIR module: from a first tensor-core dot to the second
+    (scores, row max, exp2, row sum, ``acc * alpha``, p @ v), the ops on floating-point
+    values only (the dots, element-wise ops, reductions, layout conversions), in order; loads, address
+    and index arithmetic, pipelining and the operand lists of the dots' waits (scheduling: which
+    in-flight dots a wait covers) dropped; SSA names and locations dropped, layout aliases replaced by
+    their definitions (so layouts compare by value)."""
     import re
 
     aliases = dict(re.findall(r"^(#\w+) = (#[^\n]*?)(?: loc\(.*\))?$", ttgir, re.M))
-    copies, cur, waits = [], None, 0
+    ops = ("arith.", "math.", '"tt.reduce"', "tt.reduce.return", "}) :", "ttng.warp_group_dot ",
+           "ttg.convert_layout", "tt.broadcast", "tt.expand_dims", "tt.splat")  # fmt: skip
+    copies, cur = [], None
     for line in ttgir.splitlines():
         if "ttng.warp_group_dot " in line and cur is None:
-            cur, waits = [], 0
-        if cur is None:
+            cur = []
+        if cur is None or "warp_group_dot_wait" in line:
             continue
         line = re.sub(r"%[\w#]+", "%", re.sub(r"loc\(.*\)", "", line)).replace(", mutable", "").strip()
-        for a in sorted(aliases, key=len, reverse=True):
-            line = re.sub(re.escape(a) + r"\b", aliases[a], line)
-        if "fence_async_shared" not in line:  # a memory fence (pipelining), no arithmetic
+        op = line.split("= ", 1)[-1]
+        floats = re.search(r"\b(f32|bf16|f16)\b|x(f32|bf16|f16)\b", line) and "!tt.ptr" not in line
+        if op.startswith('"tt.reduce"') or (op.startswith(ops) and floats):
+            for a in sorted(aliases, key=len, reverse=True):
+                line = re.sub(re.escape(a) + r"\b", aliases[a], line)
             cur.append(line)
-        if "warp_group_dot_wait" in line:
-            waits += 1
-            if waits == 2:
+            if op.startswith("ttng.warp_group_dot ") and len(cur) > 1:  # the second dot: p @ v
                 copies.append(cur)
                 cur = None
     return copies
@@ -428,8 +455,10 @@ def test_decode_and_extend_compile_to_the_same_tile_arithmetic_on_sm90():
     ext_types = dict(common, sq_t="i32", SEG="*i32", S="i32", ROW_POS="*i64", n_tiles="i32")
     ext_types.update(OUT="*bf16", so_t="i32", so_h="i32")
     dec_types = dict(common, sq_b="i32", POOL="*i64", SEQ="*i64", MID="*fp32", MM="*fp32", ML="*fp32")
-    dec_types.update(max_chunks="i32", cpp="i32")
-    shape = dict(G=4, D=128, C=pam.CONTRACT_CHUNK, BLOCK_M=pam.BLOCK_M, INTERP=False)
+    dec_types.update(max_groups="i32", gpp="i32")
+    shape = dict(
+        G=4, D=128, C=pam.CONTRACT_CHUNK, GROUP=pam.CONTRACT_GROUP, BLOCK_M=pam.BLOCK_M, INTERP=False
+    )
     ext_consts = dict(shape, SEARCH=pam.SEARCH_BLOCK, HAS_ROW_POS=False, OUT_BF16_INTERP=False)
     dec_consts = dict(shape, PDL=False)
     # the variants a real launch compiles (an int argument equal to 1 becomes a constant) and options
@@ -438,15 +467,15 @@ def test_decode_and_extend_compile_to_the_same_tile_arithmetic_on_sm90():
         "extend, one request": _compile_sm90(pam._extend_kernel, ext_types, dict(ext_consts, S=1), 1),
         "decode, 1 stage": _compile_sm90(pam._decode_partials_kernel, dec_types, dec_consts, 1),
         "decode, 2 stages": _compile_sm90(pam._decode_partials_kernel, dec_types, dec_consts, 2),
-        "decode, 1 chunk/program": _compile_sm90(
-            pam._decode_partials_kernel, dec_types, dict(dec_consts, cpp=1), 3
+        "decode, 1 group/program": _compile_sm90(
+            pam._decode_partials_kernel, dec_types, dict(dec_consts, gpp=1), 3
         ),
         "decode, PDL, 4 stages": _compile_sm90(
             pam._decode_partials_kernel, dec_types, dict(dec_consts, PDL=True), 4
         ),
     }
     copies = {name: _tile_arithmetic(k.asm["ttgir"]) for name, k in kernels.items()}
-    assert [len(c) for c in copies.values()] == [2, 2, 1, 1, 1, 1], {k: len(c) for k, c in copies.items()}
+    assert [len(c) for c in copies.values()] == [1, 1, 1, 1, 1, 1], {k: len(c) for k, c in copies.items()}
     ref = copies["extend"][0]
     assert any("tt.reduce" in line for line in ref) and any("math.exp2" in line for line in ref)
     for name, cs in copies.items():
@@ -476,10 +505,11 @@ def test_decode_fold_launches_compile_for_sm90(name):
     from parity.ops import paged_attention_mma as pam
 
     cfg = pam._combine_config(4, 128, FOLD_CANDIDATES.get(name))
-    types = dict(MID="*fp32", MM="*fp32", ML="*fp32", max_chunks="i32", SEQ="*i64", OUT="*bf16")
+    types = dict(MID="*fp32", MM="*fp32", ML="*fp32", max_groups="i32", SEQ="*i64", OUT="*bf16")
     types.update(so_b="i32", so_h="i32")
     consts = {k: v for k, v in cfg.items() if k not in ("slices", "num_warps")}
-    consts.update(G=4, D=128, C=pam.CONTRACT_CHUNK, PDL=True, INTERP=False, OUT_BF16_INTERP=False)
+    consts.update(G=4, D=128, SPAN=pam.CONTRACT_CHUNK * pam.CONTRACT_GROUP, PDL=True, INTERP=False)
+    consts.update(OUT_BF16_INTERP=False)
     # num_stages 3: Triton's default, as the launch passes none (the loop's own stages are STAGES)
     k = _compile_sm90(pam._decode_combine_kernel, types, consts, 3, cfg["num_warps"])
     ptx = k.asm["ptx"]

@@ -7,25 +7,29 @@ is not IEEE), so its guarantee is GPU == GPU (and interpreter == interpreter), n
 The definition (what decode and extend both compute)
 ----------------------------------------------------
 For a query row at position ``p`` of a request (keys ``0 .. p``), query head ``h`` with kv head
-``h // G`` (``G = Hq / Hkv``), head dim ``D``, ``C = CONTRACT_CHUNK`` (64) and
-``qk_scale = fp32(scale * log2(e))``:
+``h // G`` (``G = Hq / Hkv``), head dim ``D``, ``C = CONTRACT_CHUNK`` (64), ``N = CONTRACT_GROUP`` (4)
+and ``qk_scale = fp32(scale * log2(e))``:
 
 1. The keys are cut into chunks of a **fixed size** ``C``: chunk ``j`` holds positions
-   ``jC .. jC + C - 1``; the row uses chunks ``0 .. p // C`` (lanes ``> p`` invalid). Chunk boundaries
-   depend on positions only, never on the batch, the split count or the number of query rows.
-2. Per chunk, one **tile** of ``BLOCK_M = 64`` query rows x ``D`` (bf16/fp16), ``MMA_NUM_WARPS = 4``:
+   ``jC .. jC + C - 1``; the row uses chunks ``0 .. p // C`` (lanes ``> p`` invalid). The chunks are
+   cut into groups of a **fixed count** ``N``: group ``k`` holds chunks ``kN .. kN + N - 1``.
+   Boundaries depend on positions only, never on the batch, the split count or the number of query
+   rows.
+2. Per group, from ``(m, l, acc) = (-inf, 0, 0)``, its chunks in increasing ``j`` (``_chunk_step``),
+   one **tile** of ``BLOCK_M = 64`` query rows x ``D`` (bf16/fp16), ``MMA_NUM_WARPS = 4``:
 
    - ``s = tl.dot(q_tile, kT_chunk) * qk_scale`` (tensor cores, fp32 accumulate; then one fp32
      multiply); invalid lanes ``-inf``;
-   - ``m = max_n s + 0.0`` (the row max; ``+ 0.0``: never ``-0.0``); ``m_ref = m``, or ``0`` for a row
-     with no valid lane (``-inf``: no ``inf - inf``);
-   - ``p = exp2(s - m_ref)`` (``tl.exp2``: ``ex2.approx``; invalid lanes exactly ``+0``);
-     ``l = tl.sum(p, 1)``; ``acc = tl.dot(p.to(v.dtype), v_chunk)``: its own dot (fresh fp32
-     accumulator), never accumulated into a running sum.
+   - ``m' = max(m, max_n s + 0.0)`` (``+ 0.0``: never ``-0.0``); ``r = m'``, or ``0`` for a row with no
+     valid lane yet (``-inf``: no ``inf - inf``); ``alpha = exp2(m - r)``;
+   - ``p = exp2(s - r)`` (``tl.exp2``: ``ex2.approx``; invalid lanes exactly ``+0``);
+     ``l = l * alpha + tl.sum(p, 1)``;
+   - ``acc = tl.dot(p.to(v.dtype), v_chunk, acc * alpha)``: the tensor cores accumulate into the
+     rescaled accumulator (flash attention's step).
 
-3. The chunk partials ``(m_j, l_j, acc_j)`` are folded in increasing ``j`` from
-   ``(M, L, A) = (-inf, 0, 0)``: ``M' = max(M, m_j)``, ``r = M'`` (``0`` if ``-inf``),
-   ``a = exp2(M - r)``, ``b = exp2(m_j - r)``, ``L = L * a + l_j * b``, ``A = A * a + acc_j * b``
+3. The group partials ``(m_k, l_k, acc_k)`` are folded in increasing ``k`` from
+   ``(M, L, A) = (-inf, 0, 0)``: ``M' = max(M, m_k)``, ``r = M'`` (``0`` if ``-inf``),
+   ``a = exp2(M - r)``, ``b = exp2(m_k - r)``, ``L = L * a + l_k * b``, ``A = A * a + acc_k * b``
    (each product rounded, then the sum: kernels compile with ``enable_fp_fusion=False``).
 4. ``out = div_rn(A, L) + 0.0`` (IEEE division; ``+ 0.0`` turns a ``-0.0`` into ``+0.0``), rounded
    once to the output dtype.
@@ -35,20 +39,23 @@ Why decode == extend bitwise
 * **Extend** (prefill after a cached prefix, and the trainer's full sequence): a tile is up to 64
   consecutive rows of one request and **one query head** (GQA heads are not mixed: each head of a
   group is its own tile, the kv chunk is re-read from L2, as SGLang's extend does). One program walks
-  chunks ``0 .. max_pos // C`` of the tile, computing each partial and folding it at once; a row whose
-  position is before chunk ``j`` keeps its state (a select: chunks after a row's last are not folded).
+  the groups of the tile's last row, computing each group's partial and folding it at once; a row
+  whose position is before group ``k`` keeps its state (a select). Inside a group, a row's chunks
+  past its position have no valid lane: ``alpha = exp2(0) = 1``, ``p = +0``, so they leave its
+  ``(m, l, acc)`` as they were (zero products do not change the accumulation: the second hardware
+  assumption below).
 * **Decode**: a tile is the ``G`` query heads of one kv head of one request (rows ``G .. 63`` padded,
   fully masked: decode is memory-bound, the idle MMA rows are free). Split-KV: programs compute the
-  partials of a few chunks each (``chunks_per_program``, a launch option) and write them in fp32; a
-  second kernel folds them in chunk order with the same ``_combine`` function. How that fold is
+  partials of a few groups each (``groups_per_program``, a launch option) and write them in fp32; a
+  second kernel folds them in group order with the same ``_combine`` function. How that fold is
   spread is a launch option too: a (kv head, request) may be cut into slices of its D columns and
-  of its query heads, each program folding the same chunks in the same order for its slice (``M``
-  and ``L`` recomputed by each with the same ops); the partials may be loaded a few chunks ahead.
+  of its query heads, each program folding the same groups in the same order for its slice (``M``
+  and ``L`` recomputed by each with the same ops); the partials may be loaded a few groups ahead.
 * **Per element, an MMA result depends only on its row of A and its column of B** (each output is a
   dot product; the other rows of the tile never enter it), and its accumulation order depends only
   on the instruction sequence, which ``tl.dot`` fixes from the operand shapes ([64, D] x [D, C] and
-  [64, C] x [C, D]), dtypes and warp count, all identical in both kernels (both call the same
-  ``@triton.jit`` helpers: ``_load_kv`` -> ``_chunk_partial`` -> ``_combine``). So the row's scores
+  [64, C] x [C, D] into [64, D]), dtypes and warp count, all identical in both kernels (both call the
+  same ``@triton.jit`` helpers: ``_load_kv`` -> ``_chunk_step`` (-> ``_combine``)). So the row's scores
   are the same bits in a decode tile (with its padded rows) and in an extend tile (with its
   neighbours), and so are ``acc`` (its ``p`` row is the same; invalid lanes have ``p = +0`` in both,
   whatever V holds there: zero products do not change a non-zero sum, and the sign of a zero result
@@ -59,15 +66,15 @@ Why decode == extend bitwise
 * Everything after the reductions is element-wise fp32 (``max``, ``-``, ``exp2``, ``*``, ``+``,
   ``div_rn``): the same ops on the same values give the same bits in any layout and in any kernel,
   and a partial stored to memory in fp32 and reloaded is exact. Fusion into fma is disabled.
-* Launch options (chunks per decode program, ``num_stages`` pipelining, the fold's :class:`FoldLaunch`
+* Launch options (groups per decode program, ``num_stages`` pipelining, the fold's :class:`FoldLaunch`
   slices, prefetch, stages, unrolling and warps) change the schedule, never the instruction sequence
   of a chunk's arithmetic nor the order of the fold: they do not change the bits. ``BLOCK_M``, ``C``
-  and ``MMA_NUM_WARPS`` are part of the definition (``num_warps`` other than 4 is refused).
+  ``N`` and ``MMA_NUM_WARPS`` are part of the definition (``num_warps`` other than 4 is refused).
 
 Checked without a GPU: ``tests/test_paged_attention_mma_interpreter.py`` compiles both kernels for
 sm_90 (H100/H200) and asserts that every copy of the chunk arithmetic (first dot .. second dot: wgmma
-m64n64k16 / m64n128k16, the row max and sum on one MMA register layout, exp2, casts) is one TTGIR in
-the extend kernel's two loops and in the decode kernel at any ``num_stages``, and that the PTX has no
+m64n64k16 / m64n128k16, the row max and sum on one MMA register layout, exp2, the rescale, casts) is
+one TTGIR in the extend kernel and in the decode kernel at any ``num_stages``, and that the PTX has no
 fma (``num_warps = 8`` would change the layout: the check catches it). On the GPU
 (``tests/test_paged_attention_mma_gpu.py``): decode == extend at every position and split, a row's bits
 unchanged when the other rows of its tile change, random batches to 32k context. Two assumptions about
@@ -92,62 +99,73 @@ Trade-offs
 * Tensor cores for both products: extend runs at flash-attention-like speed (two [64, 64]-ish MMAs per
   chunk and tile) instead of the CUDA-core trees. The price over SGLang's extend: a fixed 64-row tile
   (SGLang uses 128 on Hopper), the un-fused ``A * a + acc * b`` fold ([64, D] extra multiplies per
-  chunk) and no fma.
-* Decode writes ``D + 2`` fp32 per chunk and query head (~6% of the KV bytes at ``G = 4``, D = 128,
-  read once more) and folds them in order in a second kernel: a serial chain of ``ceil(len / 64)``
-  steps per row. By default (``d2_r2_p16_w1`` of ``FOLD_CANDIDATES``: the best, or within 3% of the
-  best, at every point of ``benchmarks/bench_paged_attention.py --sweep`` on an H200 but one, 5% at
-  32k context and batch 1) each (kv head, request) is folded by 4 one-warp programs (2 D slices x 2
-  row slices), loading partials 16 chunks ahead into registers. The chain is still the price at
-  batch 1 and long context: ~35 us at 32k (512 steps, ~70 ns each), one warp per SM issuing every
-  ~2.4 cycles (ncu): at most 4096 independent (head, column) chains exist at batch 1 (Hq 32, D 128),
-  so the fold cannot spread wider.
+  group) and no fma.
+* **Why groups** (``N``): decode cannot fold a row's chunks in one program without giving up split-KV
+  parallelism, so each chunk's partial used to be written and folded by a second kernel, a serial
+  chain of ``ceil(len / 64)`` steps: at batch 1 and 32k context that chain alone took ~35 us of the
+  decode's ~93 (flash: 58), one warp per SM issuing every ~2.4 cycles (ncu; at most 4096 independent
+  (head, column) chains exist at batch 1, Hq 32, D 128, so it cannot spread wider). In groups, the
+  chunks of a group are accumulated by one program the flash way (no partial written, no fold step)
+  and only the groups are folded: a chain of ``ceil(len / (64 N))`` steps and ``N`` times fewer
+  partials (``D + 2`` fp32 per group and query head). The price is split-KV parallelism at short
+  context and small batch: a (kv head, request) has ``ceil(len / (64 N))`` programs' worth of work.
+  On the H200 (``--only groups``, decode from CUDA graphs vs flash, a first version that restarted
+  the pipeline at every group): N = 4 was within 0.81-1.16x of flash at 1k and 4k context, batch 1 /
+  8 / 64, where N = 1 (no groups) was 0.81-1.53x, N = 8 0.79-1.55x (1k batch 1: 16 programs) and
+  N = 16 0.75-2.49x. The groups change the bits, so N is part of the definition.
+* The fold kernel is spread by :class:`FoldLaunch` (default ``d2_r2_p16_w1`` of ``FOLD_CANDIDATES``:
+  the best, or within 3% of the best, at every point of ``benchmarks/bench_paged_attention.py
+  --sweep`` on an H200 but one, measured with one chunk per group): each (kv head, request) folded by
+  4 one-warp programs (2 D slices x 2 row slices), loading partials 16 groups ahead into registers.
 * The decode partials use ~113 KB of shared memory at D = 128 (K and V double-buffered, q, and the
   conversion of the [64, D] partial to a coalesced store): 2 programs per SM. ``num_stages = 3`` (the
-  slot load one chunk further ahead) and ~2 programs' worth of chunks per SM
-  (``_chunks_per_program``) were the best of the sweep (``--only partials``): batch 8 / 16k ~1.5x
-  flash, batch 64 ~0.9x.
-* The extend kernel uses ~255 registers per thread at D = 128 (no spills on sm_90): 2 programs per SM.
+  slot load one chunk further ahead) and ~2 programs' worth of work per SM (``_groups_per_program``)
+  were the best of the sweep (``--only partials``, one chunk per group).
+* The extend kernel uses ~252 registers per thread at D = 128 (no spills on sm_90 at its launches):
+  2 programs per SM.
 * ``out`` may be passed as a float32 tensor: the unrounded ``A / L`` (tests use it to see every bit).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import torch
 import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
+from parity.ops.device import device_properties, sm_count
 from parity.ops.paged_attention import _attention_fp32, _check, _full_sequence_rows, _inner_unit, _store_rows
 from parity.ops.paged_attention import extend_rows as extend_rows  # same helper, re-exported
 from parity.ops.policy_loss import _interpreting
 
 CONTRACT_CHUNK = 64  # keys per chunk (part of the definition: changes the bits)
+CONTRACT_GROUP = 4  # chunks per group (part of the definition: changes the bits)
 BLOCK_M = 64  # query rows per MMA tile, decode and extend (part of the definition)
 MMA_NUM_WARPS = 4  # warps of every kernel that runs the tile's dots (part of the definition)
 
 # Launch options (never change the bits).
 DECODE_NUM_STAGES = 3  # the partials' pipeline (3: the slot ids one chunk ahead of K and V)
 DECODE_PROGRAMS_PER_SM = 2  # resident partials programs per SM (shared memory: ~113 KB each at D = 128)
-DECODE_MAX_CHUNKS_PER_PROGRAM = 32
+DECODE_MAX_GROUPS_PER_PROGRAM = 8  # 32 chunks
 # The fold kernel launched as a programmatic dependent of the partials (sm_90+: it starts while the
-# partials' last programs run and waits on ``griddepcontrol.wait`` before reading them).
-DECODE_PDL = True
+# partials' last programs run and waits on ``griddepcontrol.wait`` before reading them). Off: on the
+# H200 it was 1-3% slower at the same partials launch (--only partials, one chunk per group: 32k
+# batch 1 0.0986 vs 0.0957 ms, 16k batch 8 0.2167 vs 0.2126).
+DECODE_PDL = False
 EXTEND_NUM_STAGES = 2
 
 
 @dataclasses.dataclass(frozen=True)
 class FoldLaunch:
     """How the decode fold (``_decode_combine_kernel``) is spread and its loads issued: launch options,
-    never the bits (every program folds its rows' and columns' chunks in chunk order with ``_combine``).
+    never the bits (every program folds its rows' and columns' groups in group order with ``_combine``).
     The defaults are the H200 sweep's pick, ``d2_r2_p16_w1`` (the module docstring)."""
 
     d_slices: int = 2  # programs per (kv head, request) over the D columns: a power of two <= D
     row_slices: int = 2  # ... over the G query heads: a power of two <= G's next power of two
-    prefetch: int = 16  # P > 0: partials loaded P chunks ahead into registers; 0: the pipelined loop
+    prefetch: int = 16  # P > 0: partials loaded P groups ahead into registers; 0: the pipelined loop
     num_warps: int = 1  # a power of two <= 16
     num_stages: int = 6  # the pipelined loop's stages (prefetch 0)
     unroll: int = 8  # the pipelined loop's unrolled steps (prefetch 0)
@@ -166,7 +184,7 @@ FOLD_CANDIDATES: dict[str, FoldLaunch] = {
     for f in (
         FoldLaunch(d, r, p, w, *((s, u) if s else ()))
         for d, r, p, s, u, w in (
-            # d, r: D / row slices; p: chunks loaded ahead (0: pipelined loop, s stages, u unrolled); w: warps
+            # d, r: D / row slices; p: groups loaded ahead (0: pipelined loop, s stages, u unrolled); w: warps
             (1, 1, 0, 3, 4, 4), (1, 1, 0, 4, 8, 4), (1, 1, 0, 6, 8, 4), (1, 1, 0, 8, 4, 4),
             (2, 1, 0, 6, 8, 2), (4, 1, 0, 4, 8, 1), (4, 1, 0, 8, 8, 1), (8, 1, 0, 8, 8, 1),
             (1, 1, 8, 0, 0, 4), (2, 1, 8, 0, 0, 2), (2, 1, 16, 0, 0, 2), (4, 1, 8, 0, 0, 1),
@@ -237,24 +255,36 @@ def _load_kv(
 
 
 @triton.jit
-def _chunk_partial(q, kT, v, row_lim, j, qk_scale, C: tl.constexpr, INTERP: tl.constexpr):
-    """(m, l, acc) of chunk j for the tile's rows: q [BLOCK_M, D], kT [D, C], v [C, D]; row i attends
-    to positions < row_lim[i]. One code path for decode and extend (module docstring)."""
+def _chunk_step(q, kT, v, row_lim, j, qk_scale, m, l_sum, acc, C: tl.constexpr, INTERP: tl.constexpr):
+    """Chunk j folded into its group's running (m, l, acc) for the tile's rows: q [BLOCK_M, D], kT [D, C],
+    v [C, D]; row i attends to positions < row_lim[i]. The second dot accumulates into ``acc * alpha``
+    (the tensor cores' fp32 accumulator). One code path for decode and extend (module docstring)."""
     s = tl.dot(_operand(q, INTERP), _operand(kT, INTERP))  # [BLOCK_M, C], fp32 accumulate
     s = s * qk_scale
     lane = j * C + tl.arange(0, C)
     s = tl.where(lane[None, :] < row_lim[:, None], s, float("-inf"))
-    m = tl.max(s, 1) + 0.0
-    m_ref = tl.where(m == float("-inf"), 0.0, m)  # a row without valid lanes: p = exp2(-inf) = 0
-    p = tl.exp2(s - m_ref[:, None])
-    l_sum = tl.sum(p, 1)
-    acc = tl.dot(_round_to(p, v.dtype, INTERP), _operand(v, INTERP))  # its own dot: fresh accumulator
-    return m, l_sum, acc
+    m_new = tl.maximum(m, tl.max(s, 1) + 0.0)  # (+ 0.0: never -0.0)
+    r = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row without valid lanes yet: no inf - inf
+    alpha = tl.exp2(m - r)
+    p = tl.exp2(s - r[:, None])
+    l_sum = l_sum * alpha + tl.sum(p, 1)
+    acc = tl.dot(_round_to(p, v.dtype, INTERP), _operand(v, INTERP), acc * alpha[:, None])
+    return m_new, l_sum, acc
+
+
+@triton.jit
+def _fresh(BLOCK_M: tl.constexpr, D: tl.constexpr):
+    """A group's running (m, l, acc) before its first chunk: (-inf, 0, 0)."""
+    return (
+        tl.full([BLOCK_M], float("-inf"), tl.float32),
+        tl.zeros([BLOCK_M], tl.float32),
+        tl.zeros([BLOCK_M, D], tl.float32),
+    )
 
 
 @triton.jit
 def _combine(M, L, A, m, l_sum, acc):
-    """Fold one chunk's partial into the running (M, L, A): element-wise, products rounded first."""
+    """Fold one group's partial into the running (M, L, A): element-wise, products rounded first."""
     m_new = tl.maximum(M, m)
     r = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that saw no valid lane yet: no inf - inf
     a = tl.exp2(M - r)
@@ -266,20 +296,23 @@ def _combine(M, L, A, m, l_sum, acc):
 
 @triton.jit
 def _extend_step(
-    q, R2T, pool, stride_r, j, lim, K, V, sk_t, sk_h, sv_t, sv_h, kvh, row_lim, qk_scale, M, L, A, pos,
-    GUARD: tl.constexpr, C: tl.constexpr, D: tl.constexpr, INTERP: tl.constexpr,
+    q, R2T, pool, stride_r, j, n_all, lim, K, V, sk_t, sk_h, sv_t, sv_h, kvh, row_lim, qk_scale, M, L, A,
+    m, l_sum, acc, pos, BLOCK_M: tl.constexpr, C: tl.constexpr, D: tl.constexpr, GROUP: tl.constexpr,
+    INTERP: tl.constexpr,
 ):  # fmt: skip
-    """Chunk j of an extend tile: its partial (decode's code) folded at once (decode's fold). With
-    GUARD, rows whose position is before the chunk keep their state (they do not use chunk j)."""
+    """Chunk j of an extend tile folded into its group (decode's code); after a group's last chunk,
+    the group folded into the rows' state (the decode fold's code) and a fresh group begun. Rows whose
+    position is before the group keep their state (they do not use it)."""
     kT, v = _load_kv(R2T, pool, stride_r, j, lim, K, V, sk_t, sk_h, sv_t, sv_h, kvh, C, D)
-    m, l_sum, acc = _chunk_partial(q, kT, v, row_lim, j, qk_scale, C, INTERP)
-    M2, L2, A2 = _combine(M, L, A, m, l_sum, acc)
-    if GUARD:
-        use = j * C <= pos
-        M2 = tl.where(use, M2, M)
-        L2 = tl.where(use, L2, L)
-        A2 = tl.where(use[:, None], A2, A)
-    return M2, L2, A2
+    m, l_sum, acc = _chunk_step(q, kT, v, row_lim, j, qk_scale, m, l_sum, acc, C, INTERP)
+    if (j + 1) % GROUP == 0 or j + 1 == n_all:
+        M2, L2, A2 = _combine(M, L, A, m, l_sum, acc)
+        use = (j // GROUP) * GROUP * C <= pos
+        M = tl.where(use, M2, M)
+        L = tl.where(use, L2, L)
+        A = tl.where(use[:, None], A2, A)
+        m, l_sum, acc = _fresh(BLOCK_M, D)
+    return M, L, A, m, l_sum, acc
 
 
 @triton.jit
@@ -299,8 +332,8 @@ def _extend_kernel(
     SEG, S, ROW_POS, n_tiles,
     OUT, so_t, so_h,
     qk_scale,
-    G: tl.constexpr, D: tl.constexpr, C: tl.constexpr, BLOCK_M: tl.constexpr, SEARCH: tl.constexpr,
-    HAS_ROW_POS: tl.constexpr, INTERP: tl.constexpr, OUT_BF16_INTERP: tl.constexpr,
+    G: tl.constexpr, D: tl.constexpr, C: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
+    SEARCH: tl.constexpr, HAS_ROW_POS: tl.constexpr, INTERP: tl.constexpr, OUT_BF16_INTERP: tl.constexpr,
 ):  # fmt: skip
     """Extend / full sequence: one program per (row tile, query head). SEG [5, S] (int32) describes
     the segments (runs of rows of one request): first row, rows, pool row, position of the first row,
@@ -331,7 +364,6 @@ def _extend_kernel(
     pos = tl.where(rmask, pos, -1)
     row_lim = pos + 1  # padded rows: 0 (no valid lane)
     p_max = tl.max(pos, 0)
-    p_min = tl.min(tl.where(rmask, pos, 2147483647), 0)
     kvh = h // G
     offs_d = tl.arange(0, D)
     q = tl.load(Q + rows[:, None] * sq_t + h * sq_h + offs_d[None, :], mask=rmask[:, None], other=0.0)
@@ -340,40 +372,42 @@ def _extend_kernel(
     A = tl.zeros([BLOCK_M, D], tl.float32)
     lim = p_max + 1
     n_all = p_max // C + 1  # chunks of the last row
-    n_full = p_min // C + 1  # chunks every row of the tile uses (no row guard)
-    if INTERP:  # the interpreter cannot run range() to a loaded bound: the same steps in while loops
+    m, l_sum, acc = _fresh(BLOCK_M, D)
+    if INTERP:  # the interpreter cannot run range() to a loaded bound: the same steps in a while loop
         j = 0
-        while j < n_full:
-            M, L, A = _extend_step(q, R2T, pool, stride_r, j, lim, K, V, sk_t, sk_h, sv_t, sv_h, kvh,
-                                   row_lim, qk_scale, M, L, A, pos, False, C, D, INTERP)  # fmt: skip
-            j += 1
         while j < n_all:
-            M, L, A = _extend_step(q, R2T, pool, stride_r, j, lim, K, V, sk_t, sk_h, sv_t, sv_h, kvh,
-                                   row_lim, qk_scale, M, L, A, pos, True, C, D, INTERP)  # fmt: skip
+            M, L, A, m, l_sum, acc = _extend_step(
+                q, R2T, pool, stride_r, j, n_all, lim, K, V, sk_t, sk_h, sv_t, sv_h, kvh, row_lim, qk_scale,
+                M, L, A, m, l_sum, acc, pos, BLOCK_M, C, D, GROUP, INTERP,
+            )  # fmt: skip
             j += 1
     else:
-        for j in range(0, n_full):
-            M, L, A = _extend_step(q, R2T, pool, stride_r, j, lim, K, V, sk_t, sk_h, sv_t, sv_h, kvh,
-                                   row_lim, qk_scale, M, L, A, pos, False, C, D, INTERP)  # fmt: skip
-        for j in range(n_full, n_all):
-            M, L, A = _extend_step(q, R2T, pool, stride_r, j, lim, K, V, sk_t, sk_h, sv_t, sv_h, kvh,
-                                   row_lim, qk_scale, M, L, A, pos, True, C, D, INTERP)  # fmt: skip
+        for j in range(0, n_all):
+            M, L, A, m, l_sum, acc = _extend_step(
+                q, R2T, pool, stride_r, j, n_all, lim, K, V, sk_t, sk_h, sv_t, sv_h, kvh, row_lim, qk_scale,
+                M, L, A, m, l_sum, acc, pos, BLOCK_M, C, D, GROUP, INTERP,
+            )  # fmt: skip
     o = _finish(A, L)
     _store_rows(OUT + rows[:, None] * so_t + h * so_h + offs_d[None, :], o, rmask[:, None], OUT_BF16_INTERP)
 
 
 @triton.jit
-def _decode_partial_step(
-    q, R2T, pool, stride_r, j, seq, K, V, sk_t, sk_h, sv_t, sv_h, kvh, row_lim, qk_scale,
-    MID, MM, ML, base, g, gmask, G: tl.constexpr, C: tl.constexpr, D: tl.constexpr, INTERP: tl.constexpr,
+def _decode_step(
+    q, R2T, pool, stride_r, j, j1, seq, K, V, sk_t, sk_h, sv_t, sv_h, kvh, row_lim, qk_scale, m, l_sum, acc,
+    MID, MM, ML, base, g, gmask, G: tl.constexpr, BLOCK_M: tl.constexpr, C: tl.constexpr, D: tl.constexpr,
+    GROUP: tl.constexpr, INTERP: tl.constexpr,
 ):  # fmt: skip
-    """Decode stage 1: chunk j's partial for the G heads (the extend's code), written in fp32."""
+    """Decode stage 1: chunk j folded into its group (the extend's code); after a group's last chunk
+    (or the program's last), the group's partial written in fp32 and a fresh group begun."""
     kT, v = _load_kv(R2T, pool, stride_r, j, seq, K, V, sk_t, sk_h, sv_t, sv_h, kvh, C, D)
-    m, l_sum, acc = _chunk_partial(q, kT, v, row_lim, j, qk_scale, C, INTERP)
-    off = (base + j) * G + g  # partials laid out [B, Hkv, chunks, G, (D)]
-    tl.store(MM + off, m, mask=gmask)
-    tl.store(ML + off, l_sum, mask=gmask)
-    tl.store(MID + off[:, None] * D + tl.arange(0, D)[None, :], acc, mask=gmask[:, None])
+    m, l_sum, acc = _chunk_step(q, kT, v, row_lim, j, qk_scale, m, l_sum, acc, C, INTERP)
+    if (j + 1) % GROUP == 0 or j + 1 == j1:
+        off = (base + j // GROUP) * G + g  # partials laid out [B, Hkv, groups, G, (D)]
+        tl.store(MM + off, m, mask=gmask)
+        tl.store(ML + off, l_sum, mask=gmask)
+        tl.store(MID + off[:, None] * D + tl.arange(0, D)[None, :], acc, mask=gmask[:, None])
+        m, l_sum, acc = _fresh(BLOCK_M, D)
+    return m, l_sum, acc
 
 
 @triton.jit
@@ -381,14 +415,15 @@ def _decode_partials_kernel(
     Q, sq_b, sq_h,
     K, sk_t, sk_h, V, sv_t, sv_h,
     R2T, stride_r, POOL, SEQ,
-    MID, MM, ML, max_chunks, cpp,
+    MID, MM, ML, max_groups, gpp,
     qk_scale,
-    G: tl.constexpr, D: tl.constexpr, C: tl.constexpr, BLOCK_M: tl.constexpr, PDL: tl.constexpr,
-    INTERP: tl.constexpr,
+    G: tl.constexpr, D: tl.constexpr, C: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
+    PDL: tl.constexpr, INTERP: tl.constexpr,
 ):  # fmt: skip
-    """Decode stage 1: one program per (block of ``cpp`` chunks, kv head, request); the tile's rows
-    are the kv head's G query heads (padded to BLOCK_M with rows that attend to nothing). PDL: let the
-    fold kernel launch once every program has started (it waits for this grid's end to read)."""
+    """Decode stage 1: one program per (block of ``gpp`` groups, kv head, request) writes each group's
+    partial (the extend's code) in fp32; the tile's rows are the kv head's G query heads (padded to
+    BLOCK_M with rows that attend to nothing). PDL: let the fold kernel launch once every program has
+    started (it waits for this grid's end to read)."""
     if PDL:
         gdc_launch_dependents()
     blk = tl.program_id(0)
@@ -396,10 +431,11 @@ def _decode_partials_kernel(
     b = tl.program_id(2).to(tl.int64)
     seq = tl.load(SEQ + b).to(tl.int32)
     n_chunks = (seq + C - 1) // C
-    j0 = blk * cpp
-    if j0 >= n_chunks:  # past this request's last chunk (the grid covers the longest request)
+    n_groups = (n_chunks + GROUP - 1) // GROUP
+    g0 = blk * gpp
+    if g0 >= n_groups:  # past this request's last group (the grid covers the longest request)
         return
-    j1 = tl.minimum(j0 + cpp, n_chunks)
+    g1 = tl.minimum(g0 + gpp, n_groups)
     g = tl.arange(0, BLOCK_M)
     gmask = g < G
     offs_d = tl.arange(0, D)
@@ -408,22 +444,28 @@ def _decode_partials_kernel(
     )
     row_lim = tl.where(gmask, seq, 0)
     pool = tl.load(POOL + b).to(tl.int64)
-    base = (b * tl.num_programs(1) + kvh) * max_chunks
+    base = (b * tl.num_programs(1) + kvh) * max_groups
+    j1 = tl.minimum(g1 * GROUP, n_chunks)
+    m, l_sum, acc = _fresh(BLOCK_M, D)
     if INTERP:
-        j = j0
+        j = g0 * GROUP
         while j < j1:
-            _decode_partial_step(q, R2T, pool, stride_r, j, seq, K, V, sk_t, sk_h, sv_t, sv_h, kvh, row_lim,
-                                 qk_scale, MID, MM, ML, base, g, gmask, G, C, D, INTERP)  # fmt: skip
+            m, l_sum, acc = _decode_step(
+                q, R2T, pool, stride_r, j, j1, seq, K, V, sk_t, sk_h, sv_t, sv_h, kvh, row_lim, qk_scale,
+                m, l_sum, acc, MID, MM, ML, base, g, gmask, G, BLOCK_M, C, D, GROUP, INTERP,
+            )  # fmt: skip
             j += 1
     else:
-        for j in range(j0, j1):
-            _decode_partial_step(q, R2T, pool, stride_r, j, seq, K, V, sk_t, sk_h, sv_t, sv_h, kvh, row_lim,
-                                 qk_scale, MID, MM, ML, base, g, gmask, G, C, D, INTERP)  # fmt: skip
+        for j in range(g0 * GROUP, j1):
+            m, l_sum, acc = _decode_step(
+                q, R2T, pool, stride_r, j, j1, seq, K, V, sk_t, sk_h, sv_t, sv_h, kvh, row_lim, qk_scale,
+                m, l_sum, acc, MID, MM, ML, base, g, gmask, G, BLOCK_M, C, D, GROUP, INTERP,
+            )  # fmt: skip
 
 
 @triton.jit
 def _load_partial(MID, MM, ML, off, mask, offs_d, D: tl.constexpr):
-    """Chunk partials (m, l, acc) at rows ``off`` (a chunk's ``(base + j) * G + g``), columns ``offs_d``
+    """Group partials (m, l, acc) at rows ``off`` (a group's ``(base + j) * G + g``), columns ``offs_d``
     of acc; masked rows read (-inf, 0, 0)."""
     m = tl.load(MM + off, mask=mask, other=float("-inf"))
     l_sum = tl.load(ML + off, mask=mask, other=0.0)
@@ -433,46 +475,46 @@ def _load_partial(MID, MM, ML, off, mask, offs_d, D: tl.constexpr):
 
 @triton.jit
 def _combine_step(MID, MM, ML, off, gmask, offs_d, M, L, A, D: tl.constexpr):
-    """Decode stage 2: load one chunk's partial and fold it in (the extend's fold)."""
+    """Decode stage 2: load one group's partial and fold it in (the extend's fold)."""
     m, l_sum, acc = _load_partial(MID, MM, ML, off, gmask, offs_d, D)
     return _combine(M, L, A, m, l_sum, acc)
 
 
 @triton.jit
 def _prefetched_steps(
-    MID, MM, ML, base, j, n_chunks, g, gmask, offs_d, M, L, A, buf,
+    MID, MM, ML, base, j, n_groups, g, gmask, offs_d, M, L, A, buf,
     G: tl.constexpr, D: tl.constexpr, P: tl.constexpr, BOUNDED: tl.constexpr,
 ):  # fmt: skip
-    """Chunks j .. j + P - 1 folded in order from ``buf`` (their partials, a tuple of P loaded during
-    the previous block); after chunk j + i's fold, chunk j + i + P's load (past the request: masked,
+    """Groups j .. j + P - 1 folded in order from ``buf`` (their partials, a tuple of P loaded during
+    the previous block); after group j + i's fold, group j + i + P's load (past the request: masked,
     no traffic) into the registers that fold has read. A block's loads are used by the next block:
     about P steps of the chain between a load and its use (ptxas may group a block's loads towards
     its end, after the folds' last reads of their registers). The fold is ``_combine``: the same ops
-    in the same order as the plain loop. Without BOUNDED the caller knows chunks j + P .. j + 2P - 1
-    exist (no per-chunk bound check: fewer instructions per step of the chain)."""
+    in the same order as the plain loop. Without BOUNDED the caller knows groups j + P .. j + 2P - 1
+    exist (no per-group bound check: fewer instructions per step of the chain)."""
     nxt = ()
     for i in tl.static_range(P):
         m, l_sum, acc = buf[i]
         M, L, A = _combine(M, L, A, m, l_sum, acc)
         jn = j + P + i
-        mask = gmask & (jn < n_chunks) if BOUNDED else gmask
+        mask = gmask & (jn < n_groups) if BOUNDED else gmask
         nxt = nxt + (_load_partial(MID, MM, ML, (base + jn) * G + g, mask, offs_d, D),)
     return M, L, A, nxt
 
 
 @triton.jit
 def _decode_combine_kernel(
-    MID, MM, ML, max_chunks,
+    MID, MM, ML, max_groups,
     SEQ, OUT, so_b, so_h,
-    G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, C: tl.constexpr, GR: tl.constexpr,
+    G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, SPAN: tl.constexpr, GR: tl.constexpr,
     DS: tl.constexpr, PREFETCH: tl.constexpr, STAGES: tl.constexpr, UNROLL: tl.constexpr,
     PDL: tl.constexpr, INTERP: tl.constexpr, OUT_BF16_INTERP: tl.constexpr,
 ):  # fmt: skip
-    """Decode stage 2: one program per (kv head, request, slice) folds the G heads' partials in chunk
+    """Decode stage 2: one program per (kv head, request, slice) folds the G heads' group partials in
     order. A slice is GR of the GP rows and DS of the D columns (launch options: every slice runs the
     same fold on its rows and columns; M and L are recomputed alike by the programs of a row). With
     PREFETCH = 0 the loads go through Triton's pipeliner (``STAGES``, ``UNROLL``); with PREFETCH = P
-    they are issued P chunks ahead into registers (``_prefetched_steps``). PDL: launched as a
+    they are issued P groups ahead into registers (``_prefetched_steps``). PDL: launched as a
     programmatic dependent of the partials kernel: wait for it to finish before reading partials."""
     kvh = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
@@ -484,8 +526,8 @@ def _decode_combine_kernel(
         offs_d += (s % (D // DS)) * DS
     gmask = g < G
     seq = tl.load(SEQ + b).to(tl.int32)
-    n_chunks = (seq + C - 1) // C
-    base = (b * tl.num_programs(0) + kvh) * max_chunks
+    n_groups = (seq + SPAN - 1) // SPAN
+    base = (b * tl.num_programs(0) + kvh) * max_groups
     if PDL:
         gdc_wait()  # the partials kernel has finished and its stores are visible
     M = tl.full([GR], float("-inf"), tl.float32)
@@ -494,34 +536,34 @@ def _decode_combine_kernel(
     if PREFETCH > 0:
         buf = ()
         for i in tl.static_range(PREFETCH):
-            buf = buf + (_load_partial(MID, MM, ML, (base + i) * G + g, gmask & (i < n_chunks), offs_d, D),)
-        n_full = n_chunks // PREFETCH * PREFETCH
+            buf = buf + (_load_partial(MID, MM, ML, (base + i) * G + g, gmask & (i < n_groups), offs_d, D),)
+        n_full = n_groups // PREFETCH * PREFETCH
         # blocks whose next block is whole (no bound checks), then the last whole block (checked)
         n_safe = tl.maximum(n_full - PREFETCH, 0)
         if INTERP:
             j = 0
             while j < n_safe:
-                M, L, A, buf = _prefetched_steps(MID, MM, ML, base, j, n_chunks, g, gmask, offs_d, M, L, A,
+                M, L, A, buf = _prefetched_steps(MID, MM, ML, base, j, n_groups, g, gmask, offs_d, M, L, A,
                                                  buf, G, D, PREFETCH, False)  # fmt: skip
                 j += PREFETCH
         else:
             for j in tl.range(0, n_safe, PREFETCH, num_stages=1):
-                M, L, A, buf = _prefetched_steps(MID, MM, ML, base, j, n_chunks, g, gmask, offs_d, M, L, A,
+                M, L, A, buf = _prefetched_steps(MID, MM, ML, base, j, n_groups, g, gmask, offs_d, M, L, A,
                                                  buf, G, D, PREFETCH, False)  # fmt: skip
         if n_safe < n_full:
-            M, L, A, buf = _prefetched_steps(MID, MM, ML, base, n_safe, n_chunks, g, gmask, offs_d, M, L, A,
+            M, L, A, buf = _prefetched_steps(MID, MM, ML, base, n_safe, n_groups, g, gmask, offs_d, M, L, A,
                                              buf, G, D, PREFETCH, True)  # fmt: skip
-        for i in tl.static_range(PREFETCH - 1):  # the last n_chunks - n_full chunks, already loaded
-            if n_full + i < n_chunks:
+        for i in tl.static_range(PREFETCH - 1):  # the last n_groups - n_full groups, already loaded
+            if n_full + i < n_groups:
                 m, l_sum, acc = buf[i]
                 M, L, A = _combine(M, L, A, m, l_sum, acc)
     elif INTERP:
         j = 0
-        while j < n_chunks:
+        while j < n_groups:
             M, L, A = _combine_step(MID, MM, ML, (base + j) * G + g, gmask, offs_d, M, L, A, D)
             j += 1
     else:
-        for j in tl.range(0, n_chunks, num_stages=STAGES, loop_unroll_factor=UNROLL):
+        for j in tl.range(0, n_groups, num_stages=STAGES, loop_unroll_factor=UNROLL):
             M, L, A = _combine_step(MID, MM, ML, (base + j) * G + g, gmask, offs_d, M, L, A, D)
     o = _finish(A, L)
     _store_rows(OUT + b * so_b + (kvh * G + g)[:, None] * so_h + offs_d[None, :], o, gmask[:, None],
@@ -560,7 +602,7 @@ def _qk_scale(scale: float) -> float:
     return float(torch.tensor(float(scale) * _LOG2E, dtype=torch.float32))
 
 
-def _checked(q, k_buffer, v_buffer, chunk, out, num_warps):
+def _checked(q, k_buffer, v_buffer, chunk, group, out, num_warps):
     if not (q.is_cuda or _interpreting()):
         raise NotImplementedError(
             "paged_attention_mma runs on CUDA tensors (or under TRITON_INTERPRET=1); the CPU definition "
@@ -574,6 +616,8 @@ def _checked(q, k_buffer, v_buffer, chunk, out, num_warps):
     hq, hkv, d = _check(q, k_buffer, v_buffer, chunk, kernel=False)
     if not 16 <= d <= 256 or not 16 <= chunk <= 128:
         raise NotImplementedError(f"paged_attention_mma: head_dim {d}, chunk {chunk} (16 .. 256, 16 .. 128)")
+    if not 1 <= group <= 64:
+        raise NotImplementedError(f"paged_attention_mma: {group} chunks per group (1 .. 64)")
     if hq // hkv > BLOCK_M:
         raise NotImplementedError(f"paged_attention_mma: {hq // hkv} query heads per kv head (<= {BLOCK_M})")
     if num_warps not in (None, MMA_NUM_WARPS):
@@ -589,7 +633,9 @@ def _checked(q, k_buffer, v_buffer, chunk, out, num_warps):
     return hq, hkv, d
 
 
-def _launch_extend(q, k_buffer, v_buffer, req_to_token, seg, n_tiles, row_pos, scale, out, chunk, num_stages):
+def _launch_extend(
+    q, k_buffer, v_buffer, req_to_token, seg, n_tiles, row_pos, scale, out, chunk, group, num_stages
+):
     """Run the extend kernel over segments ``seg`` ([5, S] int32) and at most ``n_tiles`` tiles."""
     hq, hkv, d = q.shape[1], k_buffer.shape[1], q.shape[2]
     if n_tiles == 0 or q.shape[0] == 0:
@@ -602,7 +648,8 @@ def _launch_extend(q, k_buffer, v_buffer, req_to_token, seg, n_tiles, row_pos, s
         seg, seg.shape[1], row_pos if row_pos is not None else seg, n_tiles,
         out, out.stride(0), out.stride(1),
         _qk_scale(scale),
-        G=hq // hkv, D=d, C=chunk, BLOCK_M=BLOCK_M, SEARCH=SEARCH_BLOCK, HAS_ROW_POS=row_pos is not None,
+        G=hq // hkv, D=d, C=chunk, GROUP=group, BLOCK_M=BLOCK_M, SEARCH=SEARCH_BLOCK,
+        HAS_ROW_POS=row_pos is not None,
         INTERP=interp, OUT_BF16_INTERP=interp and out.dtype == torch.bfloat16,
         num_warps=MMA_NUM_WARPS, num_stages=num_stages or EXTEND_NUM_STAGES, enable_fp_fusion=False,
     )  # fmt: skip
@@ -628,6 +675,7 @@ def paged_attention_rows(
     *,
     out: torch.Tensor | None = None,
     chunk: int = CONTRACT_CHUNK,
+    group: int = CONTRACT_GROUP,
     heads_per_program: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
@@ -639,7 +687,7 @@ def paged_attention_rows(
     sync: :func:`paged_attention_extend` and :func:`full_sequence_attention` have none.
     ``heads_per_program`` is accepted for API compatibility and ignored (a tile is one head)."""
     del heads_per_program
-    _checked(q, k_buffer, v_buffer, chunk, out, num_warps)
+    _checked(q, k_buffer, v_buffer, chunk, group, out, num_warps)
     n = q.shape[0]
     if out is None:
         out = _empty(q.shape, dtype=q.dtype, device=q.device)
@@ -655,7 +703,7 @@ def paged_attention_rows(
     n_tiles = int(seg[4, -1])
     return _launch_extend(
         _inner_unit(q), k_buffer, v_buffer, _inner_unit(req_to_token), seg, n_tiles,
-        row_pos.to(dev).contiguous(), scale, out, chunk, num_stages,
+        row_pos.to(dev).contiguous(), scale, out, chunk, group, num_stages,
     )  # fmt: skip
 
 
@@ -671,6 +719,7 @@ def paged_attention_extend(
     *,
     out: torch.Tensor | None = None,
     chunk: int = CONTRACT_CHUNK,
+    group: int = CONTRACT_GROUP,
     heads_per_program: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
@@ -679,7 +728,7 @@ def paged_attention_extend(
     (the new rows' KV already written to the buffers). Returns [T, Hq, D]. No host sync (the grid is
     ``T // 64 + B`` tiles, an upper bound; spare programs exit)."""
     del heads_per_program
-    _checked(q, k_buffer, v_buffer, chunk, out, num_warps)
+    _checked(q, k_buffer, v_buffer, chunk, group, out, num_warps)
     if out is None:
         out = _empty(q.shape, dtype=q.dtype, device=q.device)
     dev = q.device
@@ -690,28 +739,18 @@ def paged_attention_extend(
     n_tiles = q.shape[0] // BLOCK_M + extend_seq_lens.shape[0]
     return _launch_extend(
         _inner_unit(q), k_buffer, v_buffer, _inner_unit(req_to_token), seg, n_tiles, None, scale, out,
-        chunk, num_stages,
+        chunk, group, num_stages,
     )  # fmt: skip
 
 
-@functools.cache
-def _properties(index: int):
-    return torch.cuda.get_device_properties(index)
-
-
-def _device_properties(device: torch.device):
-    """The CUDA device's properties, read once per device (the decode launcher consults them per call)."""
-    return _properties(device.index if device.index is not None else torch.cuda.current_device())
-
-
-def _chunks_per_program(work_chunks: int, device: torch.device) -> int:
-    """Chunks per decode program (a launch option): the work in one wave of resident programs where it
-    fits (``DECODE_PROGRAMS_PER_SM`` per SM), longer programs (up to ``DECODE_MAX_CHUNKS_PER_PROGRAM``)
+def _groups_per_program(work_groups: int, device: torch.device) -> int:
+    """Groups per decode program (a launch option): the work in one wave of resident programs where it
+    fits (``DECODE_PROGRAMS_PER_SM`` per SM), longer programs (up to ``DECODE_MAX_GROUPS_PER_PROGRAM``)
     where it does not: fewer, longer pipelines won the sweep over short ones at every size."""
     if device.type != "cuda":
         return 1
-    sms = _device_properties(device).multi_processor_count
-    return max(1, min(DECODE_MAX_CHUNKS_PER_PROGRAM, -(-work_chunks // (sms * DECODE_PROGRAMS_PER_SM))))
+    sms = sm_count(device)
+    return max(1, min(DECODE_MAX_GROUPS_PER_PROGRAM, -(-work_groups // (sms * DECODE_PROGRAMS_PER_SM))))
 
 
 def paged_attention_decode(
@@ -725,23 +764,24 @@ def paged_attention_decode(
     *,
     out: torch.Tensor | None = None,
     chunk: int = CONTRACT_CHUNK,
+    group: int = CONTRACT_GROUP,
     max_chunks: int | None = None,
     heads_per_program: int | None = None,
     num_warps: int | None = None,
-    chunks_per_program: int | None = None,
+    groups_per_program: int | None = None,
     num_stages: int | None = None,
     pdl: bool | None = None,
     fold: FoldLaunch | None = None,
 ) -> torch.Tensor:
     """One query row per request (``q`` [B, Hq, D]) at position ``seq_lens[b] - 1`` (its own KV already
-    written). Split-KV over fixed chunks, then a fold in chunk order. ``max_chunks`` bounds
-    ``ceil(max(seq_lens) / chunk)`` (computed with a host sync when None; give it from
-    ``seq_lens_cpu``, or from the context length under CUDA-graph capture). ``chunks_per_program`` and
+    written). Split-KV over fixed groups of fixed chunks, then a fold in group order. ``max_chunks``
+    bounds ``ceil(max(seq_lens) / chunk)`` (computed with a host sync when None; give it from
+    ``seq_lens_cpu``, or from the context length under CUDA-graph capture). ``groups_per_program`` and
     ``num_stages`` (the partials), ``pdl`` (the fold as a programmatic dependent launch: sm_90+;
     None: ``DECODE_PDL`` where the GPU has it) and ``fold`` (:class:`FoldLaunch`; None: its defaults,
     the slices capped at the shape's) are launch options: the bits do not depend on them."""
     del heads_per_program
-    hq, hkv, d = _checked(q, k_buffer, v_buffer, chunk, out, num_warps)
+    hq, hkv, d = _checked(q, k_buffer, v_buffer, chunk, group, out, num_warps)
     combine = _combine_config(hq // hkv, d, fold)
     bsz = q.shape[0]
     if out is None:
@@ -750,35 +790,35 @@ def paged_attention_decode(
         return out
     if max_chunks is None:
         max_chunks = -(-int(seq_lens.max()) // chunk)
-    max_chunks = max(1, max_chunks)
+    max_groups = -(-max(1, max_chunks) // group)
     g = hq // hkv
     q = _inner_unit(q)
     req_to_token = _inner_unit(req_to_token)
     seq_lens = seq_lens.to(q.device).contiguous()
-    # chunk partials (through _empty too: poisoned in tests, so reading an unwritten one would show)
-    mid = _empty((bsz, hkv, max_chunks, g, d), dtype=torch.float32, device=q.device)
-    mm = _empty((bsz, hkv, max_chunks, g), dtype=torch.float32, device=q.device)
-    ml = _empty((bsz, hkv, max_chunks, g), dtype=torch.float32, device=q.device)
-    cpp = chunks_per_program or _chunks_per_program(bsz * hkv * max_chunks, q.device)
+    # group partials (through _empty too: poisoned in tests, so reading an unwritten one would show)
+    mid = _empty((bsz, hkv, max_groups, g, d), dtype=torch.float32, device=q.device)
+    mm = _empty((bsz, hkv, max_groups, g), dtype=torch.float32, device=q.device)
+    ml = _empty((bsz, hkv, max_groups, g), dtype=torch.float32, device=q.device)
+    gpp = groups_per_program or _groups_per_program(bsz * hkv * max_groups, q.device)
     pdl = _decode_pdl(pdl, q.device)
     interp = _interpreting()
-    _decode_partials_kernel[(-(-max_chunks // cpp), hkv, bsz)](
+    _decode_partials_kernel[(-(-max_groups // gpp), hkv, bsz)](
         q, q.stride(0), q.stride(1),
         k_buffer, k_buffer.stride(0), k_buffer.stride(1), v_buffer, v_buffer.stride(0), v_buffer.stride(1),
         req_to_token, req_to_token.stride(0), req_pool_indices.to(q.device).contiguous(), seq_lens,
-        mid, mm, ml, max_chunks, cpp,
+        mid, mm, ml, max_groups, gpp,
         _qk_scale(scale),
-        G=g, D=d, C=chunk, BLOCK_M=BLOCK_M, PDL=pdl, INTERP=interp,
+        G=g, D=d, C=chunk, GROUP=group, BLOCK_M=BLOCK_M, PDL=pdl, INTERP=interp,
         num_warps=MMA_NUM_WARPS, num_stages=num_stages or DECODE_NUM_STAGES, enable_fp_fusion=False,
     )  # fmt: skip
-    return _launch_combine(mid, mm, ml, seq_lens, out, chunk, combine, pdl)
+    return _launch_combine(mid, mm, ml, seq_lens, out, chunk * group, combine, pdl)
 
 
 def _decode_pdl(option: bool | None, device: torch.device) -> bool:
     """Whether the decode fold is launched as a programmatic dependent of the partials kernel: asked
     for (or ``DECODE_PDL``) and possible (a CUDA GPU of compute capability 9.0 or newer)."""
     want = DECODE_PDL if option is None else option
-    able = device.type == "cuda" and not _interpreting() and _device_properties(device).major >= 9
+    able = device.type == "cuda" and not _interpreting() and device_properties(device).major >= 9
     if option and not able:
         raise ValueError("pdl: programmatic dependent launch needs a CUDA GPU of compute capability >= 9.0")
     return want and able
@@ -800,7 +840,7 @@ def _combine_config(g: int, d: int, fold: FoldLaunch | None) -> dict:
         if value < 1 or value > most or value & (value - 1):
             raise ValueError(f"fold {name} {value}: a power of two in 1 .. {most}")
     if not 0 <= fold.prefetch <= 64:
-        raise ValueError(f"fold prefetch {fold.prefetch}: 0 (the pipelined loop) .. 64 chunks ahead")
+        raise ValueError(f"fold prefetch {fold.prefetch}: 0 (the pipelined loop) .. 64 groups ahead")
     if fold.num_stages < 1 or fold.unroll < 1:
         raise ValueError(f"fold num_stages {fold.num_stages}, unroll {fold.unroll}: at least 1")
     return dict(
@@ -815,17 +855,18 @@ def _combine_config(g: int, d: int, fold: FoldLaunch | None) -> dict:
     )
 
 
-def _launch_combine(mid, mm, ml, seq_lens, out, chunk, config: dict, pdl: bool) -> torch.Tensor:
-    """The decode fold of partials ``mid`` [B, Hkv, max_chunks, G, D] / ``mm``, ``ml`` [B, Hkv,
-    max_chunks, G] into ``out`` [B, Hkv * G, D], launched as ``config`` (``_combine_config``); with
-    ``pdl`` as a programmatic dependent of the kernel before it on the stream (the partials)."""
-    bsz, hkv, max_chunks, g, d = mid.shape
+def _launch_combine(mid, mm, ml, seq_lens, out, span, config: dict, pdl: bool) -> torch.Tensor:
+    """The decode fold of group partials ``mid`` [B, Hkv, max_groups, G, D] / ``mm``, ``ml`` [B, Hkv,
+    max_groups, G] (``span`` keys per group) into ``out`` [B, Hkv * G, D], launched as ``config``
+    (``_combine_config``); with ``pdl`` as a programmatic dependent of the kernel before it on the
+    stream (the partials)."""
+    bsz, hkv, max_groups, g, d = mid.shape
     cfg = dict(config)
     interp = _interpreting()
     _decode_combine_kernel[(hkv, bsz, cfg.pop("slices"))](
-        mid, mm, ml, max_chunks,
+        mid, mm, ml, max_groups,
         seq_lens, out, out.stride(0), out.stride(1),
-        G=g, D=d, C=chunk, PDL=pdl, INTERP=interp, OUT_BF16_INTERP=interp and out.dtype == torch.bfloat16,
+        G=g, D=d, SPAN=span, PDL=pdl, INTERP=interp, OUT_BF16_INTERP=interp and out.dtype == torch.bfloat16,
         launch_pdl=pdl, enable_fp_fusion=False, **cfg,
     )  # fmt: skip
     return out
@@ -834,11 +875,11 @@ def _launch_combine(mid, mm, ml, seq_lens, out, chunk, config: dict, pdl: bool) 
 # ====================================================================================================
 # The trainer's full sequence (HF AttentionInterface), with a backward
 # ====================================================================================================
-def _full_sequence_forward(query, key, value, scale, chunk, out_dtype=None):
+def _full_sequence_forward(query, key, value, scale, chunk, group, out_dtype=None):
     bsz, hq, t, d = query.shape
     s = key.shape[2]
     q_rows, k_buf, v_buf, req_to_token, _, _ = _full_sequence_rows(query, key, value)
-    _checked(q_rows, k_buf, v_buf, chunk, None, None)
+    _checked(q_rows, k_buf, v_buf, chunk, group, None, None)
     dev = query.device
     seg = _segments(
         torch.full((bsz,), t, dtype=torch.int32, device=dev),
@@ -847,15 +888,15 @@ def _full_sequence_forward(query, key, value, scale, chunk, out_dtype=None):
     )
     out = _empty(q_rows.shape, dtype=out_dtype or q_rows.dtype, device=dev)
     _launch_extend(
-        q_rows, k_buf, v_buf, req_to_token, seg, bsz * -(-t // BLOCK_M), None, scale, out, chunk, None
+        q_rows, k_buf, v_buf, req_to_token, seg, bsz * -(-t // BLOCK_M), None, scale, out, chunk, group, None
     )
     return out.view(bsz, t, hq, d)
 
 
 class _FullSequenceAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, query, key, value, scale, chunk):
-        out = _full_sequence_forward(query, key, value, scale, chunk)
+    def forward(ctx, query, key, value, scale, chunk, group):
+        out = _full_sequence_forward(query, key, value, scale, chunk, group)
         ctx.save_for_backward(query, key, value)
         ctx.scale = scale
         return out
@@ -868,23 +909,29 @@ class _FullSequenceAttention(torch.autograd.Function):
             qd, kd, vd = (x.detach().requires_grad_(True) for x in (query, key, value))
             y = _attention_fp32(qd, kd, vd, ctx.scale).transpose(1, 2)  # [B, T, Hq, D]
             gq, gk, gv = torch.autograd.grad(y, (qd, kd, vd), grad_out.float())
-        return gq.to(query.dtype), gk.to(key.dtype), gv.to(value.dtype), None, None
+        return gq.to(query.dtype), gk.to(key.dtype), gv.to(value.dtype), None, None, None
 
 
 def full_sequence_attention(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float, chunk: int = CONTRACT_CHUNK
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    scale: float,
+    chunk: int = CONTRACT_CHUNK,
+    group: int = CONTRACT_GROUP,
 ) -> torch.Tensor:
     """Causal attention of whole sequences: query [B, Hq, T, D], key/value [B, Hkv, S, D] (S >= T: the
     query rows are the last T positions) -> [B, T, Hq, D] (HF's attention-output layout). Row t is
     bitwise the server's decode or extend row at position S - T + t (this module's kernels).
     Differentiable: the backward recomputes the attention in fp32 autograd (gradients are not part of
     the definition)."""
-    return _FullSequenceAttention.apply(query, key, value, float(scale), chunk)
+    return _FullSequenceAttention.apply(query, key, value, float(scale), chunk, group)
 
 
 __all__ = [
     "BLOCK_M",
     "CONTRACT_CHUNK",
+    "CONTRACT_GROUP",
     "FOLD_CANDIDATES",
     "FoldLaunch",
     "MMA_NUM_WARPS",
