@@ -1,8 +1,9 @@
 """parity.ops.paged_attention_mma on the CPU: its Triton kernels under the Triton interpreter. decode row
 == extend row == the trainer's full-sequence row bitwise (at any batch composition, prefix hit, chunked
-prefill, launch option), every output written, results close to float64 attention, negative
-controls (another chunk size changes the bits), and the decode fold's launch options (slices, register
-prefetch, pipelining) giving the default fold's bits.
+prefill, launch option; under the module's chunks and groups, and under 16-key chunks in groups of
+3), every output written, results close to float64 attention, negative controls (another chunk or
+group size changes the bits), and the decode fold's launch options (slices, register prefetch,
+pipelining) giving the plain fold's bits.
 
 The interpreter must be chosen before triton.jit decorates the kernels, so the kernel checks run in a
 child Python with ``TRITON_INTERPRET=1`` (this file's ``__main__``). There ``tl.dot`` runs as numpy
