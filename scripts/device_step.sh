@@ -8,5 +8,5 @@ step() {
     timeout -k 10 "$secs" "$@" > "$OUT/$name.txt" 2>&1
     echo "=== $name rc $? in $((SECONDS - t0)) s"
     grep -v "Ignore import error" "$OUT/$name.txt" \
-        | grep -E "passed|failed|FAILED|Error|train_rollout|differ|HEADLINE|plugin o|step|^ *[0-9]+ \|" | tail -25
+        | grep -E "passed|failed|FAILED|Error|train_rollout|differ|HEADLINE|plugin o|step|^ *[0-9]+ \||^ctx |^ *[0-9]+ +[0-9]+ " | tail -25
 }
