@@ -136,7 +136,7 @@ def test_decode_equals_extend_equals_trainer_on_random_batches(poison, seed, hq,
 def test_every_position_and_every_split(poison, hq, hkv, d, dtype, contract):
     """One 700-token request: every position decoded (one batch) == the prefill rows == prefill after a
     prefix hit == chunked prefill of odd sizes (tiles, chunks and groups at every alignment), fp32
-    outputs; under the module's contract (11 chunks: 2 groups) and groups of 3 and 1 chunks."""
+    outputs; under the module's contract (11 chunks: 3 groups) and groups of 3 and 1 chunks."""
     lengths = [700, 333]
     p = Pool(hq + d, lengths, hq, hkv, d, dtype)
     scale = d**-0.5
@@ -195,7 +195,7 @@ def test_decode_fold_launch_options_do_not_change_the_bits(poison, hq, hkv, d, d
     bit) and 16-bit ones, all poisoned: every candidate the benchmark's --sweep times (at its shape:
     Hq 32, Hkv 8, D 128) and odd ones (P not a power of two, a head per program, 16 D slices, one
     stage), on mixed
-    batches to 32k context (lengths 1, 64, 65, not multiples of 64, chunk counts not multiples of P;
+    batches to 32k context (lengths 1, 64, 65, not multiples of 64, group counts not multiples of P;
     batches of 9, 1 and 3; spare chunks past the longest request)."""
     gp = triton.next_power_of_2(hq // hkv)
     plain = FoldLaunch(d_slices=1, row_slices=1, prefetch=0, num_warps=4, num_stages=1, unroll=1)
