@@ -10,6 +10,6 @@ export PYTHONPATH=$PWD:$PYTHONPATH
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 source scripts/device_step.sh
-step mma_tests 300 python3 -m pytest -q -s -n 8 tests/test_paged_attention_mma_gpu.py -p no:cacheprovider
-step mma_groups 140 python3 benchmarks/bench_paged_attention.py --only groups
-step mma_decode 100 python3 benchmarks/bench_paged_attention.py --only decode
+step mma_tests 250 python3 -m pytest -q -s -n 8 tests/test_paged_attention_mma_gpu.py -p no:cacheprovider
+step mma_groups 200 python3 benchmarks/bench_paged_attention.py --only groups
+step mma_decode 90 python3 benchmarks/bench_paged_attention.py --only decode
