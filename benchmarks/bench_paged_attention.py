@@ -64,6 +64,24 @@ def make_pool(bsz, ctx, dtype=torch.bfloat16):
     return k, v, req_to_token
 
 
+def decode_batch(bsz, ctx):
+    """A decode batch of ``bsz`` requests at context ``ctx``: ``(q, k, v, req_to_token, seq_lens,
+    pool rows)`` (the pool of :func:`make_pool`, bf16 queries [B, HQ, D])."""
+    k, v, r2t = make_pool(bsz, ctx)
+    q = torch.randn(bsz, HQ, D, device=DEV).to(torch.bfloat16)
+    seq = torch.full((bsz,), ctx, dtype=torch.int64, device=DEV)
+    return q, k, v, r2t, seq, torch.arange(bsz, device=DEV)
+
+
+def mma_decode(q, k, v, slots, seq, pools, ctx):
+    """The mma decode of a :func:`decode_batch` (output buffer and chunk bound given: no host sync), as
+    a call taking launch options."""
+    return partial(
+        pam.paged_attention_decode, q, k, v, slots, pools, seq, D**-0.5, out=torch.empty_like(q),
+        max_chunks=-(-ctx // pam.CONTRACT_CHUNK),
+    )  # fmt: skip
+
+
 def sglang_decode(q, k, v, req_to_token, seq_lens, splits, o):
     from sglang.srt.layers.attention.triton_ops.decode_attention import decode_attention_fwd
 
@@ -127,10 +145,7 @@ def decode_table(quick: bool, sweep: bool = False):
     rows = []
     for ctx in (1024, 4096) if quick else (1024, 4096, 16384, 32768):
         for bsz in (1, 8) if quick else (1, 8, 64):
-            k, v, r2t = make_pool(bsz, ctx)
-            q = torch.randn(bsz, HQ, D, device=DEV).to(torch.bfloat16)
-            seq = torch.full((bsz,), ctx, dtype=torch.int64, device=DEV)
-            pools = torch.arange(bsz, device=DEV)
+            q, k, v, r2t, seq, pools = decode_batch(bsz, ctx)
             o = torch.empty_like(q)
             chunks = -(-ctx // pa.CONTRACT_CHUNK)
             ours = bench(
@@ -303,19 +318,13 @@ def partials_table(quick: bool, sweep: bool = False):
         "default and the best option per slot layout, vs flash g"
     )
     for ctx, bsz in ((32768, 1), (16384, 8)) if quick else PARTIALS_SHAPES:
-        k, v, r2t = make_pool(bsz, ctx)
-        q = torch.randn(bsz, HQ, D, device=DEV).to(torch.bfloat16)
-        seq = torch.full((bsz,), ctx, dtype=torch.int64, device=DEV)
-        pools = torch.arange(bsz, device=DEV)
+        q, k, v, r2t, seq, pools = decode_batch(bsz, ctx)
         _, flash_graph, _ = flash_ms(
             q[:, :, None], contiguous_kv(k, r2t), contiguous_kv(v, r2t), False, graphed=True
         )
         row = dict(ctx=ctx, batch=bsz, flash_graph=flash_graph)
         for layout, slots in (("random", r2t), ("in_order", torch.sort(r2t.view(-1)).values.view_as(r2t))):
-            fn = partial(
-                pam.paged_attention_decode, q, k, v, slots, pools, seq, D**-0.5, out=torch.empty_like(q),
-                max_chunks=-(-ctx // pam.CONTRACT_CHUNK),
-            )  # fmt: skip
+            fn = mma_decode(q, k, v, slots, seq, pools, ctx)
             times = {"default": graph_ms(fn)}
             for gpp in (1, 2) if quick else (1, 2, 3, 4, 8):
                 for stages in (2, 3, 4):
@@ -347,17 +356,11 @@ def groups_table(quick: bool, sweep: bool = False):
     print(f"\n== decode by group size (ms, CUDA graph; module default {pam.CONTRACT_GROUP}) vs flash g")
     for ctx in (1024, 32768) if quick else (1024, 4096, 16384, 32768):
         for bsz in (1, 8) if quick else (1, 8, 64):
-            k, v, r2t = make_pool(bsz, ctx)
-            q = torch.randn(bsz, HQ, D, device=DEV).to(torch.bfloat16)
-            seq = torch.full((bsz,), ctx, dtype=torch.int64, device=DEV)
-            pools = torch.arange(bsz, device=DEV)
+            q, k, v, r2t, seq, pools = decode_batch(bsz, ctx)
             _, flash_graph, _ = flash_ms(
                 q[:, :, None], contiguous_kv(k, r2t), contiguous_kv(v, r2t), False, graphed=True
             )
-            fn = partial(
-                pam.paged_attention_decode, q, k, v, r2t, pools, seq, D**-0.5, out=torch.empty_like(q),
-                max_chunks=-(-ctx // pam.CONTRACT_CHUNK),
-            )  # fmt: skip
+            fn = mma_decode(q, k, v, r2t, seq, pools, ctx)
             times = {g: graph_ms(partial(fn, group=g)) for g in groups}
             rows.append(dict(ctx=ctx, batch=bsz, flash_graph=flash_graph, groups=times))
             print(
@@ -394,14 +397,8 @@ def profile_table(quick: bool, sweep: bool = False):
     for ctx, bsz in (
         ((1024, 8), (32768, 1)) if quick else ((1024, 1), (1024, 8), (16384, 8), (32768, 1), (32768, 8))
     ):
-        k, v, r2t = make_pool(bsz, ctx)
-        q = torch.randn(bsz, HQ, D, device=DEV).to(torch.bfloat16)
-        seq = torch.full((bsz,), ctx, dtype=torch.int64, device=DEV)
-        pools = torch.arange(bsz, device=DEV)
-        fn = partial(
-            pam.paged_attention_decode, q, k, v, r2t, pools, seq, D**-0.5,
-            out=torch.empty_like(q), max_chunks=-(-ctx // pam.CONTRACT_CHUNK),
-        )  # fmt: skip
+        q, k, v, r2t, seq, pools = decode_batch(bsz, ctx)
+        fn = mma_decode(q, k, v, r2t, seq, pools, ctx)
         kernels = kernel_times(fn)
         call = bench(fn)
         flash, _, _ = flash_ms(q[:, :, None], contiguous_kv(k, r2t), contiguous_kv(v, r2t), False)
