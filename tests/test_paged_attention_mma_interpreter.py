@@ -272,11 +272,11 @@ def _decode_and_fold(pam, c, rows, scale, out_dtype):
         want = c.decode(pam, rows, scale, group=1, out=out)
     finally:
         pam._launch_combine = launch
-    mid, mm, ml, seq, out, chunk, _, pdl = captured[0]
+    mid, mm, ml, seq, out, span, _, pdl = captured[0]
 
     def fold(fold_launch):
         config = pam._combine_config(mid.shape[3], mid.shape[4], fold_launch)
-        return launch(mid, mm, ml, seq, torch.full_like(out, math.nan), chunk, config, pdl)
+        return launch(mid, mm, ml, seq, torch.full_like(out, math.nan), span, config, pdl)
 
     return want, fold
 

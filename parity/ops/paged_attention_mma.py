@@ -435,7 +435,6 @@ def _decode_partials_kernel(
     g0 = blk * gpp
     if g0 >= n_groups:  # past this request's last group (the grid covers the longest request)
         return
-    g1 = tl.minimum(g0 + gpp, n_groups)
     g = tl.arange(0, BLOCK_M)
     gmask = g < G
     offs_d = tl.arange(0, D)
@@ -445,7 +444,7 @@ def _decode_partials_kernel(
     row_lim = tl.where(gmask, seq, 0)
     pool = tl.load(POOL + b).to(tl.int64)
     base = (b * tl.num_programs(1) + kvh) * max_groups
-    j1 = tl.minimum(g1 * GROUP, n_chunks)
+    j1 = tl.minimum((g0 + gpp) * GROUP, n_chunks)  # past the program's last chunk
     m, l_sum, acc = _fresh(BLOCK_M, D)
     if INTERP:
         j = g0 * GROUP
