@@ -326,7 +326,7 @@ def partials_table(quick: bool, sweep: bool = False):
         for layout, slots in (("random", r2t), ("in_order", torch.sort(r2t.view(-1)).values.view_as(r2t))):
             fn = mma_decode(q, k, v, slots, seq, pools, ctx)
             times = {"default": graph_ms(fn)}
-            for gpp in (1, 2) if quick else (1, 2, 3, 4, 8):
+            for gpp in (1, 2) if quick else (1, 2, 4, 8, 16, 32):
                 for stages in (2, 3, 4):
                     for pdl in (False, True):
                         name = f"gpp{gpp}_s{stages}" + ("_pdl" if pdl else "")

@@ -1,0 +1,253 @@
+"""Benchmark: the price of exactness end to end -- rollout throughput of ``truepolicy server`` (plugin on)
+against the same SGLang 0.5.15 without it, and against SGLang's own answers.
+
+The kernel benchmarks (``bench_paged_attention.py``, ``bench_batch_invariant_matmul.py``) time one op
+each against its fastest non-exact counterpart. What an RL user pays is the sum over a model's
+forward, under SGLang's scheduler, CUDA graphs and sampler: this script measures that. Servers, one
+after the other, on the same model and the same rollout-shaped workloads:
+
+- ``plugin``: ``truepolicy server`` (the on-policy patches; on a GPU with ``--cuda-graph``);
+- ``plain``: the same SGLang without the plugin, on the backends the plugin mode uses (GPU: the triton
+  attention backend and the pytorch sampler; CPU: torch_native): what the patches cost by themselves.
+  The baseline of the ratios;
+- ``sglang-deterministic`` (GPU): SGLang's own batch-invariant mode (``--enable-deterministic-inference``,
+  triton attention): deterministic, but not the trainer's numbers;
+- ``sglang-default`` (GPU): SGLang's defaults for the GPU (its fastest attention and sampler): what a
+  user who gives up exactness runs.
+
+Every server captures CUDA graphs up to the same batch size (GPU). A workload is ``batch`` requests of
+``prompt`` random token ids each, sampled at temperature 1 for exactly ``new`` tokens (``ignore_eos``),
+sent as one batched ``/generate`` call (SGLang schedules them together, as a rollout step does). Each
+workload runs once to warm up, then ``--rounds`` times on fresh prompts (no prefix-cache hits);
+the table gives the median output tokens/s and its ratio to ``plain`` (same process, same model).
+A server that does not start is reported and skipped.
+
+GPU model (``--model qwen3-0.6b``): Qwen3-0.6B's shapes (28 layers, hidden 1024, 16 / 8 heads of 128,
+MLP 3072, vocab 151936; its lm_head untied) with random bf16 weights, built locally into the model
+cache. CPU (``--model tiny``): the tiny Qwen3
+of the tests, small workloads: a smoke run of the same code (the CPU figures say nothing about a GPU).
+
+    python benchmarks/bench_server_throughput.py [--device cuda] [--configs plugin,plain,...]
+        [--workloads b64_p1024_n256,...] [--rounds 3] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import requests
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from parity.tiny_models import COMMON, build_tiny_model  # noqa: E402
+from truepolicy.sglang_process import ServerStartError, running_server  # noqa: E402
+
+# Qwen3-0.6B's shapes (its config.json), random weights; the lm_head untied, as in every model the GPU
+# parity checks serve (it is its own matmul either way).
+QWEN3_0_6B = dict(
+    vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
+    num_key_value_heads=8, head_dim=128, max_position_embeddings=40960, rope_theta=1000000.0,
+    tie_word_embeddings=False, initializer_range=0.02,
+)  # fmt: skip
+MODELS = {"qwen3-0.6b": QWEN3_0_6B, "tiny": {}}
+CUDA_GRAPH_MAX_BS = 64  # every GPU server captures up to this batch (the largest workload's)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """One server under test: the plugin on or off, and the SGLang arguments it adds per device."""
+
+    name: str
+    on_policy: bool
+    gpu_args: tuple[str, ...]
+    cpu_args: tuple[str, ...] | None  # None: GPU only
+
+    def args(self, device: str) -> tuple[str, ...] | None:
+        return self.gpu_args if device == "cuda" else self.cpu_args
+
+
+CONFIGS = {
+    c.name: c
+    for c in (
+        ServerConfig("plugin", True, ("--cuda-graph",), ()),
+        ServerConfig("plain", False, ("--attention-backend", "triton", "--sampling-backend", "pytorch"), ()),
+        ServerConfig(
+            "sglang-deterministic", False,
+            ("--attention-backend", "triton", "--enable-deterministic-inference"), None,
+        ),
+        ServerConfig("sglang-default", False, (), None),
+    )
+}  # fmt: skip
+BASELINE = "plain"
+
+
+@dataclass(frozen=True)
+class Workload:
+    batch: int
+    prompt: int
+    new: int
+
+    @property
+    def name(self) -> str:
+        return f"b{self.batch}_p{self.prompt}_n{self.new}"
+
+    @staticmethod
+    def parse(name: str) -> Workload:
+        try:
+            b, p, n = name.split("_")
+            assert b[0] == "b" and p[0] == "p" and n[0] == "n"
+            return Workload(int(b[1:]), int(p[1:]), int(n[1:]))
+        except (ValueError, AssertionError):
+            raise argparse.ArgumentTypeError(f"workload {name!r}: b<batch>_p<prompt>_n<new>") from None
+
+
+WORKLOADS = {
+    "cuda": "b1_p1024_n256,b64_p1024_n256,b8_p16384_n256",
+    "cpu": "b1_p32_n16,b4_p32_n16",
+}
+
+
+def context_length(workloads: list[Workload]) -> int:
+    """The servers' context length: the longest request, and room for SGLang's reserved tokens (it
+    shortens a request that ends within 2 tokens of the context length)."""
+    return max(w.prompt + w.new for w in workloads) + 64
+
+
+def prompts(w: Workload, vocab: int, seed: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, vocab, (w.batch, w.prompt), generator=g).tolist()
+
+
+def run_round(session: requests.Session, url: str, w: Workload, vocab: int, seed: int) -> float:
+    """One batched /generate of ``w`` on fresh prompts; its output tokens per second (wall clock)."""
+    payload = {
+        "input_ids": prompts(w, vocab, seed),
+        "sampling_params": {"max_new_tokens": w.new, "temperature": 1.0, "ignore_eos": True},
+    }
+    t0 = time.perf_counter()
+    resp = session.post(f"{url}/generate", json=payload, timeout=1800)
+    elapsed = time.perf_counter() - t0
+    resp.raise_for_status()
+    out = resp.json()
+    got = [o["meta_info"]["completion_tokens"] for o in out]
+    if len(out) != w.batch or any(n != w.new for n in got):
+        raise RuntimeError(f"{w.name}: expected {w.batch} completions of {w.new} tokens, got {got}")
+    return w.batch * w.new / elapsed
+
+
+def bench_config(
+    config: ServerConfig, args: tuple[str, ...], device: str, model: Path, vocab: int,
+    workloads: list[Workload], rounds: int, logs: Path,
+) -> dict:  # fmt: skip
+    """Start ``config``'s server, run every workload (warm-up + rounds); tokens/s per workload."""
+    longest = context_length(workloads)
+    total = max(w.batch * (w.prompt + w.new) for w in workloads)
+    server_args = [
+        "--skip-tokenizer-init", "--max-total-tokens", str(max(total, 4096)),
+        "--context-length", str(longest),
+        *(["--cuda-graph-max-bs", str(CUDA_GRAPH_MAX_BS)] if device == "cuda" else []), *args,
+    ]  # fmt: skip
+    t0 = time.monotonic()
+    result: dict = {"config": config.name, "args": list(args)}
+    try:
+        with running_server(
+            model, logs / f"server-{config.name}.log", device=device, on_policy=config.on_policy,
+            extra_args=server_args,
+        ) as server:  # fmt: skip
+            result["start_s"] = round(time.monotonic() - t0, 1)
+            session = requests.Session()
+            session.trust_env = False
+            for i, w in enumerate(workloads):
+                run_round(session, server.url, w, vocab, seed=1_000_000 + i)  # warm-up
+                rates = [run_round(session, server.url, w, vocab, seed=i * 1000 + r) for r in range(rounds)]
+                result[w.name] = dict(median=statistics.median(rates), min=min(rates), max=max(rates))
+                print(
+                    f"  {config.name:<22} {w.name:<18} {statistics.median(rates):>10.1f} tok/s "
+                    f"(min {min(rates):.1f}, max {max(rates):.1f})",
+                    flush=True,
+                )
+    except (ServerStartError, RuntimeError, requests.RequestException) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        result["error"] = first
+        print(f"  {config.name}: FAILED: {first} (log {logs / f'server-{config.name}.log'})", flush=True)
+    return result
+
+
+def print_table(results: list[dict], workloads: list[Workload]) -> None:
+    base = next((r for r in results if r["config"] == BASELINE and "error" not in r), None)
+    print(f"\n== output tokens/s (median of rounds) and ratio to {BASELINE!r} (the same SGLang, no plugin)")
+    print(f"{'config':<22}" + "".join(f"{w.name:>26}" for w in workloads))
+    for r in results:
+        cells = []
+        for w in workloads:
+            if w.name not in r:
+                cells.append(f"{'failed' if 'error' in r else '-':>26}")
+                continue
+            rate = r[w.name]["median"]
+            ratio = f" ({rate / base[w.name]['median']:.3f}x)" if base and w.name in base else ""
+            cells.append(f"{rate:>16.1f}{ratio:>10}")
+        print(f"{r['config']:<22}" + "".join(cells))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    gpu = torch.cuda.is_available()
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if gpu else "cpu")
+    ap.add_argument("--model", choices=sorted(MODELS), default=None, help="cuda: qwen3-0.6b; cpu: tiny")
+    ap.add_argument("--configs", default=None, help=f"comma-separated, of {', '.join(CONFIGS)} (default: all "
+                    "that the device runs)")  # fmt: skip
+    ap.add_argument("--workloads", default=None, help="comma-separated b<batch>_p<prompt>_n<new>")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--out", type=Path, default=None, help="server logs, results.json (default: a temp dir)")
+    opts = ap.parse_args(argv)
+    if opts.rounds < 1:
+        ap.error("--rounds: at least 1")
+    names = opts.configs.split(",") if opts.configs else list(CONFIGS)
+    unknown = [n for n in names if n not in CONFIGS]
+    if unknown:
+        ap.error(f"unknown configs {unknown}: choose from {list(CONFIGS)}")
+    if BASELINE not in names:
+        ap.error(f"--configs must include the baseline {BASELINE!r}")
+    configs = [(CONFIGS[n], CONFIGS[n].args(opts.device)) for n in names]
+    skipped = [c.name for c, a in configs if a is None]
+    configs = [(c, a) for c, a in configs if a is not None]
+    workloads = [Workload.parse(n) for n in (opts.workloads or WORKLOADS[opts.device]).split(",")]
+    out = opts.out or Path(tempfile.mkdtemp(prefix="bench-server-throughput-"))
+    out.mkdir(parents=True, exist_ok=True)
+
+    model_name = opts.model or ("qwen3-0.6b" if opts.device == "cuda" else "tiny")
+    overrides = dict(MODELS[model_name])
+    longest = context_length(workloads)
+    positions = overrides.get("max_position_embeddings", COMMON["max_position_embeddings"])
+    if longest > positions:
+        overrides["max_position_embeddings"] = longest
+    model = build_tiny_model("qwen3", overrides=overrides)  # the model cache, not --out (GBs)
+    from transformers import AutoConfig
+
+    vocab = AutoConfig.from_pretrained(model).vocab_size
+    device_name = torch.cuda.get_device_name() if opts.device == "cuda" else "cpu"
+    not_here = f" (not on {opts.device}: {skipped})" if skipped else ""
+    print(
+        f"server throughput: {device_name}, model {model_name} (random weights), {opts.rounds} rounds; "
+        f"configs {[c.name for c, _ in configs]}{not_here}",
+        flush=True,
+    )
+    results = [bench_config(c, a, opts.device, model, vocab, workloads, opts.rounds, out) for c, a in configs]
+    print_table(results, workloads)
+    meta = dict(device=device_name, model=model_name, rounds=opts.rounds)
+    meta["workloads"] = [asdict(w) for w in workloads]
+    (out / "results.json").write_text(json.dumps(dict(meta, results=results), indent=1))
+    print(f"results: {out / 'results.json'}")
+    return 0 if all("error" not in r for r in results if r["config"] in (BASELINE, "plugin")) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
