@@ -36,6 +36,7 @@ import torch
 from parity.ops import DEFAULT_GPU_ATTENTION, gpu_attention_kernels
 from parity.ops.batch_invariant_matmul import batch_invariant_linear
 from parity.ops.rms_norm_pairwise import rms_norm_pairwise_kernel
+from parity.ops.rope import apply_rope, cos_sin_table, hf_inv_freq, rope_reference
 from server_patches import numerics
 from server_patches.moe_patches import MOE_GPU_PATCHES
 from server_patches.patch import Patch
@@ -200,25 +201,31 @@ def silu_and_mul_native(self, x):
     return self.forward_native(x)
 
 
-def _hf_inv_freq(rope, device: torch.device) -> torch.Tensor:
-    """HF's default ``inv_freq``, computed as HF computes it (on the CPU, at model init), once per module."""
-    cached = getattr(rope, "_truepolicy_inv_freq", None)
-    if cached is None or cached.device != device:
-        exponent = (
-            torch.arange(0, rope.rotary_dim, 2, dtype=torch.int64).to(dtype=torch.float) / rope.rotary_dim
-        )
-        cached = (1.0 / (float(rope.base) ** exponent)).to(device)
-        rope._truepolicy_inv_freq = cached
-    return cached
+def _rope_table(rope, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The module's cos/sin table (``parity.ops.rope.cos_sin_table``: HF's values at every position
+    below ``max_position_embeddings``), built once per device and dtype, outside CUDA-graph capture
+    (SGLang runs two warm-up forwards before it captures)."""
+    tables = rope.__dict__.setdefault("_truepolicy_rope_tables", {})
+    key = (device, dtype)
+    if key not in tables:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                "truepolicy patch 'rope_cuda': the cos/sin table would be built inside CUDA-graph capture "
+                "(no forward ran before it)"
+            )
+        inv_freq = hf_inv_freq(rope.rotary_dim, rope.base)  # on the CPU, as HF computes it
+        tables[key] = cos_sin_table(inv_freq, rope.max_position_embeddings, dtype, device)
+    return tables[key]
 
 
 def rope_hf(self, positions, query, key, offsets=None, fused_set_kv_buffer_arg=None):
-    """REPLACE RotaryEmbedding.forward_cuda: HF's rotary embedding on the device, op for op.
-
-    HF computes ``freqs = inv_freq x positions`` in fp32 (a K=1 product: one rounding), ``cos``/``sin``
-    of ``cat(freqs, freqs)`` in fp32 on the device, casts them to the activations' dtype and applies
-    ``x * cos + rotate_half(x) * sin`` in bf16. SGLang's CUDA path rotates in fp32 with one rounding
-    (sgl_kernel) from a cos/sin cache built at init (inv_freq by a device ``pow``)."""
+    """REPLACE RotaryEmbedding.forward_cuda: HF's rotary embedding, bitwise its op-by-op result, as one
+    kernel (``parity.ops.rope``). HF computes ``freqs = inv_freq x positions`` in fp32 (a K=1 product:
+    one rounding), ``cos``/``sin`` of ``cat(freqs, freqs)`` in fp32 on the device, casts them to the
+    activations' dtype and applies ``x * cos + rotate_half(x) * sin`` in bf16; the table holds HF's
+    cos/sin per position (torch's own ops, once) and the kernel rounds as HF's ops do. SGLang's CUDA
+    path rotates in fp32 with one rounding (sgl_kernel) from a cos/sin cache built at init (inv_freq
+    by a device ``pow``). Off CUDA (tests) the plain-PyTorch form of the same op."""
     from sglang.srt.layers.rotary_embedding.base import RotaryEmbedding
 
     if type(self) is not RotaryEmbedding:
@@ -230,18 +237,14 @@ def rope_hf(self, positions, query, key, offsets=None, fused_set_kv_buffer_arg=N
     if offsets is not None:
         positions = positions + offsets
     positions = positions.flatten()
-    freqs = positions.to(torch.float)[:, None] * _hf_inv_freq(self, query.device)[None, :]
-    emb = torch.cat((freqs, freqs), dim=-1)
-    cos = emb.cos().to(query.dtype)[:, None, :]
-    sin = emb.sin().to(query.dtype)[:, None, :]
-
-    def rotate(x):
-        shape = x.shape
-        x = x.view(positions.shape[0], -1, self.head_size)
-        x1, x2 = x[..., : self.head_size // 2], x[..., self.head_size // 2 :]
-        return ((x * cos) + (torch.cat((-x2, x1), dim=-1) * sin)).reshape(shape)
-
-    return rotate(query), rotate(key)
+    cos, sin = _rope_table(self, query.device, query.dtype)
+    if query.is_cuda:
+        q, k = apply_rope(positions, query.flatten(1), key.flatten(1), cos, sin)  # [tokens, heads * D]
+        return q.view(query.shape), k.view(key.shape)
+    return (
+        rope_reference(positions, query.flatten(1), cos, sin, self.head_size).view(query.shape),
+        rope_reference(positions, key.flatten(1), cos, sin, self.head_size).view(key.shape),
+    )
 
 
 def rms_norm_forward_cuda(self, x, residual=None, post_residual_addition=None):
