@@ -15,17 +15,18 @@ after the other, on the same model and the same rollout-shaped workloads:
 - ``sglang-default`` (GPU): SGLang's defaults for the GPU (its fastest attention and sampler): what a
   user who gives up exactness runs.
 
-Every server captures CUDA graphs up to the same batch size (GPU). A workload is ``batch`` requests of
-``prompt`` random token ids each, sampled at temperature 1 for exactly ``new`` tokens (``ignore_eos``),
-sent as one batched ``/generate`` call (SGLang schedules them together, as a rollout step does). Each
-workload runs once to warm up, then ``--rounds`` times on fresh prompts (no prefix-cache hits);
-the table gives the median output tokens/s and its ratio to ``plain`` (same process, same model).
-A server that does not start is reported and skipped.
+Every server captures CUDA graphs up to the same batch size (GPU). A workload is ``batch`` requests
+of ``prompt`` random token ids each, sampled at temperature 1 for exactly ``new`` tokens
+(``ignore_eos``), each sampled token's logprob returned (``return_logprob``, as a rollout asks;
+``--no-logprobs``: without), sent as one batched ``/generate`` call (SGLang schedules them together,
+as a rollout step does). Each workload runs once to warm up, then ``--rounds`` times on fresh
+prompts (no prefix-cache hits); the table gives the median output tokens/s and its ratio to
+``plain`` (same process, same model). A server that does not start is reported and skipped.
 
 GPU model (``--model qwen3-0.6b``): Qwen3-0.6B's shapes (28 layers, hidden 1024, 16 / 8 heads of 128,
 MLP 3072, vocab 151936; its lm_head untied) with random bf16 weights, built locally into the model
-cache. CPU (``--model tiny``): the tiny Qwen3
-of the tests, small workloads: a smoke run of the same code (the CPU figures say nothing about a GPU).
+cache. CPU (``--model tiny``): the tiny Qwen3 of the tests, small workloads: a smoke run of the same
+code (the CPU figures say nothing about a GPU).
 
     python benchmarks/bench_server_throughput.py [--device cuda] [--configs plugin,plain,...]
         [--workloads b64_p1024_n256,...] [--rounds 3] [--out DIR]
@@ -126,11 +127,15 @@ def prompts(w: Workload, vocab: int, seed: int) -> list[list[int]]:
     return torch.randint(3, vocab, (w.batch, w.prompt), generator=g).tolist()
 
 
-def run_round(session: requests.Session, url: str, w: Workload, vocab: int, seed: int) -> float:
-    """One batched /generate of ``w`` on fresh prompts; its output tokens per second (wall clock)."""
+def run_round(
+    session: requests.Session, url: str, w: Workload, vocab: int, seed: int, logprobs: bool
+) -> float:
+    """One batched /generate of ``w`` on fresh prompts (with each sampled token's logprob when
+    ``logprobs``, as a rollout asks); its output tokens per second (wall clock)."""
     payload = {
         "input_ids": prompts(w, vocab, seed),
         "sampling_params": {"max_new_tokens": w.new, "temperature": 1.0, "ignore_eos": True},
+        "return_logprob": logprobs,
     }
     t0 = time.perf_counter()
     resp = session.post(f"{url}/generate", json=payload, timeout=1800)
@@ -140,12 +145,14 @@ def run_round(session: requests.Session, url: str, w: Workload, vocab: int, seed
     got = [o["meta_info"]["completion_tokens"] for o in out]
     if len(out) != w.batch or any(n != w.new for n in got):
         raise RuntimeError(f"{w.name}: expected {w.batch} completions of {w.new} tokens, got {got}")
+    if logprobs and any(len(o["meta_info"]["output_token_logprobs"]) != w.new for o in out):
+        raise RuntimeError(f"{w.name}: a completion without one logprob per token")
     return w.batch * w.new / elapsed
 
 
 def bench_config(
     config: ServerConfig, args: tuple[str, ...], device: str, model: Path, vocab: int,
-    workloads: list[Workload], rounds: int, logs: Path,
+    workloads: list[Workload], rounds: int, logprobs: bool, logs: Path,
 ) -> dict:  # fmt: skip
     """Start ``config``'s server, run every workload (warm-up + rounds); tokens/s per workload."""
     longest = context_length(workloads)
@@ -166,8 +173,10 @@ def bench_config(
             session = requests.Session()
             session.trust_env = False
             for i, w in enumerate(workloads):
-                run_round(session, server.url, w, vocab, seed=1_000_000 + i)  # warm-up
-                rates = [run_round(session, server.url, w, vocab, seed=i * 1000 + r) for r in range(rounds)]
+                run_round(session, server.url, w, vocab, 1_000_000 + i, logprobs)  # warm-up
+                rates = [
+                    run_round(session, server.url, w, vocab, i * 1000 + r, logprobs) for r in range(rounds)
+                ]
                 result[w.name] = dict(median=statistics.median(rates), min=min(rates), max=max(rates))
                 print(
                     f"  {config.name:<22} {w.name:<18} {statistics.median(rates):>10.1f} tok/s "
@@ -206,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
                     "that the device runs)")  # fmt: skip
     ap.add_argument("--workloads", default=None, help="comma-separated b<batch>_p<prompt>_n<new>")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--no-logprobs", action="store_true", help="do not ask for the sampled tokens' logprobs")
     ap.add_argument("--out", type=Path, default=None, help="server logs, results.json (default: a temp dir)")
     opts = ap.parse_args(argv)
     if opts.rounds < 1:
@@ -235,14 +245,18 @@ def main(argv: list[str] | None = None) -> int:
     vocab = AutoConfig.from_pretrained(model).vocab_size
     device_name = torch.cuda.get_device_name() if opts.device == "cuda" else "cpu"
     not_here = f" (not on {opts.device}: {skipped})" if skipped else ""
+    logprobs = not opts.no_logprobs
     print(
-        f"server throughput: {device_name}, model {model_name} (random weights), {opts.rounds} rounds; "
-        f"configs {[c.name for c, _ in configs]}{not_here}",
+        f"server throughput: {device_name}, model {model_name} (random weights), {opts.rounds} rounds, "
+        f"{'with' if logprobs else 'without'} logprobs; configs {[c.name for c, _ in configs]}{not_here}",
         flush=True,
     )
-    results = [bench_config(c, a, opts.device, model, vocab, workloads, opts.rounds, out) for c, a in configs]
+    results = [
+        bench_config(c, a, opts.device, model, vocab, workloads, opts.rounds, logprobs, out)
+        for c, a in configs
+    ]
     print_table(results, workloads)
-    meta = dict(device=device_name, model=model_name, rounds=opts.rounds)
+    meta = dict(device=device_name, model=model_name, rounds=opts.rounds, logprobs=logprobs)
     meta["workloads"] = [asdict(w) for w in workloads]
     (out / "results.json").write_text(json.dumps(dict(meta, results=results), indent=1))
     print(f"results: {out / 'results.json'}")

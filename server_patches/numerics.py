@@ -12,7 +12,7 @@ import hashlib
 import torch
 
 from parity import contract
-from parity.logprobs import logprobs_matrix
+from parity.logprobs import logprobs_matrix, token_logprobs
 
 
 def _outside(patch: str, what: str) -> NotImplementedError:
@@ -94,26 +94,34 @@ def sampler_forward(
 ):  # fmt: skip
     """AROUND Sampler.forward: sample as SGLang does, then report the contract's fp32 logprobs under
     the temperature-scaled full distribution (whatever top-p/top-k did to the sampling): the sampled
-    token's, and the requested top-k / token-id logprobs from the same matrix."""
+    token's, and the requested top-k / token-id logprobs from the same matrix. When only the sampled
+    token's is asked for (an RL rollout), it comes from ``token_logprobs`` (on CUDA one fused kernel,
+    no [B, V] matrix; the same bits as the matrix's entry, by the contract)."""
     from sglang.srt.layers.utils.logprob import get_token_ids_logprobs, get_top_logprobs
 
     logits = logits_output.next_token_logits.clone() if return_logprob else None
     ids = original(
         self, logits_output, sampling_info, return_logprob, top_logprobs_nums, token_ids_logprobs, positions
     )
-    if return_logprob:
-        full = logprobs_matrix(logits, sampling_info.temperatures)
-        logits_output.next_token_logprobs = full.gather(-1, ids.long().unsqueeze(-1)).squeeze(-1)
-        if any(x > 0 for x in top_logprobs_nums):
-            (
-                logits_output.next_token_top_logprobs_val,
-                logits_output.next_token_top_logprobs_idx,
-            ) = get_top_logprobs(full, top_logprobs_nums, no_copy_to_cpu=True)
-        if any(x is not None for x in token_ids_logprobs):
-            (
-                logits_output.next_token_token_ids_logprobs_val,
-                logits_output.next_token_token_ids_logprobs_idx,
-            ) = get_token_ids_logprobs(full, token_ids_logprobs, no_copy_to_cpu=True)
+    if not return_logprob:
+        return ids
+    top = any(x > 0 for x in top_logprobs_nums)
+    by_id = any(x is not None for x in token_ids_logprobs)
+    if not (top or by_id):
+        logits_output.next_token_logprobs = token_logprobs(logits, ids, sampling_info.temperatures)
+        return ids
+    full = logprobs_matrix(logits, sampling_info.temperatures)
+    logits_output.next_token_logprobs = full.gather(-1, ids.long().unsqueeze(-1)).squeeze(-1)
+    if top:
+        (
+            logits_output.next_token_top_logprobs_val,
+            logits_output.next_token_top_logprobs_idx,
+        ) = get_top_logprobs(full, top_logprobs_nums, no_copy_to_cpu=True)
+    if by_id:
+        (
+            logits_output.next_token_token_ids_logprobs_val,
+            logits_output.next_token_token_ids_logprobs_idx,
+        ) = get_token_ids_logprobs(full, token_ids_logprobs, no_copy_to_cpu=True)
     return ids
 
 

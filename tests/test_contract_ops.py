@@ -210,6 +210,39 @@ def test_sampler_patch_reports_the_trainer_formula(sglang_in_process, gen, top_p
     assert count_differing(plain.next_token_logprobs, own_want) > 0
 
 
+def test_sampler_patch_top_logprobs_come_from_the_same_matrix(sglang_in_process, gen):
+    """With top-k or token-id logprobs asked for, the patch builds the contract's full matrix: the
+    sampled tokens' logprobs are bitwise the ones the rollout path (no matrix) reports, and the top-k
+    and by-id values are the matrix's entries."""
+    from sglang.srt.layers.logits_processor import LogitsProcessorOutput
+    from sglang.srt.layers.sampler import Sampler
+
+    from parity.logprobs import logprobs_matrix
+
+    b, vocab = 12, 1031
+    logits = (4 * torch.randn(b, vocab, generator=gen)).to(BF16).float()
+    temperatures = torch.tensor([0.5, 1.0, 1.3])[torch.randint(0, 3, (b,), generator=gen)]
+    info = _sampling_info(temperatures, 1.0)
+    sampler = _sampler()
+    torch.manual_seed(0)
+    plain = LogitsProcessorOutput(next_token_logits=logits.clone())
+    ids = numerics.sampler_forward(
+        Sampler.forward, sampler, plain, info, True, [0] * b, [None] * b, torch.arange(b)
+    )
+    torch.manual_seed(0)
+    rich = LogitsProcessorOutput(next_token_logits=logits.clone())
+    by_id = [[1, 2, 3]] + [None] * (b - 1)
+    same = numerics.sampler_forward(
+        Sampler.forward, sampler, rich, info, True, [3] * b, by_id, torch.arange(b)
+    )
+    assert torch.equal(ids, same)
+    assert_bitwise(rich.next_token_logprobs, plain.next_token_logprobs)
+    full = logprobs_matrix(logits, temperatures.view(-1, 1))
+    top = torch.stack(rich.next_token_top_logprobs_val)  # one [3] tensor per request
+    assert_bitwise(top, full.topk(3, dim=-1).values)
+    assert_bitwise(torch.tensor(rich.next_token_token_ids_logprobs_val[0]), full[0, [1, 2, 3]])
+
+
 def test_logprob_rows_are_batch_invariant(gen):
     logits = (5 * torch.randn(33, 4099, generator=gen)).to(BF16)
     ids = torch.randint(0, 4099, (33,), generator=gen)
