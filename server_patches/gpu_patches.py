@@ -343,7 +343,7 @@ GPU_PATCHES: tuple[Patch, ...] = (
             "sgl_kernel rotates in fp32 with one rounding from a cos/sin cache whose inv_freq came from a "
             "device pow; HF computes cos/sin per step from a CPU inv_freq and rotates in bf16."
         ),
-        proof=_OP_TESTS,
+        proof=f"{_OP_TESTS} (the patch vs HF's modules), tests/test_rope.py (the one-kernel form)",
         drop_when="never on the GPU (HF's formula by definition)",
         hook=rope_hf,
         hook_type="REPLACE",
