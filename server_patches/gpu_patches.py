@@ -203,7 +203,8 @@ def silu_and_mul_native(self, x):
 
 def _rope_table(rope, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """The module's cos/sin table (``parity.ops.rope.cos_sin_table``: HF's values at every position
-    below ``max_position_embeddings``), built once per device and dtype, outside CUDA-graph capture
+    SGLang's own cache covers: ``max_position_embeddings``, or more where SGLang reserved its cache
+    for a longer context at load), built once per device and dtype, outside CUDA-graph capture
     (SGLang runs two warm-up forwards before it captures)."""
     tables = rope.__dict__.setdefault("_truepolicy_rope_tables", {})
     key = (device, dtype)
@@ -214,7 +215,9 @@ def _rope_table(rope, device: torch.device, dtype: torch.dtype) -> tuple[torch.T
                 "(no forward ran before it)"
             )
         inv_freq = hf_inv_freq(rope.rotary_dim, rope.base)  # on the CPU, as HF computes it
-        tables[key] = cos_sin_table(inv_freq, rope.max_position_embeddings, dtype, device)
+        cache = getattr(rope, "cos_sin_cache", None)
+        length = max(rope.max_position_embeddings, cache.shape[0] if cache is not None else 0)
+        tables[key] = cos_sin_table(inv_freq, length, dtype, device)
     return tables[key]
 
 

@@ -72,6 +72,20 @@ def test_rope_patch_equals_hf(sglang_layers, device, head_dim, base, max_pos):
     assert not torch.equal(fused.reshape(n, -1), want_q)
 
 
+def test_rope_table_covers_the_positions_sglang_reserved(sglang_layers):
+    """SGLang reserves its cos/sin cache past ``max_position_embeddings`` for a longer context at load:
+    the patch's table covers the same positions (the kernel does not bound-check them on the device)."""
+    rope = _rope_module(64, 10000.0, 4096)
+    rope.cos_sin_cache = torch.zeros(5120, 64)
+    cos, sin = gpu_patches._rope_table(rope, torch.device("cpu"), BF16)
+    assert cos.shape == sin.shape == (5120, 32)
+    assert gpu_patches._rope_table(rope, torch.device("cpu"), BF16)[0] is cos  # built once
+    assert (
+        gpu_patches._rope_table(_rope_module(64, 10000.0, 4096), torch.device("cpu"), BF16)[0].shape[0]
+        == 4096
+    )
+
+
 def test_decode_grid_spans_the_whole_context_under_cuda_graph_capture():
     """The decode hook's bound on chunks per request: at capture the seq lens are placeholders and a
     replay serves any length up to the pool's width (``req_to_token``), so the grid covers the width;

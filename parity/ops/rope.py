@@ -9,8 +9,9 @@ rotates in fp32 and rounds once: other bits. The server's ``rope_cuda`` patch fi
 op for op: ~17 small kernels per layer. In a decode step at small batch those kernels cost their
 launch latency, not their bytes: with CUDA graphs on an H200, Qwen3-0.6B's shapes (28 layers) decoded
 one request at 3.3 ms per step with the plugin against 2.0 ms without it
-(``benchmarks/bench_server_throughput.py``), and RoPE's kernels were the largest part of the
-difference.
+(``benchmarks/bench_server_throughput.py``). By kernel count (not a profile), RoPE's were most of
+the ~20 kernels per layer the plugin adds over SGLang's fused ones (SiLU-and-mul and the q/k norms
+add one each).
 
 The op
 ------
