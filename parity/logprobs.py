@@ -10,11 +10,12 @@ CUDA kernels reduce in different orders and differ in the last bits (see that do
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 
 import torch
 
-from parity.ops.policy_loss import fused_logprobs, logprobs_matrix_reference
+from parity.ops.policy_loss import _use_triton, fused_logprobs, logprobs_matrix_reference
 
 
 def _per_temperature(
@@ -57,6 +58,23 @@ def token_logprobs(
     Bitwise ``logprobs_matrix(...).gather(token_ids)`` without the full matrix (Triton on CUDA).
     """
     return _per_temperature(fused_logprobs, logits, temperature, token_ids.long())
+
+
+def sampled_token_logprobs(
+    logits: torch.Tensor, token_ids: torch.Tensor, temperatures: torch.Tensor
+) -> torch.Tensor:
+    """The server sampler's :func:`token_logprobs`: bitwise the same values, for ids it drew itself.
+
+    ``temperatures``: fp32, one per row (SGLang's ``[B, 1]``). On CUDA one kernel launch that reads
+    each row's temperature on the device: the host never waits for the GPU (a sampler that waits stalls
+    SGLang's overlap of scheduling with the forward). An id outside ``[0, V)`` (a sampler bug) gives
+    NaN, never a clamped value. Elsewhere the rows are grouped by temperature on the host.
+    """
+    ids = token_ids.long()
+    if _use_triton(logits):
+        per_row = temperatures.to(torch.float32).expand(*logits.shape[:-1], 1).reshape(-1)
+        return fused_logprobs(logits, ids, per_row, check_ids=False)
+    return _per_temperature(functools.partial(fused_logprobs, check_ids=False), logits, temperatures, ids)
 
 
 @torch.no_grad()

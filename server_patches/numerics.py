@@ -12,7 +12,7 @@ import hashlib
 import torch
 
 from parity import contract
-from parity.logprobs import logprobs_matrix, token_logprobs
+from parity.logprobs import logprobs_matrix, sampled_token_logprobs
 
 
 def _outside(patch: str, what: str) -> NotImplementedError:
@@ -95,8 +95,9 @@ def sampler_forward(
     """AROUND Sampler.forward: sample as SGLang does, then report the contract's fp32 logprobs under
     the temperature-scaled full distribution (whatever top-p/top-k did to the sampling): the sampled
     token's, and the requested top-k / token-id logprobs from the same matrix. When only the sampled
-    token's is asked for (an RL rollout), it comes from ``token_logprobs`` (on CUDA one fused kernel,
-    no [B, V] matrix; the same bits as the matrix's entry, by the contract)."""
+    token's is asked for (an RL rollout), it comes from ``sampled_token_logprobs`` (on CUDA one fused
+    kernel with per-row temperatures: no [B, V] matrix, no host synchronisation; the same bits as the
+    matrix's entry, by the contract)."""
     from sglang.srt.layers.utils.logprob import get_token_ids_logprobs, get_top_logprobs
 
     logits = logits_output.next_token_logits.clone() if return_logprob else None
@@ -108,7 +109,7 @@ def sampler_forward(
     top = any(x > 0 for x in top_logprobs_nums)
     by_id = any(x is not None for x in token_ids_logprobs)
     if not (top or by_id):
-        logits_output.next_token_logprobs = token_logprobs(logits, ids, sampling_info.temperatures)
+        logits_output.next_token_logprobs = sampled_token_logprobs(logits, ids, sampling_info.temperatures)
         return ids
     full = logprobs_matrix(logits, sampling_info.temperatures)
     logits_output.next_token_logprobs = full.gather(-1, ids.long().unsqueeze(-1)).squeeze(-1)

@@ -879,6 +879,7 @@ def _policy_fwd_kernel(
     IDS, OLD, REF_LP, MASK,  # per-token inputs [N]
     LOGP, RATIO, KL, ENT, LSE,  # per-token outputs [N] (fp32)
     N, L, V: tl.constexpr, temperature, inv_t,
+    TEMPS, INV_TS,  # ROW_T: per-row fp32 T and RN(1 / T) [N] (else unused)
     HAS_T: tl.constexpr, HAS_OLD: tl.constexpr, HAS_MASK: tl.constexpr, REF_MODE: tl.constexpr,
     KL_MODE: tl.constexpr, ENTROPY: tl.constexpr, TILE: tl.constexpr, LOG2_TILE: tl.constexpr,
     FMA: tl.constexpr, UNROLL: tl.constexpr, NUM_STAGES: tl.constexpr,
@@ -887,6 +888,7 @@ def _policy_fwd_kernel(
     INTERP: tl.constexpr,
     PAIRS: tl.constexpr = False,  # bf16 logits read as 32-bit words (see NEG_INF_PAIR)
     PACKED: tl.constexpr = False,  # with PAIRS and T == 1: packed tile max / min (_tile_update_packed)
+    ROW_T: tl.constexpr = False,  # each row's own temperature (TEMPS, INV_TS): HAS_T per row, T != 1
 ):  # fmt: skip
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
@@ -899,12 +901,28 @@ def _policy_fwd_kernel(
         if INTERP:
             valid = row < N
         if valid:
-            _policy_fwd_row(
-                row.to(tl.int64),
-                X, x_sb, x_sl, R, r_sb, r_sl, IDS, OLD, REF_LP, MASK, LOGP, RATIO, KL, ENT, LSE,
-                L, V, temperature, inv_t, HAS_T, HAS_OLD, HAS_MASK, REF_MODE, KL_MODE, ENTROPY,
-                TILE, LOG2_TILE, FMA, UNROLL, NUM_STAGES, INTERP, PAIRS, PACKED,
-            )  # fmt: skip
+            r64 = row.to(tl.int64)
+            if ROW_T:  # the contract per row: x / T, skipped where T == 1 (a uniform branch)
+                t_row = tl.load(TEMPS + r64)
+                inv_row = tl.load(INV_TS + r64)
+                if t_row == 1.0:
+                    _policy_fwd_row(
+                        r64, X, x_sb, x_sl, R, r_sb, r_sl, IDS, OLD, REF_LP, MASK, LOGP, RATIO, KL, ENT, LSE,
+                        L, V, t_row, inv_row, False, HAS_OLD, HAS_MASK, REF_MODE, KL_MODE, ENTROPY,
+                        TILE, LOG2_TILE, FMA, UNROLL, NUM_STAGES, INTERP, PAIRS, PACKED,
+                    )  # fmt: skip
+                else:
+                    _policy_fwd_row(
+                        r64, X, x_sb, x_sl, R, r_sb, r_sl, IDS, OLD, REF_LP, MASK, LOGP, RATIO, KL, ENT, LSE,
+                        L, V, t_row, inv_row, True, HAS_OLD, HAS_MASK, REF_MODE, KL_MODE, ENTROPY,
+                        TILE, LOG2_TILE, FMA, UNROLL, NUM_STAGES, INTERP, PAIRS, PACKED,
+                    )  # fmt: skip
+            else:
+                _policy_fwd_row(
+                    r64, X, x_sb, x_sl, R, r_sb, r_sl, IDS, OLD, REF_LP, MASK, LOGP, RATIO, KL, ENT, LSE,
+                    L, V, temperature, inv_t, HAS_T, HAS_OLD, HAS_MASK, REF_MODE, KL_MODE, ENTROPY,
+                    TILE, LOG2_TILE, FMA, UNROLL, NUM_STAGES, INTERP, PAIRS, PACKED,
+                )  # fmt: skip
 
 
 @triton.jit
@@ -1296,6 +1314,9 @@ def _forward(
 ):
     """Launch the forward kernel. Returns (logp, ratio, kl, ent, lse, ref_lp), each [N] fp32.
 
+    ``temperature``: a float, or an fp32 tensor of one temperature per row (``[N]`` or broadcastable,
+    as SGLang's ``[B, 1]``): each row then scales by its own T (skipped where T == 1), without the host
+    seeing the values (the row kernel, whatever ``launch`` says about streaming).
     ``launch``: a :class:`FwdLaunch` (default: ``FWD_LAUNCH[v_class(V)]``); it never changes a bit."""
     x, L, x_sb, x_sl = _rows(logits)
     V = x.shape[-1]
@@ -1311,8 +1332,19 @@ def _forward(
         ref_mode = 2 if ref_lp is not None else 0
     if n == 0:
         return logp, ratio, kl, ent, lse, ref_lp
-    t32 = _fp32_scalar(temperature)
     dummy = logp
+    row_t = isinstance(temperature, torch.Tensor)
+    if row_t:
+        if temperature.numel() != n or temperature.dtype != torch.float32:
+            raise ValueError(
+                f"per-row temperatures: {temperature.numel()} {temperature.dtype} values for {n} rows (fp32)"
+            )
+        temps = temperature.to(dev).reshape(-1).contiguous()
+        inv_ts = torch.ones_like(temps) / temps  # RN32(1 / T) per row: IEEE division, as _fp32_inverse
+        t32 = 1.0  # (unused: every row loads its own)
+    else:
+        t32 = _fp32_scalar(temperature)
+        temps = inv_ts = dummy
     cfg = (launch if launch is not None else FWD_LAUNCH[v_class(V)]).validate()
     pairs = cfg.pairs and _pairs_ok(x, x_sb, x_sl, V) and (ref_mode != 1 or _pairs_ok(r, r_sb, r_sl, V))
     args = (
@@ -1329,7 +1361,7 @@ def _forward(
         num_warps=cfg.num_warps,
         enable_fp_fusion=False,
     )  # fmt: skip
-    if cfg.stream and tile <= V and (ref_mode != 1 or r.dtype == x.dtype):
+    if cfg.stream and not row_t and tile <= V and (ref_mode != 1 or r.dtype == x.dtype):
         grid = min(n, cfg.stream * _sm_count(dev))
         uniform = (n <= L or x_sb == L * x_sl) and (ref_mode != 1 or n <= L or r_sb == L * r_sl)
         steps = triton.cdiv(n, grid) * (V // tile) * (2 if ref_mode == 1 else 1)
@@ -1339,8 +1371,8 @@ def _forward(
     else:  # (a stream launch where the stream kernel does not apply: its warps, stages and pairs)
         grid = triton.cdiv(n, cfg.rows)
         _policy_fwd_kernel[(grid,)](
-            *args, UNROLL=cfg.unroll, ROWS_LOOP=grid < n,
-            N_ITERS=triton.cdiv(n, grid) if grid < n and _interpreting() else 0, **flags,
+            *args, temps, inv_ts, UNROLL=cfg.unroll, ROWS_LOOP=grid < n,
+            N_ITERS=triton.cdiv(n, grid) if grid < n and _interpreting() else 0, ROW_T=row_t, **flags,
         )  # fmt: skip
     return logp, ratio, kl, ent, lse, ref_lp
 
@@ -1512,21 +1544,45 @@ def fused_policy_loss(
 
 
 @torch.no_grad()
-def fused_logprobs(logits: torch.Tensor, ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+def fused_logprobs(
+    logits: torch.Tensor,
+    ids: torch.Tensor,
+    temperature: float | torch.Tensor = 1.0,
+    *,
+    check_ids: bool = True,
+) -> torch.Tensor:
     """The contract's fp32 logprob of ``ids`` under ``logits / temperature`` (no gradient).
 
     Triton on CUDA / under the interpreter, :func:`logprobs_reference` elsewhere: the same bits.
+    ``temperature``: a float, or (Triton only) an fp32 tensor with one temperature per row, which the
+    host never reads. ``check_ids``: an id outside ``[0, V)`` raises ``ValueError`` (the host waits for
+    one min/max); with False (ids the caller drew itself, e.g. the server's sampler, which must not
+    wait for the device) such a row's logprob is NaN instead, never a clamped value.
     """
     lead = logits.shape[:-1]
     n = math.prod(lead)
+    vocab = logits.shape[-1]
     ids_f = _flat(ids, n, "ids", torch.int64)
-    ids_k, finish_check = _start_id_check(ids_f, None, logits.shape[-1])
+    row_t = isinstance(temperature, torch.Tensor)
     if not _use_triton(logits):
-        finish_check()
+        if row_t:
+            raise TypeError("fused_logprobs: per-row temperatures need the Triton kernel (CUDA)")
+        if not check_ids:
+            bad = (ids_f < 0) | (ids_f >= vocab)
+            logp = logprobs_reference(logits, ids_f.clamp(0, max(vocab - 1, 0)).view(ids.shape), temperature)
+            return torch.where(bad.view(lead), math.nan, logp)
+        _start_id_check(ids_f, None, vocab)[1]()
         return logprobs_reference(logits, ids, temperature)
+    if check_ids:
+        ids_k, finish_check = _start_id_check(ids_f, None, vocab)
+    else:
+        bad = (ids_f < 0) | (ids_f >= vocab)
+        ids_k, finish_check = ids_f.clamp(0, max(vocab - 1, 0)), None
     logp = _forward(
         logits, ids_k, None, None, None, None, temperature, 0, False, CONTRACT_TILE, CONTRACT_FMA
     )[0]
+    if finish_check is None:
+        return torch.where(bad, math.nan, logp).view(lead)
     finish_check()
     return logp.view(lead)
 
