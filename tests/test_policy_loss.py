@@ -316,12 +316,12 @@ def _compile_fwd_sm90(kernel, num_warps: int, num_stages: int, **consts):
     base = dict(
         V=32768, HAS_T=False, HAS_OLD=True, HAS_MASK=False, REF_MODE=2, KL_MODE=3, ENTROPY=False, TILE=2048,
         LOG2_TILE=11, FMA=1, UNROLL=1, NUM_STAGES=num_stages, ROWS_LOOP=False, N_ITERS=0, N_STEPS=0,
-        INTERP=False, PAIRS=False, PACKED=False, UNIFORM=True,
+        INTERP=False, PAIRS=False, PACKED=False, UNIFORM=True, ROW_T=False,
     )  # fmt: skip
     base.update(consts)
     consts = {k: v for k, v in base.items() if k in kernel.arg_names}
     types = {"IDS": "*i64", "OLD": "*fp32", "REF_LP": "*fp32", "MASK": "*u8", "temperature": "fp32"}
-    types.update({n: "*fp32" for n in ("LOGP", "RATIO", "KL", "ENT", "LSE")}, inv_t="fp32")
+    types.update({n: "*fp32" for n in ("LOGP", "RATIO", "KL", "ENT", "LSE", "TEMPS", "INV_TS")}, inv_t="fp32")
     sig = {
         n: "constexpr" if n in consts else types.get(n, "*bf16" if n in "XR" else "i32")
         for n in kernel.arg_names
@@ -342,19 +342,23 @@ def _compile_fwd_sm90(kernel, num_warps: int, num_stages: int, **consts):
 )
 def test_new_forward_launches_compile_for_sm90(launch):
     """Every stream / pairs / packed candidate compiles for sm_90 (no GPU needed; the benchmark's case and
-    one with a mask, reference logits, entropy, T != 1 and a partial tile), with: no register spills;
+    one with a mask, reference logits, entropy, T != 1 and a partial tile; the row kernel also with per-row
+    temperatures), with: no register spills;
     the tiles read as 16-byte vectors (cp.async with num_stages > 1); bf16x2 max exactly when packed
     applies (T == 1)."""
     import re
 
     kernel = pl._policy_fwd_stream_kernel if launch.stream else pl._policy_fwd_kernel
     variants = [{}, dict(HAS_MASK=True, REF_MODE=1, ENTROPY=True, HAS_T=True, V=151936)]
+    if not launch.stream:  # per-row temperatures: the row kernel only (both branches of a row)
+        variants.append(dict(ROW_T=True, V=151936))
     for consts in variants:
         k = _compile_fwd_sm90(
             kernel, launch.num_warps, launch.num_stages, PAIRS=launch.pairs, PACKED=launch.packed, **consts
         )
         ptx = k.asm["ptx"]
-        assert ("max.NaN.bf16x2" in ptx) == (launch.packed and not consts.get("HAS_T", False)), consts
+        packed_max = launch.packed and (consts.get("ROW_T", False) or not consts.get("HAS_T", False))
+        assert ("max.NaN.bf16x2" in ptx) == packed_max, consts  # ROW_T: in its T == 1 branch
         if launch.num_stages > 1:
             assert "cp.async.cg.shared.global" in ptx, "tile loop not pipelined"
         else:

@@ -23,7 +23,8 @@ So the logprob is *defined* here by a reduction whose every rounding is spelled 
 IEEE-754 ``+ - * /`` (correctly rounded on every CPU and GPU), fused multiply-add, exact bit
 operations and comparisons -- and nothing else:
 
-1. ``xs = float32(x) / T`` (``T`` rounded to fp32; skipped when ``T == 1``), computed as
+1. ``xs = float32(x) / T`` (``T`` rounded to fp32, one per call or one per row; skipped when
+   ``T == 1``), computed as
    ``q = x * RN(1/T); xs = fma(x - q T, RN(1/T), q)`` with ``x - q T`` an exact fma (Markstein's
    theorem: this is the correctly rounded IEEE quotient; tested on every finite bf16 value).
 2. The row is cut into tiles of ``TILE = 2048`` columns (the last one padded with ``-inf``). ``TILE``
