@@ -109,10 +109,13 @@ Trade-offs
   and only the groups are folded: a chain of ``ceil(len / (64 N))`` steps and ``N`` times fewer
   partials (``D + 2`` fp32 per group and query head). The price is split-KV parallelism at short
   context and small batch: a (kv head, request) has ``ceil(len / (64 N))`` programs' worth of work.
-  On the H200 (``--only groups``, decode from CUDA graphs vs flash, a first version that restarted
-  the pipeline at every group): N = 4 was within 0.81-1.16x of flash at 1k and 4k context, batch 1 /
-  8 / 64, where N = 1 (no groups) was 0.81-1.53x, N = 8 0.79-1.55x (1k batch 1: 16 programs) and
-  N = 16 0.75-2.49x. The groups change the bits, so N is part of the definition.
+  On the H200 (``--only groups``, decode from CUDA graphs vs flash at 1k / 4k / 16k / 32k context,
+  batch 1 / 8 / 64, this kernel): N = 4 was 0.79-1.36x of flash, 8 of the 12 points within 1.15x;
+  N = 1 (no groups) 0.90-1.71x (7 of 12; the serial fold at long context), N = 8 0.76-1.81x (7 of 12;
+  1k batch 1 has 16 programs) and N = 16 0.74-2.83x (6 of 12). The groups change the bits, so N is
+  part of the definition. Where N = 4 trails (batch 8 at 16k / 32k: 1.31 / 1.36x) the partials kernel
+  itself is the time (0.32 of 0.35 ms at 32k, ``--only profile``), at ~0.75 of the copy bandwidth
+  with two programs per SM, each with one chunk's K and V in flight.
 * The fold kernel is spread by :class:`FoldLaunch` (default ``d2_r2_p16_w1`` of ``FOLD_CANDIDATES``:
   the best, or within 3% of the best, at every point of ``benchmarks/bench_paged_attention.py
   --sweep`` on an H200 but one, measured with one chunk per group): each (kv head, request) folded by
@@ -202,6 +205,13 @@ FOLD_CANDIDATES: dict[str, FoldLaunch] = {
 #   chain of multiplies and adds only (~31 instructions a step instead of ~40, no exp2 in the loop).
 #   Bitwise equal to the serial fold on the GPU, but slower: 32k batch 1 0.093-0.114 ms vs 0.091,
 #   16k batch 1 0.052-0.063 vs 0.052, batch 8 +1-4%: the chain's time is not its instruction count.
+# - groups per program 16 / 32 and 4 stages (--only partials, 6 shapes, both slot layouts): the default
+#   within 1-2% of the best everywhere.
+# Considered from the sm_90 compile, not built: the partial's store converts the [64, D] fp32 tile to a
+# coalesced layout through 32 KB of shared memory (115 KB per program in all). Storing only the G rows
+# (each an exact sum over the tile's rows with -0.0 elsewhere) drops that to 84.5 KB, but a third K/V
+# buffer (a deeper pipeline: more bytes in flight) would then need ~117 KB per program, 2 x 117 KB >
+# 228 KB per SM: no gain at 2 programs per SM.
 SEARCH_BLOCK = 256  # segments scanned per step when a tile looks up its request
 
 _LOG2E = 1.4426950408889634
