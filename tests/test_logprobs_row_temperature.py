@@ -44,8 +44,13 @@ def batch(rows: int, vocab: int, device: str = "cpu", seed: int = 0):
 
 
 def check(device: str) -> None:
-    for rows, vocab in ((12, 4099), (5, 2048), (9, 300)):
+    for rows, vocab, dtype in (
+        (12, 4099, torch.bfloat16),
+        (5, 2048, torch.bfloat16),
+        (9, 300, torch.float32),
+    ):
         logits, ids, temps = batch(rows, vocab, device)
+        logits = logits.to(dtype)  # fp32: SGLang's next-token logits (the kernel's unpaired loads)
         want = token_logprobs(logits, ids, temps)  # grouped by temperature on the host
         assert_same_bits(sampled_token_logprobs(logits, ids, temps), want, f"{rows}x{vocab} sampled")
         if _use_triton(logits):
@@ -54,7 +59,7 @@ def check(device: str) -> None:
             )
         # negative control: one shared temperature is not the rows' own
         assert count_differing(fused_logprobs(logits, ids, 0.7), want) > 0
-        print(f"ok {device} {rows}x{vocab}")
+        print(f"ok {device} {rows}x{vocab} {dtype}")
     # an id outside [0, V): NaN in that row only, the others unchanged
     logits, ids, temps = batch(8, 1000, device, seed=1)
     bad = ids.clone()
@@ -84,6 +89,7 @@ def test_kernel_under_the_triton_interpreter():
 def test_kernel_on_cuda_without_host_synchronisation():
     check("cuda")
     logits, ids, temps = batch(64, 151936, "cuda", seed=2)
+    logits = logits.float()  # as SGLang's sampler holds them
     want = token_logprobs(logits, ids, temps)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")  # any synchronising call raises
