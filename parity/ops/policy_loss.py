@@ -889,7 +889,7 @@ def _policy_fwd_kernel(
     INTERP: tl.constexpr,
     PAIRS: tl.constexpr = False,  # bf16 logits read as 32-bit words (see NEG_INF_PAIR)
     PACKED: tl.constexpr = False,  # with PAIRS and T == 1: packed tile max / min (_tile_update_packed)
-    ROW_T: tl.constexpr = False,  # each row's own temperature (TEMPS, INV_TS): HAS_T per row, T != 1
+    ROW_T: tl.constexpr = False,  # each row's own temperature (TEMPS, INV_TS): HAS_T where its T != 1
 ):  # fmt: skip
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
@@ -1315,8 +1315,8 @@ def _forward(
 ):
     """Launch the forward kernel. Returns (logp, ratio, kl, ent, lse, ref_lp), each [N] fp32.
 
-    ``temperature``: a float, or an fp32 tensor of one temperature per row (``[N]`` or broadcastable,
-    as SGLang's ``[B, 1]``): each row then scales by its own T (skipped where T == 1), without the host
+    ``temperature``: a float, or an fp32 tensor of one temperature per row (N values in any shape, as
+    SGLang's ``[B, 1]``): each row then scales by its own T (skipped where T == 1), without the host
     seeing the values (the row kernel, whatever ``launch`` says about streaming).
     ``launch``: a :class:`FwdLaunch` (default: ``FWD_LAUNCH[v_class(V)]``); it never changes a bit."""
     x, L, x_sb, x_sl = _rows(logits)
