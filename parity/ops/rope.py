@@ -43,6 +43,7 @@ import triton
 import triton.language as tl
 
 from parity.ops.policy_loss import _interpreting
+from parity.ops.rms_norm_pairwise import to_bf16
 
 _SUPPORTED = (torch.bfloat16, torch.float16)
 
@@ -87,11 +88,10 @@ def rope_reference(
 @triton.jit
 def _rounded(x, DTYPE: tl.constexpr, INTERP: tl.constexpr):
     """fp32 ``x`` rounded to ``DTYPE`` (nearest even), returned as fp32 (exact). On the GPU the
-    conversion (cvt.rn); under the interpreter bf16 by integer ops (its conversion truncates)."""
-    if INTERP and DTYPE.is_bf16():
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = (bits + (((bits >> 16) & 1) + 0x7FFF)) & 0xFFFF0000
-        return bits.to(tl.float32, bitcast=True)
+    conversion (cvt.rn); under the interpreter bf16 by the norm kernel's integer rounding (its
+    conversion truncates)."""
+    if DTYPE.is_bf16():
+        return to_bf16(x, INTERP).to(tl.float32)
     else:
         return x.to(DTYPE).to(tl.float32)
 
