@@ -1564,28 +1564,24 @@ def fused_logprobs(
     n = math.prod(lead)
     vocab = logits.shape[-1]
     ids_f = _flat(ids, n, "ids", torch.int64)
-    row_t = isinstance(temperature, torch.Tensor)
-    if not _use_triton(logits):
-        if row_t:
-            raise TypeError("fused_logprobs: per-row temperatures need the Triton kernel (CUDA)")
-        if not check_ids:
-            bad = (ids_f < 0) | (ids_f >= vocab)
-            logp = logprobs_reference(logits, ids_f.clamp(0, max(vocab - 1, 0)).view(ids.shape), temperature)
-            return torch.where(bad.view(lead), math.nan, logp)
-        _start_id_check(ids_f, None, vocab)[1]()
-        return logprobs_reference(logits, ids, temperature)
+    triton_path = _use_triton(logits)
+    if isinstance(temperature, torch.Tensor) and not triton_path:
+        raise TypeError("fused_logprobs: per-row temperatures need the Triton kernel (CUDA)")
     if check_ids:
-        ids_k, finish_check = _start_id_check(ids_f, None, vocab)
+        ids_k, finish_check = _start_id_check(ids_f, None, vocab)  # raises at once off the GPU
     else:
         bad = (ids_f < 0) | (ids_f >= vocab)
         ids_k, finish_check = ids_f.clamp(0, max(vocab - 1, 0)), None
-    logp = _forward(
-        logits, ids_k, None, None, None, None, temperature, 0, False, CONTRACT_TILE, CONTRACT_FMA
-    )[0]
+    if triton_path:
+        logp = _forward(
+            logits, ids_k, None, None, None, None, temperature, 0, False, CONTRACT_TILE, CONTRACT_FMA
+        )[0].view(lead)
+    else:
+        logp = logprobs_reference(logits, ids_k, temperature).view(lead)
     if finish_check is None:
-        return torch.where(bad, math.nan, logp).view(lead)
+        return torch.where(bad.view(lead), math.nan, logp)
     finish_check()
-    return logp.view(lead)
+    return logp
 
 
 # ====================================================================================================
