@@ -12,7 +12,12 @@ from parity.trainer import prepare_model
 from truepolicy.sglang_process import running_server
 
 # Small prefill chunks so that prompts longer than 16 tokens go through chunked prefill.
-SERVER_ARGS = ["--skip-tokenizer-init", "--max-total-tokens", "4096", "--chunked-prefill-size", "16"]
+# --sleep-on-idle: an idle SGLang scheduler otherwise polls its sockets in a busy loop, one core at
+# 100% per server; on the 2-core CI machine two servers left nothing for the test's other processes.
+SERVER_ARGS = [
+    "--skip-tokenizer-init", "--max-total-tokens", "4096", "--chunked-prefill-size", "16",
+    "--sleep-on-idle",
+]  # fmt: skip
 
 
 def pytest_collection_modifyitems(config, items):

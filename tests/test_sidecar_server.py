@@ -39,6 +39,7 @@ pytestmark = pytest.mark.server
 TOKEN = "test-token-7f3a"
 NOISE = 0.05
 SIDECAR_READY_S = 180.0
+TRAINER_READY_S = 180.0  # spawn, import torch, read the checkpoint: on a loaded 2-core machine
 
 
 # ---- versions: the checkpoint + seeded noise, computed identically in every process -------------
@@ -113,7 +114,7 @@ class Trainer:
             daemon=True,
         )
         self.process.start()
-        assert self._recv(120.0)[0] == "up"
+        assert self._recv(TRAINER_READY_S)[0] == "up"
 
     def _recv(self, timeout: float):
         if not self.conn.poll(timeout):

@@ -45,7 +45,9 @@ from truepolicy.sidecar_process import SidecarProcess, SidecarStartError, runnin
 from weight_sync.client import WeightSyncClient
 
 ARCH = "qwen3"
-SERVER_ARGS = ["--skip-tokenizer-init", "--max-total-tokens", "4096"]
+# --sleep-on-idle: the idle scheduler waits on its sockets instead of polling them in a busy loop,
+# which would hold a core at 100% while the trainer computes.
+SERVER_ARGS = ["--skip-tokenizer-init", "--max-total-tokens", "4096", "--sleep-on-idle"]
 # On a GPU: SGLang's triton attention, and the pytorch sampler (the plugin's seeded sampling refuses
 # the others).
 CUDA_SERVER_ARGS = ["--attention-backend", "triton", "--sampling-backend", "pytorch", "--disable-cuda-graph",
