@@ -903,25 +903,23 @@ def _policy_fwd_kernel(
             valid = row < N
         if valid:
             r64 = row.to(tl.int64)
+            t_row = temperature
+            inv_row = inv_t
             if ROW_T:  # the contract per row: x / T, skipped where T == 1 (a uniform branch)
                 t_row = tl.load(TEMPS + r64)
                 inv_row = tl.load(INV_TS + r64)
-                if t_row == 1.0:
-                    _policy_fwd_row(
-                        r64, X, x_sb, x_sl, R, r_sb, r_sl, IDS, OLD, REF_LP, MASK, LOGP, RATIO, KL, ENT, LSE,
-                        L, V, t_row, inv_row, False, HAS_OLD, HAS_MASK, REF_MODE, KL_MODE, ENTROPY,
-                        TILE, LOG2_TILE, FMA, UNROLL, NUM_STAGES, INTERP, PAIRS, PACKED,
-                    )  # fmt: skip
-                else:
-                    _policy_fwd_row(
-                        r64, X, x_sb, x_sl, R, r_sb, r_sl, IDS, OLD, REF_LP, MASK, LOGP, RATIO, KL, ENT, LSE,
-                        L, V, t_row, inv_row, True, HAS_OLD, HAS_MASK, REF_MODE, KL_MODE, ENTROPY,
-                        TILE, LOG2_TILE, FMA, UNROLL, NUM_STAGES, INTERP, PAIRS, PACKED,
-                    )  # fmt: skip
+            # HAS_T is a constexpr: a row whose T is 1 needs the variant without the division (it would
+            # turn a -0.0 logit into +0.0). Without ROW_T the first operand ends the test at compile time.
+            if ROW_T and t_row == 1.0:
+                _policy_fwd_row(
+                    r64, X, x_sb, x_sl, R, r_sb, r_sl, IDS, OLD, REF_LP, MASK, LOGP, RATIO, KL, ENT, LSE,
+                    L, V, t_row, inv_row, False, HAS_OLD, HAS_MASK, REF_MODE, KL_MODE, ENTROPY,
+                    TILE, LOG2_TILE, FMA, UNROLL, NUM_STAGES, INTERP, PAIRS, PACKED,
+                )  # fmt: skip
             else:
                 _policy_fwd_row(
                     r64, X, x_sb, x_sl, R, r_sb, r_sl, IDS, OLD, REF_LP, MASK, LOGP, RATIO, KL, ENT, LSE,
-                    L, V, temperature, inv_t, HAS_T, HAS_OLD, HAS_MASK, REF_MODE, KL_MODE, ENTROPY,
+                    L, V, t_row, inv_row, HAS_T or ROW_T, HAS_OLD, HAS_MASK, REF_MODE, KL_MODE, ENTROPY,
                     TILE, LOG2_TILE, FMA, UNROLL, NUM_STAGES, INTERP, PAIRS, PACKED,
                 )  # fmt: skip
 
@@ -1571,14 +1569,14 @@ def fused_logprobs(
         ids_k, finish_check = _start_id_check(ids_f, None, vocab)  # raises at once off the GPU
     else:
         bad = (ids_f < 0) | (ids_f >= vocab)
-        ids_k, finish_check = ids_f.clamp(0, max(vocab - 1, 0)), None
+        ids_k = ids_f.clamp(0, max(vocab - 1, 0))
     if triton_path:
         logp = _forward(
             logits, ids_k, None, None, None, None, temperature, 0, False, CONTRACT_TILE, CONTRACT_FMA
         )[0].view(lead)
     else:
         logp = logprobs_reference(logits, ids_k, temperature).view(lead)
-    if finish_check is None:
+    if not check_ids:
         return torch.where(bad.view(lead), math.nan, logp)
     finish_check()
     return logp
