@@ -28,11 +28,16 @@ MLP 3072, vocab 151936; its lm_head untied) with random bf16 weights, built loca
 cache. CPU (``--model tiny``): the tiny Qwen3 of the tests, small workloads: a smoke run of the same
 code (the CPU figures say nothing about a GPU).
 
-Measured (2026-11-29, H200, ``--rounds 2 --no-logprobs`` in effect: the first version asked for no
-logprobs; at ``da79070``, before RoPE became one kernel), output tokens/s, plugin vs plain: 1 x 1k
-prompt 291 vs 493 (0.59x: decode steps of 3.3 vs 2.0 ms, the plugin's small kernels' latency, most of
-it RoPE's ~17 per layer); 64 x 1k 8401 vs 10741 (0.78x); 8 x 16k 500 vs 571 (0.87x). SGLang's
-deterministic mode and defaults: not measured (the device time ran out).
+Measured (2026-11-29, H200, at ``ef0ff98``: RoPE as one kernel, the sampler's logprobs without host
+synchronisation), output tokens/s with logprobs, ``--rounds 2``; plugin vs plain in one run:
+1 x 1k prompt 367.5 vs 402.7 (0.91x), 64 x 1k 9703 vs 10549 (0.92x), 8 x 16k 539 vs 564 (0.96x);
+``plain,sglang-deterministic`` in another: plain 489.5 / 10601 / 564, deterministic 181.5 / 6550 / 333
+(0.37x / 0.62x / 0.59x). At 1 request plain's own rate moves between server starts (378-490 tok/s over
+three runs, 2.0-2.6 ms per token), so that ratio is taken within one run; ``--rounds 7 --configs
+plain,plugin --workloads b1_p1024_n256,b4_p1024_n256``: 0.84x at 1 request, 0.91x at 4. Before
+RoPE was one kernel and the sampler synchronisation-free (``da79070``, no logprobs asked): 0.59x,
+0.78x, 0.87x. ``sglang-default``: not measured (the carried wheels lack its default
+FlashAttention-3 and FlashInfer binaries).
 
     python benchmarks/bench_server_throughput.py [--device cuda] [--configs plugin,plain,...]
         [--workloads b64_p1024_n256,...] [--rounds 3] [--out DIR]
