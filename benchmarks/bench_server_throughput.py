@@ -39,13 +39,19 @@ RoPE was one kernel and the sampler synchronisation-free (``da79070``, no logpro
 0.78x, 0.87x. ``sglang-default``: not measured (the carried wheels lack its default
 FlashAttention-3 and FlashInfer binaries).
 
+``--profile-steps K``: after a workload's rounds, one more round under SGLang's profiler
+(``/start_profile``, by stage); per decode step of the first K: the GPU kernels' count, summed time and
+span (busy / span below 1: the GPU waited for the host), and the kernels taking the most time; the
+traces in ``--out``/profiles (Perfetto / chrome://tracing). Where a config's decode step goes.
+
     python benchmarks/bench_server_throughput.py [--device cuda] [--configs plugin,plain,...]
-        [--workloads b64_p1024_n256,...] [--rounds 3] [--out DIR]
+        [--workloads b64_p1024_n256,...] [--rounds 3] [--profile-steps 8] [--out DIR]
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import statistics
 import sys
@@ -161,11 +167,76 @@ def run_round(
     return w.batch * w.new / elapsed
 
 
+PROFILE_TOP = 12  # kernels (ops on the CPU) listed per profiled workload
+
+
+def profile_round(
+    session: requests.Session, url: str, w: Workload, vocab: int, seed: int, logprobs: bool, steps: int,
+    out_dir: Path, profile_id: str, device: str,
+) -> dict:  # fmt: skip
+    """One more round of ``w`` (not timed) under SGLang's own profiler: ``POST /start_profile`` with
+    ``profile_by_stage``, so that the scheduler traces the prefill and then the first ``steps`` decode
+    steps (torch.profiler; GPU kernels through CUPTI, inside CUDA graphs too) and writes
+    ``<profile_id>-TP-0-DECODE.trace.json.gz`` to ``out_dir`` as the next decode step begins. The decode
+    trace, summarised by :func:`summarize_decode_trace`."""
+    body = {
+        "output_dir": str(out_dir.resolve()), "profile_by_stage": True, "num_steps": steps,
+        "activities": ["CPU", "GPU"] if device == "cuda" else ["CPU"], "with_stack": False,
+        "record_shapes": False, "profile_id": profile_id,
+    }  # fmt: skip
+    session.post(f"{url}/start_profile", json=body, timeout=120).raise_for_status()
+    run_round(session, url, w, vocab, seed, logprobs)
+    trace = out_dir / f"{profile_id}-TP-0-DECODE.trace.json.gz"
+    if not trace.is_file():
+        raise RuntimeError(f"{w.name}: SGLang's profiler wrote no decode trace {trace}")
+    return summarize_decode_trace(trace, steps, device)
+
+
+def summarize_decode_trace(trace: Path, steps: int, device: str) -> dict:
+    """Per decode step, from a Chrome trace of ``steps`` steps: on a GPU the kernels (category
+    ``kernel``): how many, their summed time (``busy_us``), the span from the first kernel's start to
+    the last one's end (``span_us``: the step period as the GPU saw it; busy / span < 1 is time the GPU
+    waited for the host), and the kernels taking the most time. On the CPU (a smoke run) the same over
+    ``cpu_op`` events, whose times are inclusive (a nested op is counted in its parent too): only the
+    listing means something there."""
+    events = json.loads(gzip.decompress(trace.read_bytes()))["traceEvents"]
+    category = "kernel" if device == "cuda" else "cpu_op"
+    ops = [e for e in events if e.get("ph") == "X" and e.get("cat") == category]
+    if not ops:
+        raise RuntimeError(f"{trace}: no {category!r} events")
+    per_name: dict[str, list[float]] = {}
+    for e in ops:
+        per_name.setdefault(e["name"], []).append(float(e["dur"]))
+    start = min(float(e["ts"]) for e in ops)
+    end = max(float(e["ts"]) + float(e["dur"]) for e in ops)
+    top = sorted(per_name.items(), key=lambda kv: -sum(kv[1]))[:PROFILE_TOP]
+    return dict(
+        category=category, steps=steps, trace=trace.name,
+        events_per_step=len(ops) / steps,
+        busy_us_per_step=sum(float(e["dur"]) for e in ops) / steps,
+        span_us_per_step=(end - start) / steps,
+        top=[dict(name=name, us_per_step=sum(d) / steps, calls_per_step=len(d) / steps) for name, d in top],
+    )  # fmt: skip
+
+
+def print_profile(config: str, workload: str, prof: dict) -> None:
+    what = "kernels" if prof["category"] == "kernel" else "cpu ops (inclusive times)"
+    print(
+        f"  {config:<22} {workload:<18} profile of {prof['steps']} decode steps, per step: "
+        f"{prof['events_per_step']:.0f} {what}, busy {prof['busy_us_per_step']:.0f} us, "
+        f"span {prof['span_us_per_step']:.0f} us",
+        flush=True,
+    )
+    for t in prof["top"]:
+        print(f"      {t['us_per_step']:>9.1f} us {t['calls_per_step']:>6.1f}x  {t['name'][:90]}", flush=True)
+
+
 def bench_config(
     config: ServerConfig, args: tuple[str, ...], device: str, model: Path, vocab: int,
-    workloads: list[Workload], rounds: int, logprobs: bool, logs: Path,
+    workloads: list[Workload], rounds: int, logprobs: bool, logs: Path, profile_steps: int,
 ) -> dict:  # fmt: skip
-    """Start ``config``'s server, run every workload (warm-up + rounds); tokens/s per workload."""
+    """Start ``config``'s server, run every workload (warm-up + rounds); tokens/s per workload. With
+    ``profile_steps`` > 0, one more round per workload under the profiler (:func:`profile_round`)."""
     longest = context_length(workloads)
     total = max(w.batch * (w.prompt + w.new) for w in workloads)
     server_args = [
@@ -194,6 +265,13 @@ def bench_config(
                     f"(min {min(rates):.1f}, max {max(rates):.1f})",
                     flush=True,
                 )
+                if profile_steps:
+                    prof = profile_round(
+                        session, server.url, w, vocab, 2_000_000 + i, logprobs, profile_steps,
+                        logs / "profiles", f"{config.name}-{w.name}", device,
+                    )  # fmt: skip
+                    result[w.name]["profile"] = prof
+                    print_profile(config.name, w.name, prof)
     except (ServerStartError, RuntimeError, requests.RequestException) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         result["error"] = first
@@ -228,9 +306,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--no-logprobs", action="store_true", help="do not ask for the sampled tokens' logprobs")
     ap.add_argument("--out", type=Path, default=None, help="server logs, results.json (default: a temp dir)")
+    ap.add_argument("--profile-steps", type=int, default=0, help="after the rounds, trace this many "
+                    "decode steps per workload with SGLang's profiler (default 0: no profile)")  # fmt: skip
     opts = ap.parse_args(argv)
     if opts.rounds < 1:
         ap.error("--rounds: at least 1")
+    if opts.profile_steps < 0:
+        ap.error("--profile-steps: 0 or more")
     names = opts.configs.split(",") if opts.configs else list(CONFIGS)
     unknown = [n for n in names if n not in CONFIGS]
     if unknown:
@@ -241,6 +323,10 @@ def main(argv: list[str] | None = None) -> int:
     skipped = [c.name for c, a in configs if a is None]
     configs = [(c, a) for c, a in configs if a is not None]
     workloads = [Workload.parse(n) for n in (opts.workloads or WORKLOADS[opts.device]).split(",")]
+    short = [w.name for w in workloads if opts.profile_steps and w.new < opts.profile_steps + 2]
+    if short:
+        ap.error(f"--profile-steps {opts.profile_steps}: workloads {short} decode too few tokens "
+                 "(at least 2 more than the profiled steps: the trace is written mid-round)")  # fmt: skip
     out = opts.out or Path(tempfile.mkdtemp(prefix="bench-server-throughput-"))
     out.mkdir(parents=True, exist_ok=True)
 
@@ -263,7 +349,9 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
     results = [
-        bench_config(c, a, opts.device, model, vocab, workloads, opts.rounds, logprobs, out)
+        bench_config(
+            c, a, opts.device, model, vocab, workloads, opts.rounds, logprobs, out, opts.profile_steps
+        )
         for c, a in configs
     ]
     print_table(results, workloads)
