@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One device call after a change to the server's rollout path (RoPE as one kernel, the sampler's
-# sync-free logprobs): the GPU tests of those ops, then the headline with CUDA graphs (Qwen3 and
+# sync-free logprobs, the q/k norms as one kernel): the GPU tests of those ops, then the headline with
+# CUDA graphs (Qwen3 and
 # Qwen2, plugin on). The plugin-off controls do not run the plugin's code and do not fit in the same
 # call on a cold machine (4 server starts, ~130 s each before the JIT caches are warm): they are
 # scripts/gpu_server_check.sh's. Each step has its own time box and writes to $OUT as it goes.
@@ -13,5 +14,5 @@ OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 source scripts/device_step.sh
 step op_tests 150 python3 -m pytest -q -s -p no:cacheprovider -m gpu tests/test_rope.py \
-    tests/test_logprobs_row_temperature.py tests/test_gpu_op_patches.py
+    tests/test_logprobs_row_temperature.py tests/test_gpu_op_patches.py tests/test_qk_norm.py
 step headline 420 bash scripts/gpu_server_check.sh qwen3 qwen2 --cuda-graph --on-only

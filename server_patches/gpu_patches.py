@@ -35,6 +35,7 @@ import torch
 
 from parity.ops import DEFAULT_GPU_ATTENTION, gpu_attention_kernels
 from parity.ops.batch_invariant_matmul import batch_invariant_linear
+from parity.ops.qk_norm import qk_rms_norm, qk_rms_norm_reference
 from parity.ops.rms_norm_pairwise import rms_norm_pairwise_kernel
 from parity.ops.rope import apply_rope, cos_sin_table, hf_inv_freq, rope_reference
 from server_patches import numerics
@@ -260,12 +261,27 @@ def rms_norm_forward_cuda(self, x, residual=None, post_residual_addition=None):
     return normed if residual is None else (normed, summed)
 
 
-def no_fused_qk_norm(head_dim, dtype):
-    """REPLACE ``can_use_fused_inplace_qknorm`` as ``sglang.srt.models.utils`` sees it: False, so
-    ``apply_qk_norm`` (Qwen3's per-head q/k norms) runs ``q_norm``/``k_norm`` -- ``RMSNorm``, i.e. the
-    ``rmsnorm_cuda`` patch -- instead of the JIT fused in-place kernel (fp32 weight multiply, one
-    rounding)."""
-    return False
+def qk_norm_one_kernel(q, k, q_norm, k_norm, head_dim, alt_stream=None, allow_inplace=True):
+    """REPLACE ``apply_qk_norm`` (Qwen3's per-head q/k RMSNorms, between the qkv projection and RoPE):
+    the GPU contract's norm (``rmsnorm_cuda``'s) of every head of q and k in one kernel
+    (``parity.ops.qk_norm``), out of place. SGLang's fused in-place JIT kernel multiplies by the weight
+    in fp32 before rounding (HF rounds first); its unfused path copies q and k to contiguous tensors and
+    runs two norms: four kernels per layer where this is one. ``alt_stream`` / ``allow_inplace`` only
+    choose how SGLang schedules or stores the same values. Off CUDA (tests) the plain-PyTorch form."""
+    from sglang.srt.layers.layernorm import RMSNorm
+
+    for norm in (q_norm, k_norm):
+        if type(norm) is not RMSNorm:
+            raise _outside("qk_norm_cuda", f"a {type(norm).__name__} q/k norm")
+        numerics.check_rms_norm_variant("qk_norm_cuda", norm, None)
+    if q_norm.variance_epsilon != k_norm.variance_epsilon:
+        raise _outside("qk_norm_cuda", "q and k norms with different epsilons")
+    if any(t.dtype != torch.bfloat16 for t in (q, k, q_norm.weight, k_norm.weight)):
+        raise _outside("qk_norm_cuda", f"{q.dtype} q/k with {q_norm.weight.dtype} norm weights (bf16 only)")
+    if q.dim() != 2 or k.dim() != 2:
+        raise _outside("qk_norm_cuda", f"q / k of shapes {tuple(q.shape)} / {tuple(k.shape)} (2-D rows only)")
+    norm = qk_rms_norm if q.is_cuda else qk_rms_norm_reference
+    return norm(q, k, q_norm.weight, k_norm.weight, q_norm.variance_epsilon, head_dim)
 
 
 GPU_PATCHES: tuple[Patch, ...] = (
@@ -353,18 +369,21 @@ GPU_PATCHES: tuple[Patch, ...] = (
         expected_params=("self", "positions", "query", "key", "offsets", "fused_set_kv_buffer_arg"),
     ),
     Patch(
-        name="qk_norm_unfused",
-        target="sglang.srt.models.utils.can_use_fused_inplace_qknorm",
+        name="qk_norm_cuda",
+        target="sglang.srt.models.utils.apply_qk_norm",
         diverges=(
             "Qwen3's per-head q/k RMSNorms run a JIT fused in-place kernel on CUDA (bypassing "
             "RMSNorm.forward_cuda): it multiplies by the weight in fp32 before rounding, unlike HF. Found "
             "by the GPU end-to-end run: Qwen2 bitwise, Qwen3 427/768 tokens off."
         ),
-        proof="scripts/gpu_server_check.py (Qwen3, plugin on: train_rollout_logprob_abs_diff 0.0)",
+        proof=(
+            "tests/test_qk_norm.py::test_kernel_equals_reference_and_the_unfused_kernels_on_cuda, "
+            "tests/test_gpu_op_patches.py::test_qk_norm_patch_equals_hf, scripts/gpu_server_check.py (Qwen3)"
+        ),
         drop_when="SGLang's fused q/k norm casts before the weight multiply",
-        hook=no_fused_qk_norm,
+        hook=qk_norm_one_kernel,
         hook_type="REPLACE",
-        expected_params=("head_dim", "dtype"),
+        expected_params=("q", "k", "q_norm", "k_norm", "head_dim", "alt_stream", "allow_inplace"),
     ),
     *MOE_GPU_PATCHES,
 )

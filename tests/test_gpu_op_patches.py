@@ -112,3 +112,47 @@ def test_silu_and_mul_patch_equals_hf(sglang_layers, device):
     assert_bitwise(gpu_patches.silu_and_mul_native(op, gate_up), want)
     # negative control: silu(gate) * up in fp32 rounded once (sgl_kernel's silu_and_mul)
     assert not torch.equal((F.silu(gate.float()) * up.float()).to(BF16), want)
+
+
+def _rms_norm_module(head_dim: int, eps: float, weight: torch.Tensor):
+    from sglang.srt.layers.layernorm import RMSNorm
+
+    norm = RMSNorm(head_dim, eps=eps)
+    norm.weight.data = weight
+    return norm
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_qk_norm_patch_equals_the_trainers_norms(sglang_layers, device):
+    """The one-kernel q/k norm (``qk_norm_cuda``) against the trainer side: HF's Qwen3 attention applies
+    ``q_norm`` / ``k_norm`` to ``[tokens, heads, head_dim]`` views, its RMSNorms computing the GPU
+    contract's norm (``parity.ops.rms_norm_pairwise.rms_norm``: the kernel on CUDA) -- bitwise. The
+    negative control (SGLang's fused formula) is tests/test_qk_norm.py's."""
+    from parity.ops.rms_norm_pairwise import rms_norm
+
+    gen = torch.Generator().manual_seed(11)
+    tokens, hq, hk, d, eps = 67, 16, 8, 128, 1e-6
+    qkv = (5 * torch.randn(tokens, (hq + 2 * hk) * d, generator=gen)).to(BF16).to(device)
+    q, k, _v = qkv.split([hq * d, hk * d, hk * d], dim=-1)
+    qw, kw = ((1 + 0.3 * torch.randn(2, d, generator=gen)).to(BF16).to(device)).unbind(0)
+    got_q, got_k = gpu_patches.qk_norm_one_kernel(
+        q=q, k=k, q_norm=_rms_norm_module(d, eps, qw), k_norm=_rms_norm_module(d, eps, kw), head_dim=d,
+        alt_stream=None,
+    )  # fmt: skip
+    assert_bitwise(got_q, rms_norm(q.reshape(tokens, hq, d), qw, eps).reshape(tokens, -1))
+    assert_bitwise(got_k, rms_norm(k.reshape(tokens, hk, d), kw, eps).reshape(tokens, -1))
+
+
+def test_qk_norm_patch_refuses_what_it_does_not_compute(sglang_layers):
+    from sglang.srt.layers.layernorm import GemmaRMSNorm
+
+    q, k = torch.zeros(3, 4 * 64, dtype=BF16), torch.zeros(3, 2 * 64, dtype=BF16)
+    w = torch.ones(64, dtype=BF16)
+    norms = dict(q_norm=_rms_norm_module(64, 1e-6, w), k_norm=_rms_norm_module(64, 1e-5, w))
+    with pytest.raises(NotImplementedError, match="qk_norm_cuda.*epsilons"):
+        gpu_patches.qk_norm_one_kernel(q, k, head_dim=64, **norms)
+    with pytest.raises(NotImplementedError, match="qk_norm_cuda.*bf16 only"):
+        gpu_patches.qk_norm_one_kernel(q.float(), k.float(), norms["q_norm"], norms["q_norm"], 64)
+    gemma = GemmaRMSNorm(64, eps=1e-6)
+    with pytest.raises(NotImplementedError, match="qk_norm_cuda.*GemmaRMSNorm"):
+        gpu_patches.qk_norm_one_kernel(q, k, gemma, _rms_norm_module(64, 1e-6, w), 64)
