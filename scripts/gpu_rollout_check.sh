@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
 # One device call after a change to the server's rollout path (RoPE as one kernel, the sampler's
 # sync-free logprobs, the q/k norms as one kernel): the GPU tests of those ops, then the headline with
-# CUDA graphs (Qwen3 and
-# Qwen2, plugin on). The plugin-off controls do not run the plugin's code and do not fit in the same
+# CUDA graphs (Qwen3 and Qwen2, plugin on). The plugin-off controls do not run the plugin's code and do not fit in the same
 # call on a cold machine (4 server starts, ~130 s each before the JIT caches are warm): they are
 # scripts/gpu_server_check.sh's. Each step has its own time box and writes to $OUT as it goes.
 #   run(command="bash scripts/gpu_rollout_check.sh", carry=[".gpusgl"])
