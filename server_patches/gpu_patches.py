@@ -278,10 +278,13 @@ def qk_norm_one_kernel(q, k, q_norm, k_norm, head_dim, alt_stream=None, allow_in
         raise _outside("qk_norm_cuda", "q and k norms with different epsilons")
     if any(t.dtype != torch.bfloat16 for t in (q, k, q_norm.weight, k_norm.weight)):
         raise _outside("qk_norm_cuda", f"{q.dtype} q/k with {q_norm.weight.dtype} norm weights (bf16 only)")
-    if q.dim() != 2 or k.dim() != 2:
-        raise _outside("qk_norm_cuda", f"q / k of shapes {tuple(q.shape)} / {tuple(k.shape)} (2-D rows only)")
     norm = qk_rms_norm if q.is_cuda else qk_rms_norm_reference
-    return norm(q, k, q_norm.weight, k_norm.weight, q_norm.variance_epsilon, head_dim)
+    # (..., heads * head_dim) as rows: a view for SGLang's 2-D qkv slices (a copy only for other layouts)
+    q_out, k_out = norm(
+        q.reshape(-1, q.shape[-1]), k.reshape(-1, k.shape[-1]), q_norm.weight, k_norm.weight,
+        q_norm.variance_epsilon, head_dim,
+    )  # fmt: skip
+    return q_out.view(q.shape), k_out.view(k.shape)
 
 
 GPU_PATCHES: tuple[Patch, ...] = (

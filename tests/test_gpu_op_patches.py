@@ -141,6 +141,13 @@ def test_qk_norm_patch_equals_the_trainers_norms(sglang_layers, device):
     )  # fmt: skip
     assert_bitwise(got_q, rms_norm(q.reshape(tokens, hq, d), qw, eps).reshape(tokens, -1))
     assert_bitwise(got_k, rms_norm(k.reshape(tokens, hk, d), kw, eps).reshape(tokens, -1))
+    # (..., heads * head_dim) with more leading dims: the same rows, the input's shape back
+    got_q3, got_k3 = gpu_patches.qk_norm_one_kernel(
+        q.reshape(1, tokens, -1), k.reshape(1, tokens, -1), _rms_norm_module(d, eps, qw),
+        _rms_norm_module(d, eps, kw), d,
+    )  # fmt: skip
+    assert_bitwise(got_q3, got_q.reshape(1, tokens, -1))
+    assert_bitwise(got_k3, got_k.reshape(1, tokens, -1))
 
 
 def test_qk_norm_patch_refuses_what_it_does_not_compute(sglang_layers):
