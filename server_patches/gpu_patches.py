@@ -381,7 +381,8 @@ GPU_PATCHES: tuple[Patch, ...] = (
         ),
         proof=(
             "tests/test_qk_norm.py::test_kernel_equals_reference_and_the_unfused_kernels_on_cuda, "
-            "tests/test_gpu_op_patches.py::test_qk_norm_patch_equals_hf, scripts/gpu_server_check.py (Qwen3)"
+            "tests/test_gpu_op_patches.py::test_qk_norm_patch_equals_the_trainers_norms, "
+            "scripts/gpu_server_check.py (Qwen3)"
         ),
         drop_when="SGLang's fused q/k norm casts before the weight multiply",
         hook=qk_norm_one_kernel,
