@@ -38,6 +38,8 @@ from parity.ops.batch_invariant_matmul import batch_invariant_linear
 from parity.ops.qk_norm import qk_rms_norm, qk_rms_norm_reference
 from parity.ops.rms_norm_pairwise import rms_norm_pairwise_kernel
 from parity.ops.rope import apply_rope, cos_sin_table, hf_inv_freq, rope_reference
+from parity.ops.silu_and_mul import TABLE_DTYPES as SILU_TABLE_DTYPES
+from parity.ops.silu_and_mul import silu_and_mul, silu_table
 from server_patches import numerics
 from server_patches.moe_patches import MOE_GPU_PATCHES
 from server_patches.patch import Patch
@@ -195,10 +197,33 @@ def lm_head_batch_invariant(original, self, hidden_states, lm_head, embedding_bi
     return batch_invariant_linear(hidden_states.to(lm_head.weight.dtype), lm_head.weight)
 
 
-def silu_and_mul_native(self, x):
-    """REPLACE SiluAndMul.forward_cuda: HF's ``act_fn(gate) * up`` (two bf16 roundings) where
-    sgl_kernel's fused kernel multiplies in fp32 and rounds once. (SGLang's ``forward_native`` is that
-    formula; SGLang's own ``rl_on_policy_target`` mode makes the same switch.)"""
+_SILU_TABLES: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}  # silu_table per dtype, device
+
+
+def _silu_table(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``parity.ops.silu_and_mul.silu_table`` (torch's F.silu of every 16-bit pattern, on ``device``),
+    built once per process, dtype and device, outside CUDA-graph capture (SGLang runs two warm-up
+    forwards before it captures)."""
+    key = (dtype, device)
+    if key not in _SILU_TABLES:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                "truepolicy patch 'silu_and_mul_cuda': the SiLU table would be built inside CUDA-graph "
+                "capture (no forward ran before it)"
+            )
+        _SILU_TABLES[key] = silu_table(dtype, device)
+    return _SILU_TABLES[key]
+
+
+def silu_and_mul_hf(self, x):
+    """REPLACE SiluAndMul.forward_cuda: HF's ``act_fn(gate) * up`` (two roundings) where sgl_kernel's
+    fused kernel multiplies in fp32 and rounds once. bf16/fp16 on CUDA: one kernel (``parity.ops.
+    silu_and_mul``: torch's own F.silu per 16-bit pattern from a table, the product rounded once as
+    torch's multiply rounds), bitwise HF's two ops. fp32 activations (no table) and off CUDA (tests):
+    SGLang's ``forward_native``, which is HF's formula op by op (SGLang's own ``rl_on_policy_target``
+    mode makes that switch) -- the same bits."""
+    if x.is_cuda and x.dtype in SILU_TABLE_DTYPES:
+        return silu_and_mul(x, _silu_table(x.dtype, x.device))
     return self.forward_native(x)
 
 
@@ -352,9 +377,9 @@ GPU_PATCHES: tuple[Patch, ...] = (
         name="silu_and_mul_cuda",
         target="sglang.srt.layers.activation.SiluAndMul.forward_cuda",
         diverges="sgl_kernel's SiLU-and-mul multiplies in fp32 and rounds once; HF rounds silu(gate) first.",
-        proof=_OP_TESTS,
+        proof=f"tests/test_silu_and_mul.py::test_kernel_equals_hf_formula_on_cuda, {_OP_TESTS}",
         drop_when="never on the GPU (HF's formula rounds twice by definition)",
-        hook=silu_and_mul_native,
+        hook=silu_and_mul_hf,
         hook_type="REPLACE",
         expected_params=("self", "x"),
     ),

@@ -109,7 +109,7 @@ def test_silu_and_mul_patch_equals_hf(sglang_layers, device):
     op = SiluAndMul.__new__(SiluAndMul)
     torch.nn.Module.__init__(op)
     want = F.silu(gate) * up  # HF: act_fn(gate_proj(x)) * up_proj(x)
-    assert_bitwise(gpu_patches.silu_and_mul_native(op, gate_up), want)
+    assert_bitwise(gpu_patches.silu_and_mul_hf(op, gate_up), want)
     # negative control: silu(gate) * up in fp32 rounded once (sgl_kernel's silu_and_mul)
     assert not torch.equal((F.silu(gate.float()) * up.float()).to(BF16), want)
 

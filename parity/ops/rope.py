@@ -10,8 +10,8 @@ op for op: ~17 small kernels per layer. In a decode step at small batch those ke
 launch latency, not their bytes: with CUDA graphs on an H200, Qwen3-0.6B's shapes (28 layers) decoded
 one request at 3.3 ms per step with the plugin against 2.0 ms without it
 (``benchmarks/bench_server_throughput.py``). By kernel count (not a profile), RoPE's were most of
-the ~20 kernels per layer the plugin adds over SGLang's fused ones (SiLU-and-mul adds one; the q/k
-norms added three, until ``parity.ops.qk_norm`` made them one kernel).
+the ~20 kernels per layer the plugin adds over SGLang's fused ones (SiLU-and-mul added one and the
+q/k norms three, until ``parity.ops.silu_and_mul`` and ``parity.ops.qk_norm`` made each one kernel).
 
 The op
 ------
