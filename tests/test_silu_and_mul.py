@@ -119,7 +119,7 @@ def test_kernel_compiles_for_sm90_with_one_rounding(dtype, cvt):
 
     from parity.ops import silu_and_mul as op
 
-    types = dict(XB="*i16", sx="i32", TABLE="*i16", OUT="*i16", D="i32")
+    types = dict(XB="*i16", sx="i32", TABLE="*i16", OUT=f"*{dtype}", D="i32")
     consts = dict(DTYPE=tl.bfloat16 if dtype == "bf16" else tl.float16, BLOCK_D=op.BLOCK, EXACT_RNE=False)
     fn = op._silu_and_mul_kernel
     sig = {n: "constexpr" if n in consts else types[n] for n in fn.arg_names}

@@ -89,10 +89,11 @@ def add_rms_norm_pairwise(
 @triton.jit
 def to_bf16(x, EXACT_RNE: tl.constexpr):
     if EXACT_RNE:
-        # Round fp32 to nearest-even bf16 with integer ops, then the (now exact) conversion.
+        # Round fp32 to nearest-even bf16 with integer ops; the top 16 bits are the bf16, taken by a
+        # bitcast (the interpreter's fp32 -> bf16 conversion would also flush subnormals).
         bits = x.to(tl.uint32, bitcast=True)
-        bits = (bits + (((bits >> 16) & 1) + 0x7FFF)) & 0xFFFF0000
-        return bits.to(tl.float32, bitcast=True).to(tl.bfloat16)
+        bits = (bits + (((bits >> 16) & 1) + 0x7FFF)) >> 16
+        return bits.to(tl.int16).to(tl.bfloat16, bitcast=True)
     else:
         return x.to(tl.bfloat16)
 

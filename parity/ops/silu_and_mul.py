@@ -26,8 +26,8 @@ saved). fp32 activations have no table: the patch keeps HF's formula op by op fo
 
 Under ``TRITON_INTERPRET=1`` Triton's bf16 conversions are not IEEE's (fp32 -> bf16 truncates, and
 bf16 subnormals are lost both ways), so the kernel converts bf16 by bit operations: to fp32 by a shift
-(on the GPU too: it is exact), back by integer round-to-nearest-even (interpreter only; the GPU uses
-``cvt.rn``); numpy's fp16 conversions are IEEE's already.
+(on the GPU too: it is exact), back by ``rms_norm_pairwise.to_bf16``'s integer round-to-nearest-even
+(interpreter only; the GPU uses ``cvt.rn``); numpy's fp16 conversions are IEEE's already.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ import triton
 import triton.language as tl
 
 from parity.ops.batch_invariant_matmul import _interpreting
+from parity.ops.rms_norm_pairwise import to_bf16
 
 TABLE_DTYPES = (torch.bfloat16, torch.float16)
 BLOCK = 1024  # columns per program (any width: a launch choice, not part of the bits)
@@ -74,7 +75,7 @@ def _to_f32(bits, DTYPE: tl.constexpr):
 def _silu_and_mul_kernel(
     XB, sx,  # int16 bits of x = [gate | up], [rows, 2 D] (row stride sx, unit column stride)
     TABLE,  # int16 bits of silu_table, [65536]
-    OUT,  # int16 bits of the output, [rows, D] contiguous
+    OUT,  # [rows, D] contiguous, of DTYPE
     D,
     DTYPE: tl.constexpr, BLOCK_D: tl.constexpr, EXACT_RNE: tl.constexpr,
 ):  # fmt: skip
@@ -86,19 +87,11 @@ def _silu_and_mul_kernel(
     index = gate.to(tl.int32) & 0xFFFF  # the pattern as an unsigned index (sign-extended, then masked)
     act = tl.load(TABLE + index, mask=mask, other=0)  # F.silu(gate): torch's bits
     product = _to_f32(act, DTYPE) * _to_f32(up, DTYPE)  # exact in fp32, then one rounding
-    tl.store(OUT + row * D + cols, _round_to_bits(product, DTYPE, EXACT_RNE), mask=mask)
-
-
-@triton.jit
-def _round_to_bits(x, DTYPE: tl.constexpr, EXACT_RNE: tl.constexpr):
-    """fp32 -> DTYPE, round to nearest even, as int16 bits. EXACT_RNE (the interpreter, whose bf16
-    conversion truncates and flushes subnormals): bf16 by integer rounding of the fp32 bits (exact for
-    every finite value and for quiet NaNs with a zero low half, as torch's NaN is)."""
-    if DTYPE == tl.bfloat16 and EXACT_RNE:  # noqa: SIM300
-        bits = x.to(tl.uint32, bitcast=True)
-        return ((bits + (((bits >> 16) & 1) + 0x7FFF)) >> 16).to(tl.int16)  # carries into the exponent: inf
+    if DTYPE == tl.bfloat16:  # noqa: SIM300
+        out = to_bf16(product, EXACT_RNE)
     else:
-        return x.to(DTYPE).to(tl.int16, bitcast=True)
+        out = product.to(DTYPE)
+    tl.store(OUT + row * D + cols, out, mask=mask)
 
 
 _empty = torch.empty  # the tests swap in a NaN-poisoning allocator
@@ -119,7 +112,7 @@ def silu_and_mul(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     out = _empty((*x.shape[:-1], d), dtype=x.dtype, device=x.device)
     if rows.shape[0] and d:
         _silu_and_mul_kernel[(rows.shape[0], triton.cdiv(d, BLOCK))](
-            rows.view(torch.int16), rows.stride(0), table.view(torch.int16), out.view(torch.int16), d,
+            rows.view(torch.int16), rows.stride(0), table.view(torch.int16), out, d,
             DTYPE=_TL_DTYPES[x.dtype], BLOCK_D=BLOCK, EXACT_RNE=_interpreting(), num_warps=4,
         )  # fmt: skip
     return out
