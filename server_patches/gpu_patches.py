@@ -197,6 +197,16 @@ def lm_head_batch_invariant(original, self, hidden_states, lm_head, embedding_bi
     return batch_invariant_linear(hidden_states.to(lm_head.weight.dtype), lm_head.weight)
 
 
+def _refuse_inside_capture(patch: str, table: str, device: torch.device) -> None:
+    """A patch's table is built at its first call, by torch ops that must run eagerly: refuse if that
+    call is being captured into a CUDA graph (SGLang runs two warm-up forwards before it captures)."""
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            f"truepolicy patch {patch!r}: {table} would be built inside CUDA-graph capture (no forward ran "
+            "before it)"
+        )
+
+
 _SILU_TABLES: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}  # silu_table per dtype, device
 
 
@@ -206,11 +216,7 @@ def _silu_table(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     forwards before it captures)."""
     key = (dtype, device)
     if key not in _SILU_TABLES:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError(
-                "truepolicy patch 'silu_and_mul_cuda': the SiLU table would be built inside CUDA-graph "
-                "capture (no forward ran before it)"
-            )
+        _refuse_inside_capture("silu_and_mul_cuda", "the SiLU table", device)
         _SILU_TABLES[key] = silu_table(dtype, device)
     return _SILU_TABLES[key]
 
@@ -235,11 +241,7 @@ def _rope_table(rope, device: torch.device, dtype: torch.dtype) -> tuple[torch.T
     tables = rope.__dict__.setdefault("_truepolicy_rope_tables", {})
     key = (device, dtype)
     if key not in tables:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError(
-                "truepolicy patch 'rope_cuda': the cos/sin table would be built inside CUDA-graph capture "
-                "(no forward ran before it)"
-            )
+        _refuse_inside_capture("rope_cuda", "the cos/sin table", device)
         inv_freq = hf_inv_freq(rope.rotary_dim, rope.base)  # on the CPU, as HF computes it
         cache = getattr(rope, "cos_sin_cache", None)
         length = max(rope.max_position_embeddings, cache.shape[0] if cache is not None else 0)
