@@ -137,6 +137,16 @@ def run_under_triton_interpreter(script: str | Path, timeout: float = 600) -> su
     return proc
 
 
+def interpreter_checks(op_module, check) -> None:
+    """The child side of :func:`run_under_triton_interpreter` for a kernel module with an ``_empty``
+    allocator: poison its outputs (every element must be written), run ``check("cpu")`` under the
+    interpreter and print the line the parent test looks for."""
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    op_module._empty = nan_empty
+    check("cpu")
+    print("interpreter checks passed")
+
+
 def interpreter_results(script: str | Path, timeout: float = 600) -> dict:
     """Run ``script`` under the interpreter (:func:`run_under_triton_interpreter`); its ``__main__``
     prints one JSON object as its last line of output, returned here."""
