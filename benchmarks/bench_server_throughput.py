@@ -39,10 +39,19 @@ RoPE was one kernel and the sampler synchronisation-free (``da79070``, no logpro
 0.78x, 0.87x. ``sglang-default``: not measured (the carried wheels lack its default
 FlashAttention-3 and FlashInfer binaries).
 
+At ``e5488f8`` (q/k norms and SiLU-and-mul as one kernel each), two runs of ``--configs plain,plugin
+--workloads b1_p1024_n256,b64_p1024_n256``: 0.85x / 0.79x (``--rounds 3``) and 0.91x / 0.97x
+(``--rounds 2``); plain at 1 request 489 and 458 tok/s. The spread between server starts is as large
+as the effects measured: compare within one run, over several runs.
+
 ``--profile-steps K``: after a workload's rounds, one more round under SGLang's profiler
 (``/start_profile``, by stage); per decode step of the first K: the GPU kernels' count, summed time and
-span (busy / span below 1: the GPU waited for the host), and the kernels taking the most time; the
-traces in ``--out``/profiles (Perfetto / chrome://tracing). Where a config's decode step goes.
+span (busy / span below 1: the GPU waited for the host), the kernels taking the most time, and the GPU's
+idle time, each gap of 10 us or more charged to the launch after it (:func:`gpu_idle_gaps`); the
+traces in ``--out``/profiles (Perfetto / chrome://tracing). Where a config's decode step goes. (Once,
+at 64 requests, the plugin's scheduler died of heap corruption as the profiler stopped, "free():
+invalid next size", as in SGLang's issue 3931 about serving under the torch profiler; the timed
+rounds before it were kept. No run without the profiler has failed so.)
 
     python benchmarks/bench_server_throughput.py [--device cuda] [--configs plugin,plain,...]
         [--workloads b64_p1024_n256,...] [--rounds 3] [--profile-steps 8] [--out DIR]
@@ -216,6 +225,54 @@ def summarize_decode_trace(trace: Path, steps: int, device: str) -> dict:
         busy_us_per_step=sum(float(e["dur"]) for e in ops) / steps,
         span_us_per_step=(end - start) / steps,
         top=[dict(name=name, us_per_step=sum(d) / steps, calls_per_step=len(d) / steps) for name, d in top],
+        idle=gpu_idle_gaps(events, steps) if device == "cuda" else None,
+    )  # fmt: skip
+
+
+IDLE_GAP_MIN_US = 10.0  # shorter GPU idle gaps are kernel-to-kernel launch latency: summed, not listed
+
+
+def _innermost(intervals: list[dict], at: float) -> dict | None:
+    """The shortest of the ``X`` events that hold the instant ``at``."""
+    holding = [e for e in intervals if float(e["ts"]) <= at <= float(e["ts"]) + float(e["dur"])]
+    return min(holding, key=lambda e: float(e["dur"])) if holding else None
+
+
+def gpu_idle_gaps(events: list[dict], steps: int) -> dict:
+    """Where the GPU waited for the host. Idle time is the span not covered by any kernel (kernels of
+    several streams may overlap). Gaps shorter than ``IDLE_GAP_MIN_US`` (launch latency between
+    kernels) are only summed; each longer one is charged to the launch of the kernel after it: the
+    CUDA runtime call with the kernel's ``correlation`` id (``cudaLaunchKernel``, ``cudaGraphLaunch``,
+    ...), the innermost CPU op holding that call, and the innermost scheduler annotation
+    (``user_annotation``) holding it. Grouped by (annotation, op), most idle time first, per step."""
+    kernels = sorted((e for e in events if e.get("ph") == "X" and e.get("cat") == "kernel"),
+                     key=lambda e: float(e["ts"]))  # fmt: skip
+    runtime = {e["args"]["correlation"]: e for e in events
+               if e.get("cat") == "cuda_runtime" and "correlation" in e.get("args", {})}  # fmt: skip
+    cpu_ops = [e for e in events if e.get("ph") == "X" and e.get("cat") == "cpu_op"]
+    annotations = [e for e in events if e.get("ph") == "X" and e.get("cat") == "user_annotation"]
+    groups: dict[tuple[str, str], list[float]] = {}
+    short_us = 0.0
+    busy_until = float(kernels[0]["ts"]) if kernels else 0.0
+    for k in kernels:
+        start = float(k["ts"])
+        gap = start - busy_until
+        if 0 < gap < IDLE_GAP_MIN_US:
+            short_us += gap
+        elif gap >= IDLE_GAP_MIN_US:
+            call = runtime.get(k.get("args", {}).get("correlation"))
+            at = float(call["ts"]) if call else start
+            op = _innermost(cpu_ops, at) if call else None
+            where = _innermost(annotations, at) if call else None
+            what = f"{op['name']} -> {call['name']}" if op else (call["name"] if call else "-")
+            groups.setdefault((where["name"] if where else "-", what), []).append(gap)
+        busy_until = max(busy_until, start + float(k["dur"]))
+    rows = sorted(groups.items(), key=lambda kv: -sum(kv[1]))[:PROFILE_TOP]
+    return dict(
+        short_gaps_us_per_step=short_us / steps,
+        long_gaps_us_per_step=sum(sum(g) for g in groups.values()) / steps,
+        top=[dict(annotation=a, launch=w, us_per_step=sum(g) / steps, gaps_per_step=len(g) / steps)
+             for (a, w), g in rows],
     )  # fmt: skip
 
 
@@ -229,6 +286,14 @@ def print_profile(config: str, workload: str, prof: dict) -> None:
     )
     for t in prof["top"]:
         print(f"      {t['us_per_step']:>9.1f} us {t['calls_per_step']:>6.1f}x  {t['name'][:90]}", flush=True)
+    idle = prof["idle"]
+    if idle is not None:
+        print(f"      GPU idle per step: {idle['short_gaps_us_per_step']:.0f} us in gaps under "
+              f"{IDLE_GAP_MIN_US:.0f} us, {idle['long_gaps_us_per_step']:.0f} us in longer ones, by the "
+              "launch after the gap:", flush=True)  # fmt: skip
+        for g in idle["top"]:
+            print(f"      {g['us_per_step']:>9.1f} us {g['gaps_per_step']:>6.1f}x  {g['annotation'][:40]} / "
+                  f"{g['launch'][:60]}", flush=True)  # fmt: skip
 
 
 def bench_config(

@@ -13,3 +13,7 @@ OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 python3 benchmarks/bench_server_throughput.py --device cuda --out "$OUT/throughput" "$@" 2>&1 \
     | grep --line-buffered -v "Ignore import error" | tee "$OUT/throughput.txt" | tail -40
+# $OUT returns at most 8 files: the traces travel as one archive
+if [ -d "$OUT/throughput/profiles" ]; then
+    tar -czf "$OUT/throughput/profiles.tar.gz" -C "$OUT/throughput" profiles && rm -rf "$OUT/throughput/profiles"
+fi

@@ -40,3 +40,48 @@ def test_server_throughput_benchmark_smoke_run(tmp_path):
         # each decode step runs the model: its matmuls are among the ops traced
         assert any(t["name"] == "aten::mm" and t["calls_per_step"] >= 1 for t in prof["top"]), prof["top"]
     assert "profile of 2 decode steps" in proc.stdout
+
+
+def _bench_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_server_throughput", ROOT / "benchmarks" /
+                                                  "bench_server_throughput.py")  # fmt: skip
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses resolve annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+def _x(cat: str, name: str, ts: float, dur: float, **args) -> dict:
+    return dict(ph="X", cat=cat, name=name, ts=ts, dur=dur, pid=1, tid=1, args=args)
+
+
+def test_gpu_idle_gaps_charges_each_long_gap_to_the_launch_after_it():
+    """A synthetic two-step trace of known gaps: short gaps (launch latency) are only summed, overlapping
+    kernels of two streams leave no gap, and each long gap is charged to the CPU op and runtime call
+    that launched the kernel after it, inside the innermost scheduler annotation."""
+    bench = _bench_module()
+    events = [
+        _x("user_annotation", "scheduler.run_batch", 0, 1000),
+        _x("user_annotation", "step[DECODE bs=1]", 10, 500),
+        _x("cpu_op", "aten::mm", 20, 10),
+        _x("cuda_runtime", "cudaLaunchKernel", 22, 2, correlation=1),
+        _x("cpu_op", "aten::item", 40, 200),  # the host waits: the next launch comes late
+        _x("cpu_op", "aten::add", 245, 10),
+        _x("cuda_runtime", "cudaLaunchKernel", 250, 2, correlation=2),
+        _x("cuda_runtime", "cudaGraphLaunch", 600, 5, correlation=3),
+        _x("cuda_runtime", "cudaGraphLaunch", 610, 5, correlation=4),
+        _x("kernel", "mm", 30, 20, correlation=1),  # busy 30..50
+        _x("kernel", "side_stream", 45, 30, correlation=99),  # overlaps: busy until 75
+        _x("kernel", "add", 260, 5, correlation=2),  # gap 75..260 = 185, launched by aten::add
+        _x("kernel", "graph_a", 268, 10, correlation=3),  # gap 3: launch latency
+        _x("kernel", "graph_b", 700, 10, correlation=4),  # gap 422, a graph launch at 610 (no cpu op)
+    ]
+    idle = bench.gpu_idle_gaps(events, steps=2)
+    assert idle["short_gaps_us_per_step"] == 1.5
+    assert idle["long_gaps_us_per_step"] == (185 + 422) / 2
+    rows = {(r["annotation"], r["launch"]): r for r in idle["top"]}
+    assert rows[("step[DECODE bs=1]", "aten::add -> cudaLaunchKernel")]["us_per_step"] == 92.5
+    assert rows[("scheduler.run_batch", "cudaGraphLaunch")]["us_per_step"] == 211
+    assert [r["us_per_step"] for r in idle["top"]] == [211, 92.5]  # most idle time first
