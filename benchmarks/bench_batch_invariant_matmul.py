@@ -14,8 +14,11 @@ best worst-case ratio over the shapes, as a pasteable ``DISPATCH`` table (plus `
 for shapes that gain >= 5 % from a table of their own), and probes a few configurations outside the
 family (other BLOCK_K, mma.sync) for bitwise equality -- informational, never proposed.
 
-    python benchmarks/bench_batch_invariant_matmul.py [--quick] [--sweep] [--json out.json] [--ms 1,16]
-        [--shapes 4096x4096,151936x1024]
+``--graph`` times each product as decode runs it under SGLang's CUDA graphs (:class:`GraphTimer`):
+replays of one graph over distinct weights, no L2 flush and no launch per product.
+
+    python benchmarks/bench_batch_invariant_matmul.py [--quick] [--sweep] [--graph] [--json out.json]
+        [--ms 1,16] [--shapes 4096x4096,151936x1024]
 
 A full ``--sweep`` is 7 shapes x 9 M x 24 timings (the pointer members took about 3 minutes on an H100,
 compilation included; the TMA members add about as much again). ``--shapes`` splits it into parts;
@@ -57,24 +60,70 @@ def bench(fn) -> float:
     return triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median")
 
 
+GRAPH_WEIGHT_BYTES = 512 << 20  # the weights one graph streams: several times any L2 (H200: 60 MiB)
+GRAPH_REPLAYS = 20
+
+
+class GraphTimer:
+    """Decode as SGLang runs it: one CUDA graph of ``L`` products ``x @ W_i^T``, each with its own
+    weight ``W_i`` (``L`` such that the weights total ``GRAPH_WEIGHT_BYTES``, so every product reads its
+    weight from HBM, as a layer's projection does, with L2 warm only with what the graph itself left),
+    replayed back to back; the time per product is the replays' time over ``L``. No launch overhead and
+    no L2 flush between products (``do_bench`` flushes L2 before each call and times each launch on its
+    own, which for the 10-30 us products of a small model's decode is as much the flush's tail and the
+    launch as the product)."""
+
+    def __init__(self, w: torch.Tensor):
+        layers = max(2, GRAPH_WEIGHT_BYTES // (w.numel() * w.element_size()))
+        self.weights = [w] + [w.roll(i, dims=0) for i in range(1, layers)]
+
+    def __call__(self, fn, x: torch.Tensor) -> float:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            fn(x, self.weights[0])  # compile and autotune-free launch caches outside the capture
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for w in self.weights:
+                fn(x, w)
+        graph.replay()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(GRAPH_REPLAYS):
+            graph.replay()
+        end.record()
+        end.synchronize()
+        ms = start.elapsed_time(end) / (GRAPH_REPLAYS * len(self.weights))
+        del graph
+        return ms
+
+
 def _differing(a: torch.Tensor, b: torch.Tensor) -> int:
     return int((a.view(torch.int16) != b.view(torch.int16)).sum())
 
 
-def measure(shapes, ms, sweep: bool = False, check: bool = True) -> list[dict]:
+def _time(fn, x: torch.Tensor, w: torch.Tensor, timer: GraphTimer | None) -> float:
+    return timer(fn, x) if timer is not None else bench(partial(fn, x, w))
+
+
+def measure(shapes, ms, sweep: bool = False, check: bool = True, graph: bool = False) -> list[dict]:
     """One row per (shape, M): cublas / ours ms, the dispatched member, its bits against ``CONFIG``
-    (``check``), and with ``sweep`` every candidate's time and bits."""
+    (``check``), and with ``sweep`` every candidate's time and bits. ``graph``: times from
+    :class:`GraphTimer` instead of ``do_bench``."""
     rows = []
     for n, k in shapes:
         t0 = time.monotonic()
         g = torch.Generator(device=DEV).manual_seed(n + k)
         w = (torch.randn(n, k, generator=g, device=DEV) * k**-0.5).to(torch.bfloat16)
+        timer = GraphTimer(w) if graph else None
         for m in ms:
             x = torch.randn(m, k, generator=g, device=DEV).to(torch.bfloat16)
+            time_of = partial(_time, x=x, w=w, timer=timer)
             chosen = bm.config_for(m, n, k)
             row = dict(n=n, k=k, m=m, config=chosen.name)
-            row["cublas"] = bench(partial(torch.nn.functional.linear, x, w))
-            row["ours"] = bench(partial(bm.batch_invariant_mm, x, w))
+            row["cublas"] = time_of(torch.nn.functional.linear)
+            row["ours"] = time_of(bm.batch_invariant_mm)
             ref = None
             if check or sweep:
                 ref = bm.batch_invariant_mm(x, w, config=bm.CONFIG)
@@ -83,9 +132,7 @@ def measure(shapes, ms, sweep: bool = False, check: bool = True) -> list[dict]:
                 cands = {}
                 for c in bm.CANDIDATES:
                     diff = _differing(bm.batch_invariant_mm(x, w, config=c), ref)
-                    cands[c.name] = dict(
-                        ms=bench(partial(bm.batch_invariant_mm, x, w, config=c)), differing=diff
-                    )
+                    cands[c.name] = dict(ms=time_of(partial(bm.batch_invariant_mm, config=c)), differing=diff)
                 row["candidates"] = cands
             del ref
             rows.append(row)
@@ -258,6 +305,8 @@ def main() -> int:
     )
     ap.add_argument("--ms", help="comma-separated M values (default: 1,4,16,64,128,256,1024,4096,8192)")
     ap.add_argument("--shapes", help="comma-separated NxK weight shapes (default: the issue's 7)")
+    ap.add_argument("--graph", action="store_true", help="time inside CUDA graphs over distinct "
+                    "weights (decode as SGLang runs it; see GraphTimer) instead of do_bench")  # fmt: skip
     args = ap.parse_args()
     t0 = time.monotonic()
     print(torch.cuda.get_device_name(), "torch", torch.__version__, "triton", triton.__version__, flush=True)
@@ -269,12 +318,14 @@ def main() -> int:
     print(f"canonical CONFIG {bm.CONFIG.name}; {len(bm.CANDIDATES)} candidates; dispatch:")
     for bound, c in bm.DISPATCH:
         print(f"  M <= {bound if bound is not None else 'inf'}: {c.name}")
-    rows = measure(shapes, ms, sweep=args.sweep)
-    print("\n== matmul (ms): batch-invariant Triton (dispatched) vs cuBLAS F.linear, bf16")
+    rows = measure(shapes, ms, sweep=args.sweep, graph=args.graph)
+    timing = "CUDA graphs over distinct weights" if args.graph else "do_bench, L2 flushed"
+    print(f"\n== matmul (ms, {timing}): batch-invariant Triton (dispatched) vs cuBLAS F.linear, bf16")
     print_table(rows, args.sweep)
     out = dict(
         device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
         config=bm.CONFIG.name, dispatch=[(b, c.name) for b, c in bm.DISPATCH], rows=rows,
+        timing="graph" if args.graph else "do_bench",
     )  # fmt: skip
     if args.sweep:
         out["proposal"] = propose(rows)

@@ -214,14 +214,44 @@ CANDIDATES: tuple[MatmulConfig, ...] = (
 # candidate bitwise equal to CONFIG there, and tests/test_batch_invariant_matmul_gpu.py's family test
 # passed): per M range the candidate with the best worst-case cuBLAS/ours over the bench shapes; per
 # shape where it gains. The comments: that worst case (and the global table's pick at the same rows).
+# Decode rows (M <= 256) marked "graph": from `--sweep --graph` (2026-11-29, H200; the products timed
+# as SGLang's decode runs them, inside CUDA graphs over distinct weights, no L2 flush per call) over
+# the 7 bench shapes and Qwen3-0.6B's four (qkv 4096x1024, o 1024x2048, gate_up 6144x1024, down
+# 1024x3072); every candidate bitwise equal to CONFIG there too. Under do_bench these 5-15 us products
+# were timed mostly as the L2 flush's tail and the launch, which had picked 128x32 for M <= 64.
 DISPATCH: tuple[tuple[int | None, MatmulConfig], ...] = (
-    (64, _c(128, 32, 4, 5)),  # M 1..64: worst 0.50 at N=4096 K=4096 M=4 (now 0.51)
+    (64, _c(64, 32, 4, 6)),  # graph, M 1..64: worst 0.63 at N=1024 K=4096 M=1 (128x32 s5: 0.50)
     (128, _t(64, 64, 4, 6)),  # M 65..128: worst 0.61 at N=1024 K=4096 M=128 (now 0.35)
     (256, _c(64, 64, 4, 5)),  # M 129..256: worst 0.49 at N=151936 K=1024 M=256 (now 0.68)
     (1024, _t(128, 128, 8, 4)),  # M 257..1024: worst 0.58 at N=1024 K=4096 M=1024 (now 0.67)
     (None, _t(128, 256, 8, 4, sub=True)),  # M 1025..inf: worst 0.88 at N=14336 K=4096 M=4096 (now 0.70)
 )
 SHAPE_DISPATCH: dict[tuple[int, int], tuple[tuple[int | None, MatmulConfig], ...]] = {
+    # Qwen3-0.6B's projections (graph; the rows above 256 are DISPATCH's)
+    (1024, 2048): (
+        (128, _c(64, 16, 4, 8)),  # graph: worst 0.88 (global pick 0.54); worst 0.91 (global pick 0.55)
+        (256, _c(64, 32, 4, 6)),  # graph: worst 0.89 (global pick 0.72)
+        (1024, _t(128, 128, 8, 4)),
+        (None, _t(128, 256, 8, 4, sub=True)),
+    ),
+    (1024, 3072): (
+        (128, _c(64, 16, 4, 8)),  # graph: worst 0.85 (global pick 0.50); worst 0.90 (global pick 0.58)
+        (256, _c(64, 32, 4, 6)),  # graph: worst 0.78 (global pick 0.62)
+        (1024, _t(128, 128, 8, 4)),
+        (None, _t(128, 256, 8, 4, sub=True)),
+    ),
+    (4096, 1024): (
+        (64, _c(64, 32, 4, 6)),  # graph: worst 0.93 (128x32 s5: 0.71)
+        (256, _c(64, 64, 4, 5)),  # graph: worst 0.85 (global pick 0.61); worst 0.80 (global pick 0.80)
+        (1024, _t(128, 128, 8, 4)),
+        (None, _t(128, 256, 8, 4, sub=True)),
+    ),
+    (6144, 1024): (
+        (128, _c(64, 64, 4, 5)),  # graph: worst 0.90 (128x32 s5: 0.59); worst 0.77 (global pick 0.52)
+        (256, _c(128, 128, 8, 4)),  # graph: worst 0.73 (global pick 0.54)
+        (1024, _t(128, 128, 8, 4)),
+        (None, _t(128, 256, 8, 4, sub=True)),
+    ),
     (1024, 4096): (
         (128, _c(64, 16, 4, 8)),  # worst 0.79 (global pick 0.51); worst 0.64 (global pick 0.61)
         (256, _c(64, 32, 4, 6)),  # worst 0.80 (global pick 0.65)
@@ -229,15 +259,13 @@ SHAPE_DISPATCH: dict[tuple[int, int], tuple[tuple[int | None, MatmulConfig], ...
         (None, _t(128, 256, 8, 4, sub=True)),  # worst 0.90 (global pick 0.90)
     ),
     (4096, 4096): (
-        (64, _c(64, 64, 4, 5)),  # worst 0.51 (global pick 0.50)
-        (128, _t(64, 64, 4, 6)),  # worst 0.75 (global pick 0.75)
+        (128, _c(64, 32, 4, 6)),  # graph: worst 0.81 (64x64 s5: 0.66); worst 0.82 (64x64 tma: 0.75)
         (256, _c(64, 64, 4, 5)),  # worst 0.87 (global pick 0.87)
         (1024, _c(128, 256, 8, 4)),  # worst 0.83 (global pick 0.74)
         (None, _t(128, 256, 8, 4, sub=True)),  # worst 0.90 (global pick 0.90)
     ),
     (4096, 12288): (
-        (64, _c(64, 16, 4, 8)),  # worst 0.69 (global pick 0.62)
-        (128, _c(64, 32, 4, 6)),  # worst 0.79 (global pick 0.76)
+        (128, _c(64, 32, 4, 6)),  # graph: worst 0.73 (64x16 s8: 0.65); worst 0.73
         (256, _t(128, 64, 4, 5)),  # worst 0.75 (global pick 0.71)
         (None, _t(128, 256, 8, 4, sub=True)),  # worst 0.91 (global pick 0.82); worst 0.94 (global pick 0.94)
     ),
@@ -248,7 +276,7 @@ SHAPE_DISPATCH: dict[tuple[int, int], tuple[tuple[int | None, MatmulConfig], ...
         (None, _t(128, 256, 8, 4, sub=True)),  # worst 0.90 (global pick 0.90)
     ),
     (12288, 4096): (
-        (64, _t(64, 128, 4, 4)),  # worst 0.85 (global pick 0.58)
+        (64, _c(64, 64, 4, 5)),  # graph: worst 1.00 (64x128 tma: 0.69)
         (128, _t(128, 128, 4, 4, ws=True)),  # worst 0.86 (global pick 0.67)
         (256, _t(128, 256, 8, 4, sub=True)),  # worst 0.79 (global pick 0.55)
         (1024, _t(128, 256, 4, 3, ws=True)),  # worst 0.92 (global pick 0.86)
