@@ -38,6 +38,7 @@ from parity.ops.batch_invariant_matmul import batch_invariant_linear
 from parity.ops.qk_norm import qk_rms_norm, qk_rms_norm_reference
 from parity.ops.rms_norm_pairwise import rms_norm_pairwise_kernel
 from parity.ops.rope import apply_rope, cos_sin_table, hf_inv_freq, rope_reference
+from parity.ops.seeded_gumbel import seeded_gumbel_argmax
 from parity.ops.silu_and_mul import TABLE_DTYPES as SILU_TABLE_DTYPES
 from parity.ops.silu_and_mul import silu_and_mul, silu_table
 from server_patches import numerics
@@ -219,6 +220,15 @@ def _silu_table(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         _refuse_inside_capture("silu_and_mul_cuda", "the SiLU table", device)
         _SILU_TABLES[key] = silu_table(dtype, device)
     return _SILU_TABLES[key]
+
+
+def seeded_gumbel_split_rows(original, logprobs, seed, positions):
+    """AROUND ``multinomial_with_seed``: on CUDA ``parity.ops.seeded_gumbel`` (each row split across
+    programs; the same formula element for element, the same first maximal column: SGLang's ids);
+    elsewhere SGLang's own compiled function."""
+    if logprobs.is_cuda:
+        return seeded_gumbel_argmax(logprobs, seed, positions)
+    return original(logprobs, seed, positions)
 
 
 def silu_and_mul_hf(self, x):
@@ -415,6 +425,23 @@ GPU_PATCHES: tuple[Patch, ...] = (
         hook=qk_norm_one_kernel,
         hook_type="REPLACE",
         expected_params=("q", "k", "q_norm", "k_norm", "head_dim", "alt_stream", "allow_inplace"),
+    ),
+    Patch(
+        name="seeded_sampling_split_rows",
+        target="sglang.srt.layers.sampler.multinomial_with_seed",
+        diverges=(
+            "none (speed): the same token ids. SGLang's compiled seeded Gumbel-max runs one program per "
+            "row over the whole vocabulary in float64: 155 us per decode step at 1 request (H200, V "
+            "151936), which per_request_seeds makes every rollout pay."
+        ),
+        proof=(
+            "tests/test_seeded_gumbel.py::test_kernel_equals_sglangs_multinomial_with_seed_on_cuda, "
+            "tests/test_seeded_gumbel.py::test_kernel_under_the_triton_interpreter"
+        ),
+        drop_when="SGLang's multinomial_with_seed splits its rows across programs",
+        hook=seeded_gumbel_split_rows,
+        hook_type="AROUND",
+        expected_params=("logprobs", "seed", "positions"),
     ),
     *MOE_GPU_PATCHES,
 )

@@ -207,7 +207,7 @@ def per_request_seeds(result, cls, batch, vocab_size):
 
 def murmur_hash32_on_cpu(original, seed, positions, col_indices):
     """AROUND murmur_hash32: the plain-PyTorch hash for CPU tensors (Triton has no CPU driver)."""
-    from server_patches.murmur import murmur_hash32_torch
+    from parity.ops.murmur import murmur_hash32_torch
 
     if seed.device.type == "cpu":
         return murmur_hash32_torch(seed, positions, col_indices)

@@ -9,7 +9,7 @@ import sys
 
 import torch
 
-from server_patches.murmur import murmur_hash32_torch
+from parity.ops.murmur import murmur_hash32_torch
 
 
 def murmur3_32(data: bytes, seed: int = 0) -> int:
@@ -48,7 +48,7 @@ def test_matches_textbook_murmur3():
 CHILD = """
 import torch
 from sglang.srt.layers.utils.hash import murmur_hash32
-from server_patches.murmur import murmur_hash32_torch
+from parity.ops.murmur import murmur_hash32_torch
 g = torch.Generator().manual_seed(3)
 seed = torch.randint(0, 1 << 62, (3,), generator=g)
 pos = torch.randint(0, 4096, (3,), generator=g)
