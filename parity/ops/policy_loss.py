@@ -1552,12 +1552,16 @@ def fused_logprobs(
 ) -> torch.Tensor:
     """The contract's fp32 logprob of ``ids`` under ``logits / temperature`` (no gradient).
 
-    Triton on CUDA / under the interpreter, :func:`logprobs_reference` elsewhere: the same bits.
+    Triton on CUDA / under the interpreter, :func:`logprobs_reference` elsewhere: the same bits. With
+    per-row temperatures and at most ``split_lane_logprobs.MAX_ROWS`` rows (a decode step's), each
+    row is spread over many programs (``parity.ops.split_lane_logprobs``): the same bits again.
     ``temperature``: a float, or (Triton only) an fp32 tensor with one temperature per row, which the
     host never reads. ``check_ids``: an id outside ``[0, V)`` raises ``ValueError`` (the host waits for
     one min/max); with False (ids the caller drew itself, e.g. the server's sampler, which must not
     wait for the device) such a row's logprob is NaN instead, never a clamped value.
     """
+    from parity.ops import split_lane_logprobs as split_lanes  # (it imports this module's kernels)
+
     lead = logits.shape[:-1]
     n = math.prod(lead)
     vocab = logits.shape[-1]
@@ -1570,7 +1574,15 @@ def fused_logprobs(
     else:
         bad = (ids_f < 0) | (ids_f >= vocab)
         ids_k = ids_f.clamp(0, max(vocab - 1, 0))
-    if triton_path:
+    if triton_path and isinstance(temperature, torch.Tensor) and 0 < n <= split_lanes.MAX_ROWS and vocab > 0:
+        # a decode step's rows: each spread over many programs (the same bits)
+        per_row = temperature.reshape(-1)
+        if per_row.numel() != n or per_row.dtype != torch.float32:
+            raise ValueError(
+                f"per-row temperatures: {per_row.numel()} {per_row.dtype} values for {n} rows (fp32)"
+            )
+        logp = split_lanes.split_lane_logprobs(logits.reshape(n, vocab), ids_k, per_row).view(lead)
+    elif triton_path:
         logp = _forward(
             logits, ids_k, None, None, None, None, temperature, 0, False, CONTRACT_TILE, CONTRACT_FMA
         )[0].view(lead)
