@@ -12,7 +12,8 @@ against ``CONFIG`` on that input (a member that differs is reported, and never p
 is only sound within a family of equal bits), prints per M range of ``DISPATCH`` the member with the
 best worst-case ratio over the shapes, as a pasteable ``DISPATCH`` table (plus ``SHAPE_DISPATCH`` rows
 for shapes that gain >= 5 % from a table of their own), and probes a few configurations outside the
-family (other BLOCK_K, mma.sync) for bitwise equality -- informational, never proposed.
+family (other BLOCK_K, mma.sync) for bitwise equality, and times wider K steps (BLOCK_K 128 / 256) on
+the narrow decode shapes (``WIDE_K_PROBES``) -- informational, never proposed.
 
 ``--graph`` times each product as decode runs it under SGLang's CUDA graphs (:class:`GraphTimer`):
 replays of one graph over distinct weights, no L2 flush and no launch per product.
@@ -54,6 +55,19 @@ PROBES = (
     bm.MatmulConfig(32, 128, 64, 8, 4, 3),
 )
 PROBE_CASES = ((4096, 4096, 1), (4096, 4096, 256), (1001, 1000, 300))
+# Wider K steps for the narrow decode shapes (N = 1024: only N / 16 programs without split-K, each a
+# latency-bound chain of K / BLOCK_K iterations): BLOCK_K 128 / 256 halve / quarter the iterations. With
+# wgmma an element's K loop is the same chain of k16 instructions whatever BLOCK_K (the padded K tail
+# aside: used only where K % BLOCK_K == 0, the steps are identical), so these may belong to the family;
+# timed and bit-checked here, never proposed, to decide whether to widen FAMILY_BLOCK_K.
+WIDE_K_PROBES = (
+    bm.MatmulConfig(64, 16, 128, 8, 4, 6),
+    bm.MatmulConfig(64, 32, 128, 8, 4, 5),
+    bm.MatmulConfig(64, 16, 256, 8, 4, 4),
+    bm.MatmulConfig(64, 64, 128, 8, 4, 4),
+)
+WIDE_K_CASES = tuple((n, k, m) for n, k in ((1024, 4096), (1024, 3072), (1024, 2048), (4096, 4096))
+                     for m in (1, 16, 64))  # fmt: skip
 
 
 def bench(fn) -> float:
@@ -275,6 +289,33 @@ def propose(rows) -> dict:
     )
 
 
+def wide_k_probes(graph: bool) -> list[dict]:
+    """``WIDE_K_PROBES`` on the narrow decode shapes: bits against CONFIG, and times against cuBLAS and
+    the dispatched member (informational: never proposed)."""
+    out = []
+    print("\n== wider K steps on narrow decode shapes (bitwise vs CONFIG, us; informational)")
+    for n, k, m in WIDE_K_CASES:
+        g = torch.Generator(device=DEV).manual_seed(n * 17 + k + m)
+        w = (torch.randn(n, k, generator=g, device=DEV) * k**-0.5).to(torch.bfloat16)
+        x = torch.randn(m, k, generator=g, device=DEV).to(torch.bfloat16)
+        timer = GraphTimer(w) if graph else None
+        ref = bm.batch_invariant_mm(x, w, config=bm.CONFIG)
+        cublas = _time(torch.nn.functional.linear, x, w, timer)
+        ours = _time(bm.batch_invariant_mm, x, w, timer)
+        line = f"  N={n} K={k} M={m}: cuBLAS {1e3 * cublas:.1f}, dispatched {1e3 * ours:.1f}"
+        for c in WIDE_K_PROBES:
+            try:
+                diff = _differing(bm.batch_invariant_mm(x, w, config=c), ref)
+                t = _time(partial(bm.batch_invariant_mm, config=c), x, w, timer)
+            except Exception as exc:  # a probe that does not compile must not stop the report
+                line += f"; {c.name}: failed ({type(exc).__name__})"
+                continue
+            line += f"; {c.name}: {1e3 * t:.1f} ({'same bits' if diff == 0 else f'{diff} differ'})"
+            out.append(dict(n=n, k=k, m=m, config=c.name, differing=diff, ms=t, cublas=cublas, ours=ours))
+        print(line, flush=True)
+    return out
+
+
 def probes() -> list[dict]:
     """Configurations outside the family, bitwise against CONFIG (informational: could the family be
     wider? A 'same' here is not a proof, and these are never proposed)."""
@@ -330,6 +371,7 @@ def main() -> int:
     if args.sweep:
         out["proposal"] = propose(rows)
         out["probes"] = probes()
+        out["wide_k_probes"] = wide_k_probes(args.graph)
     bad = [r for r in rows if r.get("ours_differing")]
     if bad:
         print(f"\n!! the dispatched output differs from CONFIG's in {len(bad)} cases (see 'bits')")
