@@ -15,20 +15,9 @@ import argparse
 import sys
 
 import torch
+from cuda_timing import mean_ms
 
 from parity.ops.seeded_gumbel import seeded_gumbel_argmax
-
-
-def time_ms(fn, iters: int) -> float:
-    for _ in range(3):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / iters
 
 
 def main() -> int:
@@ -48,8 +37,8 @@ def main() -> int:
             seeds = torch.randint(1 << 32, (1 << 63) - 1, (rows,), generator=g, device="cuda")
             pos = torch.randint(0, 1 << 20, (rows,), generator=g, device="cuda")
             same = torch.equal(seeded_gumbel_argmax(lp, seeds, pos), multinomial_with_seed(lp, seeds, pos))
-            theirs = time_ms(lambda: multinomial_with_seed(lp, seeds, pos), opts.iters)  # noqa: B023
-            ours = time_ms(lambda: seeded_gumbel_argmax(lp, seeds, pos), opts.iters)  # noqa: B023
+            theirs = mean_ms(lambda: multinomial_with_seed(lp, seeds, pos), opts.iters)  # noqa: B023
+            ours = mean_ms(lambda: seeded_gumbel_argmax(lp, seeds, pos), opts.iters)  # noqa: B023
             print(
                 f"{rows:>5} {vocab:>7} {1e3 * theirs:>10.1f} {1e3 * ours:>9.1f} {theirs / ours:>11.2f}  "
                 f"{'equal' if same else 'DIFFER'}",

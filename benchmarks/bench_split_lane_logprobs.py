@@ -17,21 +17,10 @@ import sys
 from functools import partial
 
 import torch
+from cuda_timing import mean_ms
 
 from parity.ops.policy_loss import CONTRACT_FMA, CONTRACT_TILE, _forward
 from parity.ops.split_lane_logprobs import split_lane_logprobs
-
-
-def time_us(fn, iters: int = 50) -> float:
-    for _ in range(3):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    end.synchronize()
-    return 1e3 * start.elapsed_time(end) / iters
 
 
 def main() -> int:
@@ -53,7 +42,7 @@ def main() -> int:
             )
             split = partial(split_lane_logprobs, logits, ids, temps)
             same = torch.equal(one_program()[0].view(torch.int32), split().view(torch.int32))
-            a, b = time_us(one_program), time_us(split)
+            a, b = 1e3 * mean_ms(one_program, 50), 1e3 * mean_ms(split, 50)
             print(
                 f"{n:>5} {vocab:>7} {a:>15.1f} {b:>9.1f} {a / b:>6.2f}  {'equal' if same else 'DIFFER'}",
                 flush=True,
