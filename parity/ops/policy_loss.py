@@ -1308,6 +1308,21 @@ def _check_tile(tile: int) -> int:
     return log2
 
 
+def _row_temperatures(temperature: torch.Tensor, n: int) -> torch.Tensor:
+    """Per-row temperatures (N fp32 values in any shape, as SGLang's ``[B, 1]``) as ``[N]``; ValueError
+    otherwise. Only shape and dtype are read: the host never waits for the values."""
+    if temperature.numel() != n or temperature.dtype != torch.float32:
+        raise ValueError(
+            f"per-row temperatures: {temperature.numel()} {temperature.dtype} values for {n} rows (fp32)"
+        )
+    return temperature.reshape(-1)
+
+
+def _row_inverses(temps: torch.Tensor) -> torch.Tensor:
+    """RN32(1 / T) per row: IEEE fp32 division on the device, as :func:`_fp32_inverse` on the host."""
+    return torch.ones_like(temps) / temps
+
+
 def _forward(
     logits, ids, old, mask, ref_logits, ref_lp, temperature, kl_mode, entropy, tile, fma, launch=None
 ):
@@ -1334,12 +1349,8 @@ def _forward(
     dummy = logp
     row_t = isinstance(temperature, torch.Tensor)
     if row_t:
-        if temperature.numel() != n or temperature.dtype != torch.float32:
-            raise ValueError(
-                f"per-row temperatures: {temperature.numel()} {temperature.dtype} values for {n} rows (fp32)"
-            )
-        temps = temperature.to(dev).reshape(-1).contiguous()
-        inv_ts = torch.ones_like(temps) / temps  # RN32(1 / T) per row: IEEE division, as _fp32_inverse
+        temps = _row_temperatures(temperature, n).to(dev).contiguous()
+        inv_ts = _row_inverses(temps)
         t32 = 1.0  # (unused: every row loads its own)
     else:
         t32 = _fp32_scalar(temperature)
@@ -1576,11 +1587,7 @@ def fused_logprobs(
         ids_k = ids_f.clamp(0, max(vocab - 1, 0))
     if triton_path and isinstance(temperature, torch.Tensor) and 0 < n <= split_lanes.MAX_ROWS and vocab > 0:
         # a decode step's rows: each spread over many programs (the same bits)
-        per_row = temperature.reshape(-1)
-        if per_row.numel() != n or per_row.dtype != torch.float32:
-            raise ValueError(
-                f"per-row temperatures: {per_row.numel()} {per_row.dtype} values for {n} rows (fp32)"
-            )
+        per_row = _row_temperatures(temperature, n)
         logp = split_lanes.split_lane_logprobs(logits.reshape(n, vocab), ids_k, per_row).view(lead)
     elif triton_path:
         logp = _forward(

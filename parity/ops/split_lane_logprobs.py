@@ -45,6 +45,7 @@ from parity.ops.policy_loss import (
     _interpreting,
     _log_f64,
     _logp_of,
+    _row_inverses,
     _scale,
     _step_lanes,
     _tile_max,
@@ -142,7 +143,7 @@ def split_lane_logprobs(logits: torch.Tensor, ids: torch.Tensor, temperatures: t
     log2_tile = _check_tile(tile)
     fma = _fma_mode(CONTRACT_FMA)
     temps = temperatures.contiguous()
-    inv_ts = torch.ones_like(temps) / temps  # RN32(1 / T) per row (IEEE division), as the forward's
+    inv_ts = _row_inverses(temps)
     n_tiles = triton.cdiv(vocab, tile)
     tmax = _empty((n, n_tiles), dtype=torch.float32, device=dev)
     lane_sums = _empty((n, tile), dtype=torch.float32, device=dev)
