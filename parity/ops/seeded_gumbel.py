@@ -23,7 +23,7 @@ wins: ``-inf`` logprob plus ``+inf`` noise, at ``u == 1``). Each element's value
 operation for operation in float64 (IEEE division ``div_rn``; ``log`` is libdevice's, the function
 torch's and Inductor's float64 ``log`` call on the GPU), so the ids are SGLang's.
 
-Trade-off: a second launch and a ``[rows, chunks]`` float64 scratch (75 chunks per 151936-column row)
+Trade-off: a second launch and a ``[rows, chunks]`` float64 scratch (149 chunks per 151936-column row)
 against a row-long serial loop; the float64 arithmetic is kept as SGLang wrote it (its note: float32
 Gumbel noise is numerically unsafe), so the work per element is the same, spread over every SM.
 """
