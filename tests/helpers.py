@@ -137,12 +137,18 @@ def run_under_triton_interpreter(script: str | Path, timeout: float = 600) -> su
     return proc
 
 
-def interpreter_checks(op_module, check) -> None:
+def poisoned_empty(*args, **kwargs) -> torch.Tensor:
+    """``torch.empty`` with every output poisoned: NaN floats, -1 integers (ids, indices)."""
+    t = torch.empty(*args, **kwargs)
+    return t.fill_(math.nan if t.is_floating_point() else -1)
+
+
+def interpreter_checks(op_module, check, empty=nan_empty) -> None:
     """The child side of :func:`run_under_triton_interpreter` for a kernel module with an ``_empty``
-    allocator: poison its outputs (every element must be written), run ``check("cpu")`` under the
-    interpreter and print the line the parent test looks for."""
+    allocator: poison its outputs with ``empty`` (every element must be written), run ``check("cpu")``
+    under the interpreter and print the line the parent test looks for."""
     assert os.environ.get("TRITON_INTERPRET") == "1"
-    op_module._empty = nan_empty
+    op_module._empty = empty
     check("cpu")
     print("interpreter checks passed")
 

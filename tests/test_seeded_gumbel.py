@@ -169,20 +169,15 @@ def test_kernel_equals_sglangs_multinomial_with_seed_on_cuda():
 # ---------------------------------------------------------------------------------------------------
 
 
-def _poisoned_empty(*args, **kwargs) -> torch.Tensor:
-    """Outputs and scratch poisoned: NaN floats, -1 integers (every id and partial must be written)."""
-    t = torch.empty(*args, **kwargs)
-    return t.fill_(float("nan") if t.is_floating_point() else -1)
-
-
 def _child() -> None:
     from parity.ops import seeded_gumbel as op
+    from tests.helpers import interpreter_checks, poisoned_empty
 
-    assert os.environ.get("TRITON_INTERPRET") == "1"
-    op._empty = _poisoned_empty
-    check_cases("cpu")
-    sglang_matches("cpu")
-    print("interpreter checks passed")
+    def checks(device: str) -> None:
+        check_cases(device)
+        sglang_matches(device)
+
+    interpreter_checks(op, checks, empty=poisoned_empty)  # every id and partial must be written
 
 
 if __name__ == "__main__":
