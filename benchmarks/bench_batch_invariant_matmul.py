@@ -6,14 +6,15 @@ before each call, which also hides the host's launch overhead as CUDA graphs do 
 the ratio cublas / ours (the issue's goal: >= 0.9 at every M), and whether the dispatched output is
 bitwise the canonical ``CONFIG``'s.
 
-``--sweep`` also times every member of ``CANDIDATES`` -- the pointer kernel's and the persistent TMA
-kernel's (names ending in ``tma``, ``tma sub``, ``tma ws``) -- on every input, checks each bitwise
+``--sweep`` also times every member of ``CANDIDATES`` -- the pointer kernel's, with its wide K steps
+where they divide K, and the persistent TMA kernel's (names ending in ``tma``, ``tma sub``,
+``tma ws``) -- on every input, checks each bitwise
 against ``CONFIG`` on that input (a member that differs is reported, and never proposed: the dispatch
 is only sound within a family of equal bits), prints per M range of ``DISPATCH`` the member with the
 best worst-case ratio over the shapes, as a pasteable ``DISPATCH`` table (plus ``SHAPE_DISPATCH`` rows
-for shapes that gain >= 5 % from a table of their own), and probes a few configurations outside the
-family (other BLOCK_K, mma.sync) for bitwise equality, and times wider K steps (BLOCK_K 128 / 256) on
-the narrow decode shapes (``WIDE_K_PROBES``) -- informational, never proposed.
+for shapes that gain >= 5 % from a table of their own; the wide K steps only there, never in
+``DISPATCH``, which serves any K), and probes a few configurations outside the family (another
+BLOCK_K, mma.sync) for bitwise equality -- informational, never proposed.
 
 ``--graph`` times each product as decode runs it under SGLang's CUDA graphs (:class:`GraphTimer`):
 replays of one graph over distinct weights, no L2 flush and no launch per product.
@@ -47,7 +48,8 @@ MS = (1, 4, 16, 64, 128, 256, 1024, 4096, 8192)
 QUICK_SHAPES = [(4096, 4096), (151936, 1024), (1024, 4096)]
 QUICK_MS = (1, 16, 128, 1024, 8192)
 GAIN_FOR_SHAPE_TABLE = 1.05
-# outside the family (informational): BLOCK_K 32 and 128 (wgmma), and mma.sync (2 warps, BLOCK_M 32)
+# not candidates (informational): BLOCK_K 32 (another K order), 128 (a wide step; at K = 1000 with a
+# padded tail the family does not claim), and mma.sync (2 warps, BLOCK_M 32)
 PROBES = (
     bm.MatmulConfig(64, 128, 32, 8, 4, 4),
     bm.MatmulConfig(64, 128, 128, 8, 4, 3),
@@ -55,19 +57,6 @@ PROBES = (
     bm.MatmulConfig(32, 128, 64, 8, 4, 3),
 )
 PROBE_CASES = ((4096, 4096, 1), (4096, 4096, 256), (1001, 1000, 300))
-# Wider K steps for the narrow decode shapes (N = 1024: only N / 16 programs without split-K, each a
-# latency-bound chain of K / BLOCK_K iterations): BLOCK_K 128 / 256 halve / quarter the iterations. With
-# wgmma an element's K loop is the same chain of k16 instructions whatever BLOCK_K (the padded K tail
-# aside: used only where K % BLOCK_K == 0, the steps are identical), so these may belong to the family;
-# timed and bit-checked here, never proposed, to decide whether to widen FAMILY_BLOCK_K.
-WIDE_K_PROBES = (
-    bm.MatmulConfig(64, 16, 128, 8, 4, 6),
-    bm.MatmulConfig(64, 32, 128, 8, 4, 5),
-    bm.MatmulConfig(64, 16, 256, 8, 4, 4),
-    bm.MatmulConfig(64, 64, 128, 8, 4, 4),
-)
-WIDE_K_CASES = tuple((n, k, m) for n, k in ((1024, 4096), (1024, 3072), (1024, 2048), (4096, 4096))
-                     for m in (1, 16, 64))  # fmt: skip
 
 
 def bench(fn) -> float:
@@ -144,7 +133,7 @@ def measure(shapes, ms, sweep: bool = False, check: bool = True, graph: bool = F
                 row["ours_differing"] = _differing(bm.batch_invariant_mm(x, w), ref)
             if sweep:
                 cands = {}
-                for c in bm.CANDIDATES:
+                for c in (c for c in bm.CANDIDATES if bm.serves_k(c, k)):
                     diff = _differing(bm.batch_invariant_mm(x, w, config=c), ref)
                     cands[c.name] = dict(ms=time_of(partial(bm.batch_invariant_mm, config=c)), differing=diff)
                 row["candidates"] = cands
@@ -197,9 +186,12 @@ def _in(m, lo, hi) -> bool:
 
 
 def _src(c: bm.MatmulConfig) -> str:
-    """The member as the module's tables spell it: ``_c(...)`` (pointer kernel), ``_t(...)`` (TMA)."""
-    if c.block_k != bm.FAMILY_BLOCK_K or c.group_m != 8:
+    """The member as the module's tables spell it: ``_c(...)`` (pointer kernel), ``_w(...)`` (pointer
+    kernel, a wide K step), ``_t(...)`` (TMA)."""
+    if c.group_m != 8:
         return repr(c)
+    if c.block_k != bm.FAMILY_BLOCK_K:
+        return f"_w({c.block_m}, {c.block_n}, {c.block_k}, {c.num_warps}, {c.num_stages})"
     args = f"{c.block_m}, {c.block_n}, {c.num_warps}, {c.num_stages}"
     if c.kernel == "ptr":
         return f"_c({args})"
@@ -236,6 +228,7 @@ def propose(rows) -> dict:
     """Per M range: the best member by worst-case ratio over the shapes (and per shape where that
     gains >= 5 %); members that differed from CONFIG on any input are excluded everywhere."""
     differing = sorted({n for r in rows for n, c in r["candidates"].items() if c["differing"]})
+    by_name = {c.name: c for c in bm.CANDIDATES}
     if differing:
         print("\n!! FAMILY CLAIM FAILED: these candidates differ bitwise from CONFIG on some input:")
         for r in rows:
@@ -243,6 +236,7 @@ def propose(rows) -> dict:
                 if c["differing"]:
                     print(f"   {name}: N={r['n']} K={r['k']} M={r['m']}: {c['differing']} elements differ")
     names = [c.name for c in bm.CANDIDATES if c.name not in differing]
+    any_k = [name for name in names if by_name[name].block_k == bm.FAMILY_BLOCK_K]  # DISPATCH: any K
     table, current = [], dict(bm.DISPATCH)
     summary = []
     for lo, hi in _ranges():
@@ -250,7 +244,7 @@ def propose(rows) -> dict:
         if not part:
             table.append((hi, current[hi].name, f"M {lo + 1}..{hi or 'inf'}: no data, current kept"))
             continue
-        name, (q, r) = _pick(part, names)
+        name, (q, r) = _pick(part, any_k)
         cur_q = min(x["cublas"] / x["ours"] for x in part)
         note = (
             f"M {lo + 1}..{hi or 'inf'}: worst {q:.2f} at N={r['n']} K={r['k']} M={r['m']} (now {cur_q:.2f})"
@@ -265,7 +259,7 @@ def propose(rows) -> dict:
             if not part:
                 own.append((hi, global_name, "no data"))
                 continue
-            name, (q, r) = _pick(part, names)
+            name, (q, r) = _pick(part, [name for name in names if bm.serves_k(by_name[name], k)])
             q_global = min(x["cublas"] / x["candidates"][global_name]["ms"] for x in part)
             gain |= q >= GAIN_FOR_SHAPE_TABLE * q_global
             own.append((hi, name, f"worst {q:.2f} (global pick {q_global:.2f})"))
@@ -287,33 +281,6 @@ def propose(rows) -> dict:
         ranges=summary,
         differing=differing,
     )
-
-
-def wide_k_probes(graph: bool) -> list[dict]:
-    """``WIDE_K_PROBES`` on the narrow decode shapes: bits against CONFIG, and times against cuBLAS and
-    the dispatched member (informational: never proposed)."""
-    out = []
-    print("\n== wider K steps on narrow decode shapes (bitwise vs CONFIG, us; informational)")
-    for n, k, m in WIDE_K_CASES:
-        g = torch.Generator(device=DEV).manual_seed(n * 17 + k + m)
-        w = (torch.randn(n, k, generator=g, device=DEV) * k**-0.5).to(torch.bfloat16)
-        x = torch.randn(m, k, generator=g, device=DEV).to(torch.bfloat16)
-        timer = GraphTimer(w) if graph else None
-        ref = bm.batch_invariant_mm(x, w, config=bm.CONFIG)
-        cublas = _time(torch.nn.functional.linear, x, w, timer)
-        ours = _time(bm.batch_invariant_mm, x, w, timer)
-        line = f"  N={n} K={k} M={m}: cuBLAS {1e3 * cublas:.1f}, dispatched {1e3 * ours:.1f}"
-        for c in WIDE_K_PROBES:
-            try:
-                diff = _differing(bm.batch_invariant_mm(x, w, config=c), ref)
-                t = _time(partial(bm.batch_invariant_mm, config=c), x, w, timer)
-            except Exception as exc:  # a probe that does not compile must not stop the report
-                line += f"; {c.name}: failed ({type(exc).__name__})"
-                continue
-            line += f"; {c.name}: {1e3 * t:.1f} ({'same bits' if diff == 0 else f'{diff} differ'})"
-            out.append(dict(n=n, k=k, m=m, config=c.name, differing=diff, ms=t, cublas=cublas, ours=ours))
-        print(line, flush=True)
-    return out
 
 
 def probes() -> list[dict]:
@@ -371,7 +338,6 @@ def main() -> int:
     if args.sweep:
         out["proposal"] = propose(rows)
         out["probes"] = probes()
-        out["wide_k_probes"] = wide_k_probes(args.graph)
     bad = [r for r in rows if r.get("ours_differing")]
     if bad:
         print(f"\n!! the dispatched output differs from CONFIG's in {len(bad)} cases (see 'bits')")

@@ -55,7 +55,7 @@ def test_dispatch_is_a_pure_function_of_the_shape():
 
 
 def test_shape_tables_override_only_their_shape(monkeypatch):
-    decode, prefill = bm.CANDIDATES[0], bm.CANDIDATES[-1]
+    decode, prefill = bm.CANDIDATES[0], bm.DISPATCH[-1][1]
     monkeypatch.setattr(bm, "SHAPE_DISPATCH", {(1024, 4096): ((8, decode), (None, prefill))})
     bm._check_tables()
     assert bm.config_for(8, 1024, 4096) == decode
@@ -69,8 +69,10 @@ def test_tables_are_one_family():
     assert len(set(bm.CANDIDATES)) == len(bm.CANDIDATES) <= 24
     assert len({c.name for c in bm.CANDIDATES}) == len(bm.CANDIDATES)  # the sweep keys on names
     assert {c.kernel for c in bm.CANDIDATES} == set(bm.KERNELS)
+    assert bm.CONFIG.block_k == bm.FAMILY_BLOCK_K
+    assert {c.block_k for c in bm.CANDIDATES} == {bm.FAMILY_BLOCK_K, *bm.WIDE_BLOCK_KS}
     for c in bm.CANDIDATES:
-        assert c.block_k == bm.FAMILY_BLOCK_K == bm.CONFIG.block_k, c
+        assert c.block_k == bm.FAMILY_BLOCK_K or (c.block_k in bm.WIDE_BLOCK_KS and c.kernel == "ptr"), c
         assert bm.wgmma_eligible(c) and bm.in_family(c), c
         assert c.block_m in (64, 128) and c.num_warps in (4, 8), c
         stage_bytes = (c.block_m + c.block_n) * c.block_k * 2
@@ -80,7 +82,9 @@ def test_tables_are_one_family():
         # Triton 3.6's Hopper warp specialisation: 4 warps, unsubtiled epilogue (see the lowering test)
         assert not c.warp_specialize or (c.num_warps == 4 and not c.epilogue_subtile), c
     for _, c in bm.DISPATCH:
-        assert c in bm.CANDIDATES
+        assert c in bm.CANDIDATES and c.block_k == bm.FAMILY_BLOCK_K  # any K: no wide step
+    for (_, k), table in bm.SHAPE_DISPATCH.items():
+        assert all(bm.serves_k(c, k) for _, c in table), (k, table)
     # what the checks refuse: a config outside the tested table, outside the family, a broken range
     outside = bm.MatmulConfig(64, 128, 32, 8, 4, 3)  # another BLOCK_K: another K order
     assert not bm.in_family(outside)
@@ -96,13 +100,22 @@ def test_tables_are_one_family():
             config=bm.CONFIG._replace(kernel="other"),
         )
     with pytest.raises(ValueError, match="not in CANDIDATES"):
-        bm._check_table(((None, outside),))
+        bm._check_table(((None, outside),), None)
     with pytest.raises(ValueError, match="not in CANDIDATES"):
-        bm._check_table(((None, bm.MatmulConfig(64, 128, 64, 4, 4, 3)),))  # group_m 4: untested
+        bm._check_table(((None, bm.MatmulConfig(64, 128, 64, 4, 4, 3)),), None)  # group_m 4: untested
+    # a wide K step: only in the pointer kernel, only in a shape table whose K it divides
+    wide = next(c for c in bm.CANDIDATES if c.block_k == 256)
+    assert not bm.in_family(wide._replace(kernel="tma_persistent"))
+    assert bm.serves_k(wide, 4096) and not bm.serves_k(wide, 4096 + 128) and bm.serves_k(bm.CONFIG, 1000)
+    bm._check_table(((None, wide),), 3072)
+    with pytest.raises(ValueError, match="K step 256 does not serve K = 1152"):
+        bm._check_table(((64, wide), (None, bm.CONFIG)), 1152)
+    with pytest.raises(ValueError, match=r"does not serve DISPATCH \(any K\)"):
+        bm._check_table(((64, wide), (None, bm.CONFIG)), None)
     with pytest.raises(ValueError, match="increase"):
-        bm._check_table(((128, bm.CONFIG), (64, bm.CONFIG), (None, bm.CONFIG)))
+        bm._check_table(((128, bm.CONFIG), (64, bm.CONFIG), (None, bm.CONFIG)), None)
     with pytest.raises(ValueError, match="None"):
-        bm._check_table(((128, bm.CONFIG),))
+        bm._check_table(((128, bm.CONFIG),), None)
 
 
 class _FakeKernel:

@@ -38,10 +38,13 @@ def _checks():
     bm._empty = nan_empty
     g = torch.Generator().manual_seed(3)
     prefill = bm.MatmulConfig(128, 256, 64, 8, 8, 4)
-    members = [bm.CANDIDATES[0], bm.CONFIG, bm.MatmulConfig(128, 32, 64, 8, 4, 5), prefill]
-    assert all(c in bm.CANDIDATES for c in members)
-    # odd sizes: partial M tiles (64 and 128), partial N tiles (16 .. 256), a K tail (200 = 3 * 64 + 8)
-    for m, n, k, bias in ((150, 300, 200, True), (70, 17 * 16 + 5, 64, False)):
+    wide = [c for c in bm.CANDIDATES if c.block_k in bm.WIDE_BLOCK_KS]
+    family = [bm.CANDIDATES[0], bm.CONFIG, bm.MatmulConfig(128, 32, 64, 8, 4, 5), prefill, *wide]
+    assert all(c in bm.CANDIDATES for c in family) and len(wide) == 2
+    # odd sizes: partial M tiles (64 and 128), partial N tiles (16 .. 256), a K tail (200 = 3 * 64 + 8);
+    # K = 256: the wide K steps too (one 256-wide or two 128-wide dots)
+    for m, n, k, bias in ((150, 300, 200, True), (70, 17 * 16 + 5, 256, False)):
+        members = [c for c in family if bm.serves_k(c, k)]
         x = torch.randint(-4, 5, (m, k), generator=g).to(torch.bfloat16)
         w = torch.randint(-4, 5, (n, k), generator=g).to(torch.bfloat16)
         b = torch.randint(-64, 65, (n,), generator=g).to(torch.bfloat16) if bias else None

@@ -19,8 +19,8 @@ Semantics (the contract of this op)
 
 No split-K, no stream-K. ``BLOCK_K`` (``FAMILY_BLOCK_K`` = 64) and the MMA instruction family are part
 of the definition; the rest of the launch -- the kernel, ``BLOCK_M``, ``BLOCK_N``, ``GROUP_M``, warps,
-stages -- is a *member of the family* chosen per call by :func:`config_for` from M and the weight's
-shape.
+stages, and where K is a multiple of it a wider K step (below) -- is a *member of the family* chosen
+per call by :func:`config_for` from M and the weight's shape.
 
 Kernels
 -------
@@ -51,9 +51,18 @@ Configuration families, and why the launch may depend on M
 On Hopper (sm_90) Triton lowers ``tl.dot`` to ``wgmma`` when the tile allows it (``BLOCK_M`` a
 multiple of 64, ``num_warps`` a multiple of 4), else to ``mma.sync``. With wgmma an output element's
 K loop is a chain of ``m64nNk16`` instructions over increasing 16-wide K groups into one fp32
-accumulator, whatever the tile. The *family* is the set of configurations with ``FAMILY_BLOCK_K`` that
-lower to wgmma: ``CANDIDATES`` lists its members that the launcher may use, ``CONFIG`` is the
-canonical one (64 x 128 x 64, 4 warps, 3 stages: the single configuration of earlier versions).
+accumulator, whatever the tile. The *family* is the set of configurations with ``FAMILY_BLOCK_K`` (or
+a wide K step, below) that lower to wgmma: ``CANDIDATES`` lists its members that the launcher may
+use, ``CONFIG`` is the canonical one (64 x 128 x 64, 4 warps, 3 stages: the single configuration of
+earlier versions).
+
+*Wide K steps.* A pointer-kernel member may step K by 128 or 256 (``WIDE_BLOCK_KS``): one ``tl.dot``
+over 2 or 4 of the contract's 64-wide chunks. With wgmma that is the same chain of k16 instructions in
+the same increasing order into the same accumulator, only issued from one loop iteration instead of
+several; halving the K iterations is what lets a narrow layer (N = 1024: 64 programs at BLOCK_N 16,
+no split-K) keep more of W in flight. Such a member serves only weights whose K is a multiple of its
+step (:func:`serves_k`): there its tiles have no padded tail, so the padding never differs from the
+64-wide chunks'. The shape tables may use it for such a (N, K) only; ``DISPATCH`` (any K) never.
 
 The claim: every member computes every output element with bitwise the same result, so the choice of
 member -- and hence M -- never changes a bit. Tile sizes and the kernel change which program and
@@ -154,11 +163,16 @@ class MatmulConfig(NamedTuple):
 
 
 FAMILY_BLOCK_K = 64  # part of the contract: the K chunk order of every family member
+WIDE_BLOCK_KS = (128, 256)  # wider K steps of pointer members, for K a multiple of the step (serves_k)
 CONFIG = MatmulConfig()  # the canonical family member (the GPU family test compares every member to it)
 
 
 def _c(block_m: int, block_n: int, num_warps: int, num_stages: int) -> MatmulConfig:
     return MatmulConfig(block_m, block_n, FAMILY_BLOCK_K, 8, num_warps, num_stages)
+
+
+def _w(block_m: int, block_n: int, block_k: int, num_warps: int, num_stages: int) -> MatmulConfig:
+    return MatmulConfig(block_m, block_n, block_k, 8, num_warps, num_stages)
 
 
 def _t(
@@ -167,7 +181,7 @@ def _t(
     return MatmulConfig(block_m, block_n, FAMILY_BLOCK_K, 8, num_warps, num_stages, "tma_persistent", sub, ws)
 
 
-# Every configuration the launcher may use: one family (FAMILY_BLOCK_K, wgmma-eligible tiles), each
+# Every configuration the launcher may use: one family (FAMILY_BLOCK_K or a wide step, wgmma tiles), each
 # member checked bitwise against CONFIG on the GPU and for its wgmma lowering on the CPU. Shared memory
 # per stage is (BLOCK_M + BLOCK_N) * 64 * 2 bytes; the TMA kernel adds its output staging buffer,
 # BLOCK_M * BLOCK_N * 2 bytes (half of it with the epilogue subtiled); sm_90 allows 227 KiB per program.
@@ -200,6 +214,10 @@ CANDIDATES: tuple[MatmulConfig, ...] = (
     # 4 warps, each consumer 64 rows of the tile; the pass rejects subtiled epilogues)
     _t(128, 128, 4, 4, ws=True),
     _t(128, 256, 4, 3, ws=True),  # 208 KiB smem
+    # wide K steps (pointer kernel; K a multiple of the step): narrow decode layers, half or a quarter
+    # of the K iterations. (BLOCK_M + BLOCK_N) * BLOCK_K * 2 bytes per stage
+    _w(64, 16, 256, 4, 4),  # 4 x 40 KiB stages: N = 1024
+    _w(64, 32, 128, 4, 5),  # 5 x 24 KiB stages: N = 4096
 )
 
 # M ranges -> family member: (largest M of the range, config); the last row's None is "any larger M".
@@ -219,6 +237,9 @@ CANDIDATES: tuple[MatmulConfig, ...] = (
 # the 7 bench shapes and Qwen3-0.6B's four (qkv 4096x1024, o 1024x2048, gate_up 6144x1024, down
 # 1024x3072); every candidate bitwise equal to CONFIG there too. Under do_bench these 5-15 us products
 # were timed mostly as the L2 flush's tail and the launch, which had picked 128x32 for M <= 64.
+# Rows marked "wide K": from `--sweep --graph` with the wide K steps among the candidates (2026-11-30,
+# H200, M = 1..256, the narrow shapes; every candidate bitwise equal to CONFIG, and the family test
+# passed with them); in parentheses the best 64-wide member's worst case.
 DISPATCH: tuple[tuple[int | None, MatmulConfig], ...] = (
     (64, _c(64, 32, 4, 6)),  # graph, M 1..64: worst 0.63 at N=1024 K=4096 M=1 (128x32 s5: 0.50)
     (128, _t(64, 64, 4, 6)),  # M 65..128: worst 0.61 at N=1024 K=4096 M=128 (now 0.35)
@@ -229,14 +250,14 @@ DISPATCH: tuple[tuple[int | None, MatmulConfig], ...] = (
 SHAPE_DISPATCH: dict[tuple[int, int], tuple[tuple[int | None, MatmulConfig], ...]] = {
     # Qwen3-0.6B's projections (graph; the rows above 256 are DISPATCH's)
     (1024, 2048): (
-        (128, _c(64, 16, 4, 8)),  # graph: worst 0.88 (global pick 0.54); worst 0.91 (global pick 0.55)
-        (256, _c(64, 32, 4, 6)),  # graph: worst 0.89 (global pick 0.72)
+        (128, _w(64, 16, 256, 4, 4)),  # graph, wide K: worst 0.92 (64x16 s8: 0.88); worst 0.95 (0.90)
+        (256, _w(64, 32, 128, 4, 5)),  # graph, wide K: worst 0.89 (64x32 s6: 0.89)
         (1024, _t(128, 128, 8, 4)),
         (None, _t(128, 256, 8, 4, sub=True)),
     ),
     (1024, 3072): (
-        (128, _c(64, 16, 4, 8)),  # graph: worst 0.85 (global pick 0.50); worst 0.90 (global pick 0.58)
-        (256, _c(64, 32, 4, 6)),  # graph: worst 0.78 (global pick 0.62)
+        (128, _w(64, 16, 256, 4, 4)),  # graph, wide K: worst 0.92 (64x16 s8: 0.85); worst 0.97 (0.90)
+        (256, _w(64, 32, 128, 4, 5)),  # graph, wide K: worst 0.80 (64x32 s6: 0.79)
         (1024, _t(128, 128, 8, 4)),
         (None, _t(128, 256, 8, 4, sub=True)),
     ),
@@ -253,20 +274,22 @@ SHAPE_DISPATCH: dict[tuple[int, int], tuple[tuple[int | None, MatmulConfig], ...
         (None, _t(128, 256, 8, 4, sub=True)),
     ),
     (1024, 4096): (
-        (128, _c(64, 16, 4, 8)),  # worst 0.79 (global pick 0.51); worst 0.64 (global pick 0.61)
-        (256, _c(64, 32, 4, 6)),  # worst 0.80 (global pick 0.65)
+        (128, _w(64, 16, 256, 4, 4)),  # graph, wide K: worst 0.69 (64x16 s8: 0.63); worst 0.83 (0.76)
+        (256, _w(64, 32, 128, 4, 5)),  # graph, wide K: worst 0.83 (64x32 s6: 0.80)
         (1024, _c(64, 64, 4, 5)),  # worst 0.70 (global pick 0.58)
         (None, _t(128, 256, 8, 4, sub=True)),  # worst 0.90 (global pick 0.90)
     ),
     (4096, 4096): (
+        (64, _w(64, 32, 128, 4, 5)),  # graph, wide K: worst 0.93 (64x32 s6: 0.77)
         (128, _c(64, 32, 4, 6)),  # graph: worst 0.81 (64x64 s5: 0.66); worst 0.82 (64x64 tma: 0.75)
         (256, _c(64, 64, 4, 5)),  # worst 0.87 (global pick 0.87)
         (1024, _c(128, 256, 8, 4)),  # worst 0.83 (global pick 0.74)
         (None, _t(128, 256, 8, 4, sub=True)),  # worst 0.90 (global pick 0.90)
     ),
     (4096, 12288): (
-        (128, _c(64, 32, 4, 6)),  # graph: worst 0.73 (64x16 s8: 0.65); worst 0.73
-        (256, _t(128, 64, 4, 5)),  # worst 0.75 (global pick 0.71)
+        (64, _w(64, 32, 128, 4, 5)),  # graph, wide K: worst 0.91 (64x32 s6: 0.67)
+        (128, _t(64, 64, 4, 6)),  # graph: worst 0.74 (64x32 s6: 0.73)
+        (256, _t(128, 64, 4, 5)),  # graph: worst 0.76 (global pick 0.68)
         (None, _t(128, 256, 8, 4, sub=True)),  # worst 0.91 (global pick 0.82); worst 0.94 (global pick 0.94)
     ),
     (4096, 14336): (
@@ -312,13 +335,23 @@ def wgmma_eligible(c: MatmulConfig) -> bool:
 
 
 def in_family(c: MatmulConfig) -> bool:
-    """A member of the family: the contract's BLOCK_K, a wgmma-eligible tile and one of ``KERNELS``
-    (the subtile and warp-specialisation switches exist only in the TMA kernel)."""
+    """A member of the family: the contract's BLOCK_K (or, in the pointer kernel, one of
+    ``WIDE_BLOCK_KS``), a wgmma-eligible tile and one of ``KERNELS`` (the subtile and
+    warp-specialisation switches exist only in the TMA kernel)."""
     knobs_ok = c.kernel == "tma_persistent" or not (c.epilogue_subtile or c.warp_specialize)
-    return c.block_k == FAMILY_BLOCK_K and wgmma_eligible(c) and c.kernel in KERNELS and knobs_ok
+    step_ok = c.block_k == FAMILY_BLOCK_K or (c.block_k in WIDE_BLOCK_KS and c.kernel == "ptr")
+    return step_ok and wgmma_eligible(c) and c.kernel in KERNELS and knobs_ok
 
 
-def _check_table(rows) -> None:
+def serves_k(c: MatmulConfig, k: int) -> bool:
+    """Whether member ``c`` gives the family's bits for a weight with ``k`` columns: every member at
+    the contract's BLOCK_K; a wide K step only where it divides K (no padded tail)."""
+    return c.block_k == FAMILY_BLOCK_K or k % c.block_k == 0
+
+
+def _check_table(rows, k: int | None) -> None:
+    """One dispatch table: increasing M bounds, the last None; members of CANDIDATES that serve ``k``
+    (None: the global table, any K)."""
     bounds = [b for b, _ in rows]
     if not rows or bounds[-1] is not None or any(b is None or b < 1 for b in bounds[:-1]):
         raise ValueError(f"dispatch rows must be (M bound >= 1, config)..., (None, config): {bounds}")
@@ -327,19 +360,23 @@ def _check_table(rows) -> None:
     for _, c in rows:
         if c not in CANDIDATES:
             raise ValueError(f"dispatch config {c} is not in CANDIDATES (the GPU-tested family)")
+        if not (serves_k(c, k) if k is not None else c.block_k == FAMILY_BLOCK_K):
+            where = f"K = {k}" if k is not None else "DISPATCH (any K)"
+            raise ValueError(f"dispatch config {c}: its K step {c.block_k} does not serve {where}")
 
 
 def _check_tables() -> None:
     for c in CANDIDATES:
         if not in_family(c):
             raise ValueError(
-                f"candidate {c} is outside the family (BLOCK_K {FAMILY_BLOCK_K}, wgmma, KERNELS)"
+                f"candidate {c} is outside the family (BLOCK_K {FAMILY_BLOCK_K} or a pointer member's"
+                f" {WIDE_BLOCK_KS}, wgmma, KERNELS)"
             )
     if CONFIG not in CANDIDATES:
         raise ValueError("CONFIG must be one of CANDIDATES")
-    _check_table(DISPATCH)
-    for rows in SHAPE_DISPATCH.values():
-        _check_table(rows)
+    _check_table(DISPATCH, None)
+    for (_, k), rows in SHAPE_DISPATCH.items():
+        _check_table(rows, k)
 
 
 _check_tables()
