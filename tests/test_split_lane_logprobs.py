@@ -3,8 +3,9 @@ bit for bit the plain-PyTorch contract (``policy_loss.logprobs_reference``, row 
 temperature) under the Triton interpreter (a child Python, this file's ``__main__``) and on CUDA
 (GPU-marked, also against the one-program kernel): bf16/fp16/fp32 logits, one tile, a tile and one
 column, many tiles with a partial one, 5 columns, T == 1 rows (no division) with -0.0 and -inf logits,
-rows whose max is NaN or -inf (NaN), rows that are slices of a wider buffer, poisoned outputs and
-scratch. ``fused_logprobs`` takes this path for per-row temperatures up to ``MAX_ROWS`` rows.
+rows whose max is NaN or -inf (NaN), ids outside ``[0, V)`` (NaN, checked on the device: the host
+never reads the ids), rows that are slices of a wider buffer, poisoned outputs and scratch.
+``fused_logprobs`` takes this path for per-row temperatures up to ``MAX_ROWS`` rows.
 
 Negative controls: the contract with another tile width (other lanes, another tree) and torch's
 ``log_softmax`` give other bits on the same rows, so the checks cannot pass with any close logprob.
@@ -69,6 +70,13 @@ def check_cases(device: str) -> None:
     got = op.split_lane_logprobs(logits, ids, temps)
     assert got[1:].isnan().all(), got
     assert_same_bits(got[:1], contract(logits[:1].cpu(), ids[:1].cpu(), temps[:1].cpu()).to(device), "row 0")
+    # ids outside [0, V): NaN (a clamped id would give a finite logprob), the other rows unchanged
+    logits, ids, temps = rows(4, 3000, torch.bfloat16, device, seed=2)
+    want = contract(logits.cpu(), ids.cpu(), temps.cpu()).to(device)
+    ids[1], ids[2] = -1, 3000
+    got = op.split_lane_logprobs(logits, ids, temps)
+    assert got[1:3].isnan().all() and not want[1:3].isnan().any(), got
+    assert_same_bits(got[[0, 3]], want[[0, 3]], "rows beside ids out of range")
     print(f"ok {device}")
 
 
@@ -115,8 +123,8 @@ def test_kernels_compile_for_sm90():
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    common = dict(X="*bf16", sx="i64", TEMPS="*fp32", INV_TS="*fp32", TMAX="*fp32", S="*fp32", M="*fp32",
-                  IDS="*i64", LOGP="*fp32")  # fmt: skip
+    common = dict(X="*bf16", sx="i64", TEMPS="*fp32", TMAX="*fp32", S="*fp32", M="*fp32", IDS="*i64",
+                  LOGP="*fp32")  # fmt: skip
     consts = dict(V=151936, TILE=CONTRACT_TILE, LOG2_TILE=11, FMA=1, INTERP=False, LANES=op.LANES,
                   NUM_STAGES=op.NUM_STAGES)  # fmt: skip
     for fn in (op._tile_max_kernel, op._lane_sums_kernel, op._finish_kernel):
@@ -143,7 +151,9 @@ def test_kernel_equals_the_contract_and_the_one_program_kernel_on_cuda():
 
 
 def _dispatch_check() -> None:
-    """fused_logprobs sends per-row temperatures up to MAX_ROWS rows here, larger batches elsewhere."""
+    """fused_logprobs sends per-row temperatures up to MAX_ROWS rows here, larger batches elsewhere; on
+    this path an id outside [0, V) is NaN (check_ids=False, the server's) or a ValueError (the default),
+    as on the others."""
     from parity.ops.policy_loss import fused_logprobs
 
     calls = []
@@ -157,6 +167,12 @@ def _dispatch_check() -> None:
     finally:
         op.split_lane_logprobs, op.MAX_ROWS = real, max_rows
     assert calls == [2], calls
+    logits, ids, temps = rows(2, 300, torch.float32)
+    ids[1] = 300
+    got = fused_logprobs(logits, ids, temps, check_ids=False)
+    assert got[1].isnan() and not got[0].isnan(), got
+    with pytest.raises(ValueError, match="outside"):
+        fused_logprobs(logits, ids, temps)
 
 
 def _child() -> None:

@@ -1578,15 +1578,20 @@ def fused_logprobs(
     vocab = logits.shape[-1]
     ids_f = _flat(ids, n, "ids", torch.int64)
     triton_path = _use_triton(logits)
-    if isinstance(temperature, torch.Tensor) and not triton_path:
+    per_row_t = isinstance(temperature, torch.Tensor)
+    if per_row_t and not triton_path:
         raise TypeError("fused_logprobs: per-row temperatures need the Triton kernel (CUDA)")
+    # a decode step's rows: each spread over many programs (the same bits)
+    split = triton_path and per_row_t and 0 < n <= split_lanes.MAX_ROWS and vocab > 0
+    bad = None
     if check_ids:
         ids_k, finish_check = _start_id_check(ids_f, None, vocab)  # raises at once off the GPU
+    elif split:
+        ids_k = ids_f  # the split kernels give NaN for an id outside [0, V) themselves
     else:
         bad = (ids_f < 0) | (ids_f >= vocab)
         ids_k = ids_f.clamp(0, max(vocab - 1, 0))
-    if triton_path and isinstance(temperature, torch.Tensor) and 0 < n <= split_lanes.MAX_ROWS and vocab > 0:
-        # a decode step's rows: each spread over many programs (the same bits)
+    if split:
         per_row = _row_temperatures(temperature, n)
         logp = split_lanes.split_lane_logprobs(logits.reshape(n, vocab), ids_k, per_row).view(lead)
     elif triton_path:
@@ -1595,9 +1600,10 @@ def fused_logprobs(
         )[0].view(lead)
     else:
         logp = logprobs_reference(logits, ids_k, temperature).view(lead)
-    if not check_ids:
+    if bad is not None:
         return torch.where(bad.view(lead), math.nan, logp)
-    finish_check()
+    if check_ids:
+        finish_check()
     return logp
 
 

@@ -29,6 +29,16 @@ lanes) and ``4 * TILE`` bytes of lane sums per row go through memory, against on
 row counts the time is latency, not bytes. The launcher takes per-row temperatures (SGLang's
 ``[B, 1]``, never read by the host) and serves rows up to :data:`MAX_ROWS`; ``fused_logprobs`` sends
 larger batches to the one-program kernel.
+
+The host's share
+----------------
+The server calls this once per decode step outside its CUDA graphs, and at one request a decode step
+waits on the host (an H200 runs the step's kernels in less time than SGLang's scheduler and the
+sampler take to launch them). So the launcher does on the host only what it must: three allocations
+and three launches. Each row's ``RN32(1 / T)`` is an IEEE division inside the kernels (``div_rn``: the
+value ``policy_loss._row_inverses`` computes with a torch division on the device), and an id outside
+``[0, V)`` -- a sampler bug -- gives a NaN logprob inside the finish kernel (its logit never read),
+instead of three torch operations each to clamp the ids and to mask the result.
 """
 
 from __future__ import annotations
@@ -45,7 +55,6 @@ from parity.ops.policy_loss import (
     _interpreting,
     _log_f64,
     _logp_of,
-    _row_inverses,
     _scale,
     _step_lanes,
     _tile_max,
@@ -59,6 +68,12 @@ MAX_ROWS = 256  # fused_logprobs takes this path up to this many rows: faster on
 
 
 @triton.jit
+def _row_inverse(t_row):
+    """RN32(1 / T): IEEE division, the bits of ``policy_loss._row_inverses`` (torch's fp32 division)."""
+    return tl.math.div_rn(tl.full([], 1.0, tl.float32), t_row)
+
+
+@triton.jit
 def _row_scaled(ptr, mask, t_row, inv_row, FMA: tl.constexpr):
     """Logits at ``ptr`` (``-inf`` where not ``mask``) as fp32 (exact) over the row's T: the contract's
     step 1, skipped where T == 1 (a division would turn -0.0 into +0.0), as the one-program kernel."""
@@ -69,25 +84,26 @@ def _row_scaled(ptr, mask, t_row, inv_row, FMA: tl.constexpr):
 
 
 @triton.jit
-def _tile_max_kernel(X, sx, TEMPS, INV_TS, TMAX, V: tl.constexpr, TILE: tl.constexpr, FMA: tl.constexpr,
+def _tile_max_kernel(X, sx, TEMPS, TMAX, V: tl.constexpr, TILE: tl.constexpr, FMA: tl.constexpr,
                      INTERP: tl.constexpr):  # fmt: skip
     N_TILES: tl.constexpr = (V + TILE - 1) // TILE
     row = tl.program_id(0).to(tl.int64)
     t = tl.program_id(1)
     cols = t * TILE + tl.arange(0, TILE)
-    x = _row_scaled(X + row * sx + cols, cols < V, tl.load(TEMPS + row), tl.load(INV_TS + row), FMA)
+    t_row = tl.load(TEMPS + row)
+    x = _row_scaled(X + row * sx + cols, cols < V, t_row, _row_inverse(t_row), FMA)
     tl.store(TMAX + row * N_TILES + t, _tile_max(x, INTERP))
 
 
 @triton.jit
-def _lane_sums_kernel(X, sx, TEMPS, INV_TS, TMAX, S, M, V: tl.constexpr, TILE: tl.constexpr,
+def _lane_sums_kernel(X, sx, TEMPS, TMAX, S, M, V: tl.constexpr, TILE: tl.constexpr,
                       LANES: tl.constexpr, FMA: tl.constexpr, NUM_STAGES: tl.constexpr):  # fmt: skip
     N_TILES: tl.constexpr = (V + TILE - 1) // TILE
     row = tl.program_id(0).to(tl.int64)
     first = tl.program_id(1) * LANES
     lanes = first + tl.arange(0, LANES)
     t_row = tl.load(TEMPS + row)
-    inv_row = tl.load(INV_TS + row)
+    inv_row = _row_inverse(t_row)
     m = tl.full([], float("-inf"), tl.float32)
     s = tl.zeros([LANES], tl.float32)
     w = tl.zeros([LANES], tl.float32)  # (entropy lanes: not asked for, never updated)
@@ -102,16 +118,18 @@ def _lane_sums_kernel(X, sx, TEMPS, INV_TS, TMAX, S, M, V: tl.constexpr, TILE: t
 
 
 @triton.jit
-def _finish_kernel(X, sx, TEMPS, INV_TS, IDS, S, M, LOGP, TILE: tl.constexpr, LOG2_TILE: tl.constexpr,
-                   FMA: tl.constexpr):  # fmt: skip
+def _finish_kernel(X, sx, TEMPS, IDS, S, M, LOGP, V: tl.constexpr, TILE: tl.constexpr,
+                   LOG2_TILE: tl.constexpr, FMA: tl.constexpr):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
     t_row = tl.load(TEMPS + row)
-    xt = tl.load(X + row * sx + tl.load(IDS + row)).to(tl.float32)  # the action's logit, as in step 1
+    action = tl.load(IDS + row)
+    valid = (action >= 0) & (action < V)  # outside [0, V): a NaN logprob, the logit never read
+    xt = tl.load(X + row * sx + tl.where(valid, action, 0)).to(tl.float32)  # the action's logit (step 1)
     if t_row != 1.0:
-        xt = _scale(xt, t_row, tl.load(INV_TS + row), True, FMA)
+        xt = _scale(xt, t_row, _row_inverse(t_row), True, FMA)
     s_tot = _tree_sum(tl.load(S + row * TILE + tl.arange(0, TILE)), TILE, LOG2_TILE)
     logp, _ok = _logp_of(xt, tl.load(M + row), _log_f64(s_tot))
-    tl.store(LOGP + row, logp)
+    tl.store(LOGP + row, tl.where(valid, logp, float("nan")))
 
 
 _empty = torch.empty  # tests poison outputs through this
@@ -120,8 +138,9 @@ _empty = torch.empty  # tests poison outputs through this
 def split_lane_logprobs(logits: torch.Tensor, ids: torch.Tensor, temperatures: torch.Tensor) -> torch.Tensor:
     """The contract's fp32 logprob of ``ids[r]`` under ``logits[r] / temperatures[r]``: ``[N]``.
 
-    ``logits``: ``[N, V]`` bf16/fp16/fp32 with unit stride along V; ``ids``: int64 ``[N]`` in ``[0, V)``
-    (the caller's: not checked on the device); ``temperatures``: fp32 ``[N]`` (T == 1: no division).
+    ``logits``: ``[N, V]`` bf16/fp16/fp32 with unit stride along V; ``ids``: int64 ``[N]`` (one outside
+    ``[0, V)`` gives NaN, never a clamped value; the host never checks them); ``temperatures``: fp32
+    ``[N]`` (T == 1: no division).
     CUDA, or the CPU under the Triton interpreter."""
     if logits.dim() != 2 or logits.dtype not in (torch.bfloat16, torch.float16, torch.float32):
         raise TypeError(f"split_lane_logprobs: [N, V] bf16/fp16/fp32 logits, got {logits.dtype} "
@@ -144,19 +163,18 @@ def split_lane_logprobs(logits: torch.Tensor, ids: torch.Tensor, temperatures: t
     log2_tile = _check_tile(tile)
     fma = _fma_mode(CONTRACT_FMA)
     temps = temperatures.contiguous()
-    inv_ts = _row_inverses(temps)
     n_tiles = triton.cdiv(vocab, tile)
     tmax = _empty((n, n_tiles), dtype=torch.float32, device=dev)
     lane_sums = _empty((n, tile), dtype=torch.float32, device=dev)
     m = _empty(n, dtype=torch.float32, device=dev)
     sx = logits.stride(0)
     opts = dict(enable_fp_fusion=False)  # every a * b + c of the contract is spelled out
-    _tile_max_kernel[(n, n_tiles)](logits, sx, temps, inv_ts, tmax, vocab, TILE=tile, FMA=fma,
+    _tile_max_kernel[(n, n_tiles)](logits, sx, temps, tmax, vocab, TILE=tile, FMA=fma,
                                    INTERP=_interpreting(), num_warps=8, **opts)  # fmt: skip
     _lane_sums_kernel[(n, tile // LANES)](
-        logits, sx, temps, inv_ts, tmax, lane_sums, m, vocab, TILE=tile, LANES=LANES, FMA=fma,
+        logits, sx, temps, tmax, lane_sums, m, vocab, TILE=tile, LANES=LANES, FMA=fma,
         NUM_STAGES=NUM_STAGES, num_warps=1, **opts,
     )  # fmt: skip
-    _finish_kernel[(n,)](logits, sx, temps, inv_ts, ids.contiguous(), lane_sums, m, logp, TILE=tile,
+    _finish_kernel[(n,)](logits, sx, temps, ids.contiguous(), lane_sums, m, logp, vocab, TILE=tile,
                          LOG2_TILE=log2_tile, FMA=fma, num_warps=8, **opts)  # fmt: skip
     return logp
