@@ -44,6 +44,11 @@ At ``e5488f8`` (q/k norms and SiLU-and-mul as one kernel each), two runs of ``--
 (``--rounds 2``); plain at 1 request 489 and 458 tok/s. The spread between server starts is as large
 as the effects measured: compare within one run, over several runs.
 
+``--cycles C``: the configs are started C times in turn (plain, plugin, plain, plugin, ...), each start a
+fresh server, so that each plugin start is compared with the plain start beside it: the table gives,
+per config, the median over the cycles of each start's median, and per workload each cycle's ratio to
+that cycle's ``plain`` (the spread of the ratio over server starts, instead of one draw of it).
+
 ``--profile-steps K``: after a workload's rounds, one more round under SGLang's profiler
 (``/start_profile``, by stage); per decode step of the first K: the GPU kernels' count, summed time and
 span (busy / span below 1: the GPU waited for the host), the kernels taking the most time, and the GPU's
@@ -54,7 +59,7 @@ invalid next size", as in SGLang's issue 3931 about serving under the torch prof
 rounds before it were kept. No run without the profiler has failed so.)
 
     python benchmarks/bench_server_throughput.py [--device cuda] [--configs plugin,plain,...]
-        [--workloads b64_p1024_n256,...] [--rounds 3] [--profile-steps 8] [--out DIR]
+        [--workloads b64_p1024_n256,...] [--rounds 3] [--cycles 1] [--profile-steps 8] [--out DIR]
 """
 
 from __future__ import annotations
@@ -298,10 +303,13 @@ def print_profile(config: str, workload: str, prof: dict) -> None:
 
 def bench_config(
     config: ServerConfig, args: tuple[str, ...], device: str, model: Path, vocab: int,
-    workloads: list[Workload], rounds: int, logprobs: bool, logs: Path, profile_steps: int,
+    workloads: list[Workload], rounds: int, logprobs: bool, logs: Path, profile_steps: int, cycle: int,
 ) -> dict:  # fmt: skip
     """Start ``config``'s server, run every workload (warm-up + rounds); tokens/s per workload. With
-    ``profile_steps`` > 0, one more round per workload under the profiler (:func:`profile_round`)."""
+    ``profile_steps`` > 0, one more round per workload under the profiler (:func:`profile_round`).
+    ``cycle``: which start of this config (0, 1, ...; the log and trace names carry it from 1 on)."""
+    label = config.name if cycle == 0 else f"{config.name}-c{cycle}"
+    log = logs / f"server-{label}.log"
     longest = context_length(workloads)
     total = max(w.batch * (w.prompt + w.new) for w in workloads)
     server_args = [
@@ -310,10 +318,10 @@ def bench_config(
         *(["--cuda-graph-max-bs", str(CUDA_GRAPH_MAX_BS)] if device == "cuda" else []), *args,
     ]  # fmt: skip
     t0 = time.monotonic()
-    result: dict = {"config": config.name, "args": list(args)}
+    result: dict = {"config": config.name, "cycle": cycle, "args": list(args)}
     try:
         with running_server(
-            model, logs / f"server-{config.name}.log", device=device, on_policy=config.on_policy,
+            model, log, device=device, on_policy=config.on_policy,
             extra_args=server_args,
         ) as server:  # fmt: skip
             result["start_s"] = round(time.monotonic() - t0, 1)
@@ -326,38 +334,71 @@ def bench_config(
                 ]
                 result[w.name] = dict(median=statistics.median(rates), min=min(rates), max=max(rates))
                 print(
-                    f"  {config.name:<22} {w.name:<18} {statistics.median(rates):>10.1f} tok/s "
+                    f"  {label:<22} {w.name:<18} {statistics.median(rates):>10.1f} tok/s "
                     f"(min {min(rates):.1f}, max {max(rates):.1f})",
                     flush=True,
                 )
                 if profile_steps:
                     prof = profile_round(
                         session, server.url, w, vocab, 2_000_000 + i, logprobs, profile_steps,
-                        logs / "profiles", f"{config.name}-{w.name}", device,
+                        logs / "profiles", f"{label}-{w.name}", device,
                     )  # fmt: skip
                     result[w.name]["profile"] = prof
-                    print_profile(config.name, w.name, prof)
+                    print_profile(label, w.name, prof)
     except (ServerStartError, RuntimeError, requests.RequestException) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         result["error"] = first
-        print(f"  {config.name}: FAILED: {first} (log {logs / f'server-{config.name}.log'})", flush=True)
+        print(f"  {label}: FAILED: {first} (log {log})", flush=True)
     return result
 
 
-def print_table(results: list[dict], workloads: list[Workload]) -> None:
-    base = next((r for r in results if r["config"] == BASELINE and "error" not in r), None)
-    print(f"\n== output tokens/s (median of rounds) and ratio to {BASELINE!r} (the same SGLang, no plugin)")
-    print(f"{'config':<22}" + "".join(f"{w.name:>26}" for w in workloads))
+def summarize(results: list[dict], workloads: list[Workload]) -> dict:
+    """Per config and workload over the cycles: each start's median tokens/s (None where the start
+    failed), their median, and each cycle's ratio to the same cycle's ``plain`` (None where either is
+    missing) with the median of those ratios."""
+    out: dict = {}
     for r in results:
-        cells = []
+        out.setdefault(r["config"], {w.name: dict(rates=[], ratios=[]) for w in workloads})
+    base = {r["cycle"]: r for r in results if r["config"] == BASELINE}
+    for r in results:
         for w in workloads:
-            if w.name not in r:
-                cells.append(f"{'failed' if 'error' in r else '-':>26}")
+            rate = r[w.name]["median"] if w.name in r else None
+            b = base.get(r["cycle"], {})
+            ratio = rate / b[w.name]["median"] if rate is not None and w.name in b else None
+            cell = out[r["config"]][w.name]
+            cell["rates"].append(rate)
+            cell["ratios"].append(ratio)
+    for cells in out.values():
+        for cell in cells.values():
+            rates = [x for x in cell["rates"] if x is not None]
+            ratios = [x for x in cell["ratios"] if x is not None]
+            cell["median"] = statistics.median(rates) if rates else None
+            cell["median_ratio"] = statistics.median(ratios) if ratios else None
+    return out
+
+
+def print_table(summary: dict, workloads: list[Workload], cycles: int) -> None:
+    over = "median of rounds" + (f", median of {cycles} server starts" if cycles > 1 else "")
+    print(f"\n== output tokens/s ({over}) and ratio to {BASELINE!r} (the same SGLang, no plugin)")
+    print(f"{'config':<22}" + "".join(f"{w.name:>26}" for w in workloads))
+    for config, cells in summary.items():
+        row = []
+        for w in workloads:
+            cell = cells[w.name]
+            if cell["median"] is None:
+                row.append(f"{'failed':>26}")
                 continue
-            rate = r[w.name]["median"]
-            ratio = f" ({rate / base[w.name]['median']:.3f}x)" if base and w.name in base else ""
-            cells.append(f"{rate:>16.1f}{ratio:>10}")
-        print(f"{r['config']:<22}" + "".join(cells))
+            ratio = f" ({cell['median_ratio']:.3f}x)" if cell["median_ratio"] is not None else ""
+            row.append(f"{cell['median']:>16.1f}{ratio:>10}")
+        print(f"{config:<22}" + "".join(row))
+    if cycles > 1:
+        print(f"\n== ratio to {BASELINE!r} per cycle (each start against the {BASELINE!r} start beside it)")
+        for config, cells in summary.items():
+            if config == BASELINE:
+                continue
+            for w in workloads:
+                ratios = " ".join("-" if q is None else f"{q:.3f}" for q in cells[w.name]["ratios"])
+                print(f"{config:<22} {w.name:<18} {ratios}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -369,6 +410,8 @@ def main(argv: list[str] | None = None) -> int:
                     "that the device runs)")  # fmt: skip
     ap.add_argument("--workloads", default=None, help="comma-separated b<batch>_p<prompt>_n<new>")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--cycles", type=int, default=1, help="start the configs this many times in turn "
+                    "(per-cycle ratios to plain)")  # fmt: skip
     ap.add_argument("--no-logprobs", action="store_true", help="do not ask for the sampled tokens' logprobs")
     ap.add_argument("--out", type=Path, default=None, help="server logs, results.json (default: a temp dir)")
     ap.add_argument("--profile-steps", type=int, default=0, help="after the rounds, trace this many "
@@ -376,6 +419,8 @@ def main(argv: list[str] | None = None) -> int:
     opts = ap.parse_args(argv)
     if opts.rounds < 1:
         ap.error("--rounds: at least 1")
+    if opts.cycles < 1:
+        ap.error("--cycles: at least 1")
     if opts.profile_steps < 0:
         ap.error("--profile-steps: 0 or more")
     names = opts.configs.split(",") if opts.configs else list(CONFIGS)
@@ -410,19 +455,23 @@ def main(argv: list[str] | None = None) -> int:
     logprobs = not opts.no_logprobs
     print(
         f"server throughput: {device_name}, model {model_name} (random weights), {opts.rounds} rounds, "
+        f"{opts.cycles} cycle(s), "
         f"{'with' if logprobs else 'without'} logprobs; configs {[c.name for c, _ in configs]}{not_here}",
         flush=True,
     )
     results = [
         bench_config(
-            c, a, opts.device, model, vocab, workloads, opts.rounds, logprobs, out, opts.profile_steps
+            c, a, opts.device, model, vocab, workloads, opts.rounds, logprobs, out, opts.profile_steps, cycle
         )
+        for cycle in range(opts.cycles)
         for c, a in configs
     ]
-    print_table(results, workloads)
-    meta = dict(device=device_name, model=model_name, rounds=opts.rounds, logprobs=logprobs)
+    summary = summarize(results, workloads)
+    print_table(summary, workloads, opts.cycles)
+    meta = dict(device=device_name, model=model_name, rounds=opts.rounds, cycles=opts.cycles)
+    meta["logprobs"] = logprobs
     meta["workloads"] = [asdict(w) for w in workloads]
-    (out / "results.json").write_text(json.dumps(dict(meta, results=results), indent=1))
+    (out / "results.json").write_text(json.dumps(dict(meta, results=results, summary=summary), indent=1))
     print(f"results: {out / 'results.json'}")
     return 0 if all("error" not in r for r in results if r["config"] in (BASELINE, "plugin")) else 1
 
