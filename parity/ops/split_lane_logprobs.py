@@ -38,7 +38,8 @@ sampler take to launch them). So the launcher does on the host only what it must
 and three launches. Each row's ``RN32(1 / T)`` is an IEEE division inside the kernels (``div_rn``: the
 value ``policy_loss._row_inverses`` computes with a torch division on the device), and an id outside
 ``[0, V)`` -- a sampler bug -- gives a NaN logprob inside the finish kernel (its logit never read),
-instead of three torch operations each to clamp the ids and to mask the result.
+where the host used to queue seven torch operations per call (two for 1 / T, five to clamp the ids
+and mask the result): 255 -> 197 us of host time per call at one row on an H200's host.
 """
 
 from __future__ import annotations
