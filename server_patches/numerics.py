@@ -97,12 +97,15 @@ def sampler_forward(
     token's, and the requested top-k / token-id logprobs from the same matrix. When only the sampled
     token's is asked for (an RL rollout), it comes from ``sampled_token_logprobs`` (on CUDA one fused
     kernel with per-row temperatures: no [B, V] matrix, no host synchronisation; the same bits as the
-    matrix's entry, by the contract)."""
+    matrix's entry, by the contract). SGLang's sampler runs with ``return_logprob=False``: every
+    logprob field it would set is set here, so its own ``[B, V]`` log, clamp and gather would be
+    thrown away (four torch operations of host time per decode step, where at one request the step
+    waits on the host); the ids do not depend on it."""
     from sglang.srt.layers.utils.logprob import get_token_ids_logprobs, get_top_logprobs
 
     logits = logits_output.next_token_logits.clone() if return_logprob else None
     ids = original(
-        self, logits_output, sampling_info, return_logprob, top_logprobs_nums, token_ids_logprobs, positions
+        self, logits_output, sampling_info, False, top_logprobs_nums, token_ids_logprobs, positions
     )
     if not return_logprob:
         return ids

@@ -210,6 +210,37 @@ def test_sampler_patch_reports_the_trainer_formula(sglang_in_process, gen, top_p
     assert count_differing(plain.next_token_logprobs, own_want) > 0
 
 
+@pytest.mark.parametrize("top_p", [1.0, 0.9], ids=["plain", "top-p"])
+def test_sampler_patch_runs_sglang_sampler_without_its_logprobs(sglang_in_process, gen, top_p):
+    """SGLang's sampler runs with return_logprob=False under the patch (its own logprobs would be
+    overwritten): the same ids as SGLang's sampler with its logprobs, from the same random state, and
+    every logprob field comes from the patch."""
+    from sglang.srt.layers.logits_processor import LogitsProcessorOutput
+    from sglang.srt.layers.sampler import Sampler
+
+    b, vocab = 16, 1031
+    logits = (4 * torch.randn(b, vocab, generator=gen)).to(BF16).float()
+    temperatures = torch.tensor([0.5, 1.0, 1.3])[torch.randint(0, 3, (b,), generator=gen)]
+    sampler = _sampler()
+    args = ([2] * b, [None] * b, torch.arange(b))
+    flags = []
+
+    def recorded(self, logits_output, sampling_info, return_logprob, *rest):
+        flags.append(return_logprob)
+        return Sampler.forward(self, logits_output, sampling_info, return_logprob, *rest)
+
+    torch.manual_seed(0)
+    out = LogitsProcessorOutput(next_token_logits=logits.clone())
+    ids = numerics.sampler_forward(recorded, sampler, out, _sampling_info(temperatures, top_p), True, *args)
+    torch.manual_seed(0)
+    own = LogitsProcessorOutput(next_token_logits=logits.clone())
+    own_ids = Sampler.forward(sampler, own, _sampling_info(temperatures, top_p), True, *args)
+    assert flags == [False]
+    assert torch.equal(ids, own_ids)
+    assert out.next_token_logprobs.shape == (b,) and len(out.next_token_top_logprobs_val) == b
+    assert count_differing(out.next_token_logprobs, own.next_token_logprobs) > 0  # the patch's, not SGLang's
+
+
 def test_sampler_patch_top_logprobs_come_from_the_same_matrix(sglang_in_process, gen):
     """With top-k or token-id logprobs asked for, the patch builds the contract's full matrix: the
     sampled tokens' logprobs are bitwise the ones the rollout path (no matrix) reports, and the top-k
