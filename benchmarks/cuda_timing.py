@@ -10,20 +10,6 @@ import torch
 WARMUP = 3
 
 
-def mean_ms(fn, iters: int) -> float:
-    """Mean milliseconds per call of ``fn`` over ``iters`` back-to-back calls after ``WARMUP`` calls, from
-    two CUDA events around the loop: launches included, as outside a CUDA graph."""
-    for _ in range(WARMUP):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / iters
-
-
 def host_us(fn, iters: int) -> float:
     """Host microseconds per call of ``fn``: the Python and launch cost alone, the clock stopped before
     the device is waited for (what a step outside CUDA graphs adds when the GPU waits on the host)."""
