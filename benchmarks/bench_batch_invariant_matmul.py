@@ -37,6 +37,7 @@ from functools import partial
 
 import torch
 import triton
+from cuda_timing import graph_us
 
 from parity.ops import batch_invariant_matmul as bm
 
@@ -81,25 +82,12 @@ class GraphTimer:
         self.weights = [w] + [w.roll(i, dims=0) for i in range(1, layers)]
 
     def __call__(self, fn, x: torch.Tensor) -> float:
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            fn(x, self.weights[0])  # compile and autotune-free launch caches outside the capture
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        def products() -> None:
             for w in self.weights:
                 fn(x, w)
-        graph.replay()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(GRAPH_REPLAYS):
-            graph.replay()
-        end.record()
-        end.synchronize()
-        ms = start.elapsed_time(end) / (GRAPH_REPLAYS * len(self.weights))
-        del graph
-        return ms
+
+        # one graph replay is one product per weight: ms per product
+        return graph_us(products, 1, GRAPH_REPLAYS) / (1e3 * len(self.weights))
 
 
 def _differing(a: torch.Tensor, b: torch.Tensor) -> int:

@@ -19,7 +19,7 @@ import sys
 from functools import partial
 
 import torch
-from cuda_timing import graph_us, host_us
+from cuda_timing import device_and_host_us
 
 from parity.ops.seeded_gumbel import seeded_gumbel_argmax
 
@@ -44,8 +44,7 @@ def main() -> int:
             same = torch.equal(seeded_gumbel_argmax(lp, seeds, pos), multinomial_with_seed(lp, seeds, pos))
             theirs = partial(multinomial_with_seed, lp, seeds, pos)
             ours = partial(seeded_gumbel_argmax, lp, seeds, pos)
-            dev = [graph_us(fn, 20, 20) for fn in (theirs, ours)]
-            host = [host_us(fn, 200) for fn in (theirs, ours)]
+            dev, host = device_and_host_us((theirs, ours))
             cells = "    ".join(f"{a:>7.1f} {b:>7.1f} {a / b:>6.2f}" for a, b in (dev, host))
             print(f"{rows:>5} {vocab:>7} {cells}  {'equal' if same else 'DIFFER'}", flush=True)
     return 0

@@ -20,7 +20,7 @@ import sys
 from functools import partial
 
 import torch
-from cuda_timing import graph_us, host_us
+from cuda_timing import device_and_host_us
 
 from parity.ops.policy_loss import CONTRACT_FMA, CONTRACT_TILE, _forward
 from parity.ops.split_lane_logprobs import split_lane_logprobs
@@ -47,8 +47,7 @@ def main() -> int:
             )
             split = partial(split_lane_logprobs, logits, ids, temps)
             same = torch.equal(one_program()[0].view(torch.int32), split().view(torch.int32))
-            a, b = graph_us(one_program, 20, 20), graph_us(split, 20, 20)
-            ha, hb = host_us(one_program, 200), host_us(split, 200)
+            (a, b), (ha, hb) = device_and_host_us((one_program, split))
             print(
                 f"{n:>5} {vocab:>7} {a:>11.1f} {b:>7.1f} {a / b:>6.2f} {ha:>11.1f} {hb:>7.1f}  "
                 f"{'equal' if same else 'DIFFER'}",

@@ -1,4 +1,4 @@
-"""The timers of the sampler-path benchmarks (imported as a sibling module: the scripts run as
+"""CUDA timers shared by the GPU benchmarks (imported as a sibling module: the scripts run as
 ``python benchmarks/<name>.py``, which puts this folder on ``sys.path``)."""
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ import time
 import torch
 
 WARMUP = 3
+GRAPH_CALLS, GRAPH_REPLAYS, HOST_ITERS = 20, 20, 200  # the sampler benchmarks' defaults
 
 
 def host_us(fn, iters: int) -> float:
@@ -45,3 +46,10 @@ def graph_us(fn, calls: int, replays: int) -> float:
     end.record()
     end.synchronize()
     return 1e3 * start.elapsed_time(end) / (calls * replays)
+
+
+def device_and_host_us(fns) -> tuple[list[float], list[float]]:
+    """Per function of ``fns``: its device microseconds per call (:func:`graph_us`, ``GRAPH_CALLS``
+    calls replayed ``GRAPH_REPLAYS`` times) and its host microseconds per call (:func:`host_us`,
+    ``HOST_ITERS`` calls): the two columns of the sampler-path benchmarks."""
+    return [graph_us(fn, GRAPH_CALLS, GRAPH_REPLAYS) for fn in fns], [host_us(fn, HOST_ITERS) for fn in fns]
